@@ -1,0 +1,3 @@
+from sagellm_cli.cli.app import main
+
+main()

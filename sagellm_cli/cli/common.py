@@ -1,0 +1,74 @@
+"""Output helpers shared by all commands: JSON on stdout, messages on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from sagellm_cli.core.errors import BadInput
+
+
+def emit_json(data: Any) -> None:
+    """Write `data` as JSON on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def info(message: str) -> None:
+    """A human message on stderr."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
+def stdout_console():
+    """A rich console on stdout (imported lazily: rich costs start-up time)."""
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def stderr_console():
+    """A rich console on stderr, for progress and messages."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def parse_env(pairs: list[str] | None) -> dict[str, str]:
+    """Turn repeated `K=V` options into a dict."""
+    env: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise BadInput(f"--env {pair!r} is not K=V", hint="write it as --env NAME=value")
+        env[key] = value
+    return env
+
+
+def parse_index_list(text: str | None, option: str) -> list[int] | None:
+    """Parse `0,1` into [0, 1]."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise BadInput(f"{option} {text!r} is not a comma-separated list of integers") from None
+
+
+def human_duration(seconds: float | None) -> str:
+    """`3h12m`, `4m05s`, `12s`."""
+    if seconds is None:
+        return "-"
+    seconds = int(max(seconds, 0))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def uptime(started_at: float | None, live: bool) -> str:
+    """Uptime of a live engine, `-` otherwise."""
+    return human_duration(time.time() - started_at) if (live and started_at) else "-"

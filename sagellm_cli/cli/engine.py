@@ -1,0 +1,279 @@
+"""`sage llm engine`: start, stop, list, show, logs, restart, prune."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from sagellm_cli.cli.common import (
+    emit_json,
+    info,
+    parse_env,
+    parse_index_list,
+    stderr_console,
+    stdout_console,
+    uptime,
+)
+from sagellm_cli.core.errors import BadInput, ExitCode
+
+app = typer.Typer(help="Start, stop and inspect engines.", no_args_is_help=True)
+
+
+def _manager():
+    from sagellm_cli.core.engines import EngineManager
+
+    return EngineManager()
+
+
+def _spinner_progress(console):
+    """A progress callback that renders one status line with a spinner."""
+    from rich.markup import escape
+
+    status = console.status("")
+
+    def update(progress) -> None:
+        line = progress.last_log_line[-100:]
+        status.update(
+            f"[bold]{progress.engine_id}[/] {progress.status} "
+            f"[cyan]{progress.elapsed:5.0f}s[/]  [dim]{escape(line)}[/]"
+        )
+
+    return status, update
+
+
+def wait_with_spinner(wait_fn, *, quiet: bool):
+    """Run a blocking wait, with a spinner on stderr unless `quiet`."""
+    if quiet:
+        return wait_fn(None)
+    status, update = _spinner_progress(stderr_console())
+    with status:
+        return wait_fn(update)
+
+
+@app.command("start")
+def start(
+    model: str = typer.Argument(..., help="Model path or Hugging Face id."),
+    engine_kind: str = typer.Option("llm", "--engine-kind", "-k", help="llm or embedding."),
+    runtime: str | None = typer.Option(
+        None, help="vllm (llm, embedding) or sentence-transformers (embedding, default)."
+    ),
+    use_gpu: bool | None = typer.Option(
+        None, "--use-gpu/--no-gpu", help="Default: llm on a GPU when one exists, embedding on CPU."
+    ),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "-tp", min=1),
+    pipeline_parallel: int = typer.Option(1, "--pipeline-parallel", "-pp", min=1),
+    port: int | None = typer.Option(None, help="Default: a free port."),
+    host: str = typer.Option("127.0.0.1", help="Address the engine binds."),
+    label: str | None = typer.Option(None, help="A name to refer to the engine by."),
+    served_model_name: str | None = typer.Option(None, help="Default: MODEL as given."),
+    max_model_len: int | None = typer.Option(None, min=1),
+    kv_cache_gb: float | None = typer.Option(None, help="KV-cache bound in GiB (CPU default 1)."),
+    gpu_memory_gb: float | None = typer.Option(None, help="Override the GPU memory estimate."),
+    gpus: str | None = typer.Option(None, help="Pin NVML GPU indices, e.g. 0,1."),
+    placement: str = typer.Option("pack", help="GPU placement: pack (best fit) or spread."),
+    role: str = typer.Option("general", help="general, prefill or decode (length routing)."),
+    extra_arg: list[str] | None = typer.Option(
+        None, "--extra-arg", help="Passed to the runtime verbatim (repeatable)."
+    ),
+    env: list[str] | None = typer.Option(None, "--env", help="K=V for the engine (repeatable)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the engine is ready."),
+    timeout: float = typer.Option(600.0, help="Seconds to wait for readiness."),
+    json_out: bool = typer.Option(False, "--json", help="Print the record as JSON."),
+) -> None:
+    """Start an engine and wait until it serves requests."""
+    from sagellm_cli.core.models import EngineSpec
+
+    if engine_kind not in ("llm", "embedding"):
+        raise BadInput(
+            f"unknown engine kind {engine_kind!r}", hint="use --engine-kind llm or embedding"
+        )
+    spec = EngineSpec(
+        model=model,
+        kind=engine_kind,
+        runtime=runtime,
+        use_gpu=use_gpu,
+        tensor_parallel=tensor_parallel,
+        pipeline_parallel=pipeline_parallel,
+        port=port,
+        host=host,
+        label=label,
+        served_model_name=served_model_name,
+        max_model_len=max_model_len,
+        kv_cache_gb=kv_cache_gb,
+        gpu_memory_gb=gpu_memory_gb,
+        gpus=parse_index_list(gpus, "--gpus"),
+        placement=placement,
+        role=role,
+        extra_args=list(extra_arg or []),
+        env=parse_env(env),
+    )
+    manager = _manager()
+    record = manager.spawn(spec)
+    if not json_out:
+        info(f"engine {record.id} starting on {record.url} (log: {record.log_path})")
+    if wait:
+        try:
+            record = wait_with_spinner(
+                lambda cb: manager.wait_ready(record.id, timeout=timeout, on_progress=cb),
+                quiet=json_out,
+            )
+        except KeyboardInterrupt:
+            info(f"interrupted: stopping engine {record.id}")
+            manager.stop(record.id)
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
+    if json_out:
+        emit_json(record.to_dict())
+    else:
+        state = "ready" if record.status == "ready" else record.status
+        info(f"engine {record.id} {state}: {record.url}/v1 serves {record.served_model_name!r}")
+        typer.echo(record.id)
+
+
+@app.command("stop")
+def stop(
+    ref: str | None = typer.Argument(None, help="Engine id, id prefix or label."),
+    all_engines: bool = typer.Option(False, "--all", help="Stop every engine."),
+    timeout: float = typer.Option(30.0, help="Seconds to wait after SIGTERM before SIGKILL."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Stop an engine's whole process group; stopping a stopped engine is a no-op."""
+    if (ref is None) == (not all_engines):
+        raise BadInput("give an engine id or --all (not both)", hint="sage llm engine stop ID")
+    manager = _manager()
+    records = (
+        manager.stop_all(timeout=timeout) if all_engines else [manager.stop(ref, timeout=timeout)]
+    )
+    if json_out:
+        emit_json([r.to_dict() for r in records] if all_engines else records[0].to_dict())
+        return
+    if not records:
+        info("no running engines")
+    for record in records:
+        info(f"engine {record.id} {record.status}")
+
+
+def _render_table(records, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in (
+        "ID",
+        "LABEL",
+        "KIND",
+        "RUNTIME",
+        "MODEL",
+        "PORT",
+        "PID",
+        "STATUS",
+        "GPUS",
+        "UPTIME",
+    ):
+        # Only the model name may wrap: ids and labels stay greppable on one line.
+        table.add_column(column, overflow="fold", no_wrap=column != "MODEL")
+    colors = {"ready": "green", "starting": "yellow", "failed": "red", "unhealthy": "red"}
+    for r in records:
+        status = r.status if r.exit_code is None or r.is_live else f"{r.status} ({r.exit_code})"
+        color = colors.get(r.status, "dim")
+        table.add_row(
+            r.id,
+            r.label or "-",
+            r.kind,
+            r.runtime,
+            r.served_model_name,
+            str(r.port),
+            str(r.pid or "-"),
+            f"[{color}]{status}[/]",
+            ",".join(map(str, r.gpus)) or "cpu",
+            uptime(r.started_at, r.is_live),
+        )
+    stdout_console().print(table)
+
+
+@app.command("list")
+def list_engines(
+    all_engines: bool = typer.Option(False, "--all", "-a", help="Include stopped and failed."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """List engines with their status, reconciled with the running processes."""
+    records = _manager().list(include_all=all_engines)
+    if json_out:
+        emit_json([r.to_dict() for r in records])
+    elif not records:
+        info("no engines" + ("" if all_engines else " running (use --all to include stopped)"))
+    else:
+        _render_table(records, "engines")
+
+
+@app.command("show")
+def show(
+    ref: str = typer.Argument(..., help="Engine id, id prefix or label."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show one engine's full record."""
+    record = _manager().get(ref)
+    if json_out:
+        emit_json(record.to_dict())
+        return
+    from rich.pretty import Pretty
+
+    stdout_console().print(Pretty(record.to_dict()))
+
+
+@app.command("logs")
+def logs_cmd(
+    ref: str = typer.Argument(..., help="Engine id, id prefix or label."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines."),
+    lines: int = typer.Option(100, "--lines", "-n", min=0, help="How many lines of the tail."),
+    json_out: bool = typer.Option(False, "--json", help="Print {id, log_path, lines} as JSON."),
+) -> None:
+    """Print an engine's log (stdout and stderr of its processes)."""
+    from sagellm_cli.core import logs
+
+    manager = _manager()
+    record = manager.get(ref, probe_health=False)
+    tail = logs.tail_lines(record.log_path, lines)
+    if json_out:
+        emit_json({"id": record.id, "log_path": record.log_path, "lines": tail})
+        return
+    for line in tail:
+        sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    if not follow:
+        return
+    try:
+        for line in logs.follow(
+            record.log_path, lambda: manager.get(record.id, probe_health=False).is_live
+        ):
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("restart")
+def restart(
+    ref: str = typer.Argument(..., help="Engine id, id prefix or label."),
+    wait: bool = typer.Option(True, "--wait/--no-wait"),
+    timeout: float = typer.Option(600.0, help="Seconds to wait for readiness."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Restart an engine with the same id, port and options."""
+    manager = _manager()
+    record = wait_with_spinner(
+        lambda cb: manager.restart(ref, wait=wait, timeout=timeout, on_progress=cb), quiet=json_out
+    )
+    if json_out:
+        emit_json(record.to_dict())
+    else:
+        info(f"engine {record.id} {record.status}: {record.url}")
+
+
+@app.command("prune")
+def prune(json_out: bool = typer.Option(False, "--json")) -> None:
+    """Remove stopped and failed engines, their leftover processes and logs."""
+    removed = _manager().prune()
+    if json_out:
+        emit_json([r.id for r in removed])
+    else:
+        info(f"removed {len(removed)} engine record(s)")

@@ -1,0 +1,458 @@
+"""Engine lifecycle: start, wait for readiness, stop, restart, prune, reconcile.
+
+Every change goes through the state lock; long waits (loading, stopping) happen
+outside it so that other shells are never blocked behind one engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sagellm_cli.core import logs, paths
+from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed, ResourceUnavailable
+from sagellm_cli.core.launcher import launcher_for
+from sagellm_cli.core.models import ROLES, EngineRecord, EngineSpec
+from sagellm_cli.core.process import read_exit_code
+from sagellm_cli.core.state import State, StateStore
+
+if TYPE_CHECKING:
+    from sagellm_cli.core.gpu import Placement
+
+LOG_TAIL_ON_FAILURE = 20
+# A record without a pid is a spawn in progress; after this long it never happened.
+SPAWN_GRACE_S = 120.0
+
+
+@dataclass
+class Progress:
+    """What a waiting caller shows: one engine's status while it loads."""
+
+    engine_id: str
+    status: str
+    elapsed: float
+    last_log_line: str
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+def exit_file(engine_id: str) -> Path:
+    """Where the engine's wrapper writes its exit code."""
+    return paths.run_dir() / engine_id / "exit"
+
+
+def validate_spec(spec: EngineSpec) -> str:
+    """Check a spec before anything is reserved; return its runtime."""
+    from sagellm_cli.core.runtimes import resolve_runtime  # spawn path only: keep `list` fast
+
+    if not spec.model or not spec.model.strip():
+        raise BadInput("MODEL is empty", hint="give a model path or a Hugging Face id")
+    runtime = resolve_runtime(spec.kind, spec.runtime)
+    if spec.tensor_parallel < 1 or spec.pipeline_parallel < 1:
+        raise BadInput("tensor and pipeline parallel sizes must be at least 1")
+    if spec.max_model_len is not None and spec.max_model_len < 1:
+        raise BadInput("--max-model-len must be positive")
+    for name, value in (
+        ("--kv-cache-gb", spec.kv_cache_gb),
+        ("--gpu-memory-gb", spec.gpu_memory_gb),
+    ):
+        if value is not None and value <= 0:
+            raise BadInput(f"{name} must be positive")
+    if spec.role not in ROLES:
+        raise BadInput(f"unknown role {spec.role!r}", hint=f"use one of {', '.join(ROLES)}")
+    if spec.placement not in ("pack", "spread"):
+        raise BadInput(f"unknown placement {spec.placement!r}", hint="use pack or spread")
+    return runtime
+
+
+class EngineManager:
+    """The one implementation behind `sage llm engine`, presets and the management API."""
+
+    def __init__(self, store: StateStore | None = None):
+        self.store = store or StateStore()
+
+    # -- reading -------------------------------------------------------------
+
+    def reconcile(self, state: State, *, probe_health: bool = False) -> None:
+        """Bring records in line with the processes that really run."""
+        now = time.time()
+        for record in state.engines.values():
+            if not record.is_live:
+                continue
+            if record.pid is None:
+                if now - record.created_at > SPAWN_GRACE_S:
+                    self._mark_dead(state, record, "spawn never completed")
+                continue
+            if not launcher_for(record.node).is_alive(record):
+                self._mark_dead(state, record, None)
+                continue
+            if record.status == "starting" or (
+                probe_health and record.status in ("ready", "unhealthy")
+            ):
+                healthy = _probe_ready(record, timeout=1.0)
+                if healthy and record.status != "ready":
+                    record.status = "ready"
+                    record.ready_at = record.ready_at or now
+                elif not healthy and record.status == "ready":
+                    record.status = "unhealthy"
+
+    def _mark_dead(self, state: State, record: EngineRecord, reason: str | None) -> None:
+        record.exit_code = read_exit_code(exit_file(record.id))
+        if record.status == "stopping":
+            record.status = "stopped"
+        else:
+            record.status = "failed"
+            if reason:
+                record.error = reason
+            elif record.exit_code is not None:
+                record.error = f"engine process exited with code {record.exit_code}"
+            else:
+                record.error = "engine process is gone"
+        record.stopped_at = record.stopped_at or time.time()
+        state.release(record.id)
+
+    def list(self, *, include_all: bool = False, probe_health: bool = False) -> list[EngineRecord]:
+        """Engines, reconciled with reality; stopped and failed ones only with `include_all`."""
+        with self.store.transaction() as state:
+            self.reconcile(state, probe_health=probe_health)
+            records = list(state.engines.values())
+        records.sort(key=lambda r: r.created_at)
+        return [r for r in records if include_all or r.is_live]
+
+    def snapshot(self) -> State:
+        """A reconciled view without writing anything (for dry runs)."""
+        state = self.store.read()
+        self.reconcile(state)
+        return state
+
+    def get(self, ref: str, *, probe_health: bool = True) -> EngineRecord:
+        """One engine by id, unique id prefix or label (exit 3 if unknown)."""
+        with self.store.transaction() as state:
+            self.reconcile(state, probe_health=probe_health)
+            return resolve_ref(state, ref)
+
+    def log_tail(self, engine_id: str, n: int = LOG_TAIL_ON_FAILURE) -> list[str]:
+        """The last `n` lines of an engine's log."""
+        return logs.tail_lines(paths.logs_dir() / f"{engine_id}.log", n)
+
+    # -- starting ------------------------------------------------------------
+
+    def start(
+        self,
+        spec: EngineSpec,
+        *,
+        wait: bool = True,
+        timeout: float = 600.0,
+        on_progress: ProgressCallback | None = None,
+    ) -> EngineRecord:
+        """Spawn an engine and, with `wait`, block until it is ready."""
+        record = self.spawn(spec)
+        if not wait:
+            return record
+        return self.wait_ready(record.id, timeout=timeout, on_progress=on_progress)
+
+    def spawn(self, spec: EngineSpec, *, reuse_id: str | None = None) -> EngineRecord:
+        """Reserve a port and GPUs under the lock, then start the process outside it."""
+        from sagellm_cli.core.runtimes import build_launch
+
+        runtime = validate_spec(spec)
+        with self.store.transaction() as state:
+            self.reconcile(state)
+            record, placement = self._reserve(state, spec, runtime, reuse_id)
+            launch = build_launch(
+                spec,
+                runtime=runtime,
+                port=record.port,
+                served_model_name=record.served_model_name,
+                # Mock GPUs exist for placement tests: the process itself runs on CPU.
+                placement=None if placement is None or placement.mock else placement,
+                scratch_dir=paths.ensure_private_dir(paths.run_dir() / record.id / "tmp"),
+                cache_dir=paths.ensure_private_dir(paths.state_dir() / "cache" / "vllm"),
+            )
+            record.command = launch.argv
+        env = {**os.environ, **spec.env, **launch.env, "SAGELLM_ENGINE_ID": record.id}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        log_path = Path(record.log_path)
+        paths.ensure_private_dir(log_path.parent)
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(
+                f"\n[sagellm] {time.strftime('%Y-%m-%d %H:%M:%S')} starting engine "
+                f"{record.id}: {' '.join(launch.argv)}\n"
+            )
+        try:
+            # Taken before the spawn: every process of the engine is younger (see group_members).
+            spawned_at = time.time()
+            handle = launcher_for(record.node).spawn(
+                launch.argv, env, log_path, exit_file(record.id)
+            )
+        except OSError as exc:
+            with self.store.transaction() as state:
+                failed = state.engines.get(record.id)
+                if failed:
+                    failed.status, failed.error = "failed", f"spawn failed: {exc}"
+                    state.release(record.id)
+            raise OperationFailed(f"could not start engine {record.id}: {exc}") from None
+        with self.store.transaction() as state:
+            current = state.engines.get(record.id)
+            if current is None:
+                raise OperationFailed(f"engine {record.id} was removed while starting")
+            current.pid, current.pgid = handle.pid, handle.pgid
+            current.pid_create_time = handle.create_time
+            current.started_at = spawned_at
+            return current
+
+    def _reserve(
+        self, state: State, spec: EngineSpec, runtime: str, reuse_id: str | None
+    ) -> tuple[EngineRecord, Placement | None]:
+        from sagellm_cli.core.gpu import plan_gpu
+
+        live = [r for r in state.engines.values() if r.is_live and r.id != reuse_id]
+        taken = {r.port for r in live}
+        if state.gateway and state.gateway.get("port"):
+            taken.add(int(state.gateway["port"]))
+        if spec.label and any(r.label == spec.label for r in live):
+            raise BadInput(
+                f"label {spec.label!r} is already used by a running engine",
+                hint="choose another --label or stop that engine first",
+            )
+        from sagellm_cli.core import ports
+
+        if spec.port is not None:
+            ports.check_requested_port(spec.host, spec.port, taken)
+            port = spec.port
+        else:
+            port = ports.allocate_port(spec.host, taken)
+        placement = plan_gpu(spec, state)
+        engine_id = reuse_id or _new_id(state)
+        now = time.time()
+        record = EngineRecord(
+            id=engine_id,
+            kind=spec.kind,
+            runtime=runtime,
+            model=spec.model,
+            served_model_name=spec.served_model_name or spec.model,
+            host=spec.host,
+            port=port,
+            label=spec.label,
+            status="starting",
+            gpus=list(placement.gpus) if placement else [],
+            gpu_memory_gb=placement.gib_per_gpu if placement else None,
+            created_at=state.engines[reuse_id].created_at if reuse_id else now,
+            log_path=str(paths.logs_dir() / f"{engine_id}.log"),
+            preset=spec.preset,
+            role=spec.role,
+            spec=spec.to_dict(),
+        )
+        state.engines[engine_id] = record
+        if placement:
+            state.reservations[engine_id] = placement.reservation(engine_id)
+        else:
+            state.release(engine_id)
+        return record, placement
+
+    def wait_ready(
+        self,
+        engine_id: str,
+        *,
+        timeout: float = 600.0,
+        on_progress: ProgressCallback | None = None,
+        poll: float = 0.5,
+    ) -> EngineRecord:
+        """Block until the engine is ready; on exit or timeout, fail with the log tail."""
+        started = time.monotonic()
+        while True:
+            record = self._current(engine_id)
+            elapsed = time.monotonic() - started
+            launcher = launcher_for(record.node)
+            if record.status in ("stopped", "stopping") or (
+                record.status == "failed" and not launcher.is_alive(record)
+            ):
+                raise self._load_failure(engine_id, f"engine {engine_id} stopped while loading")
+            if not launcher.is_alive(record):
+                # The main process is gone; its helpers (EngineCore, workers) must not linger.
+                launcher.terminate(record, timeout=10.0)
+                with self.store.transaction() as state:
+                    self.reconcile(state)
+                    code = (
+                        state.engines[engine_id].exit_code if engine_id in state.engines else None
+                    )
+                detail = f" with code {code}" if code is not None else ""
+                raise self._load_failure(
+                    engine_id, f"engine {engine_id} exited during load{detail}"
+                )
+            if _probe_ready(record):
+                with self.store.transaction() as state:
+                    current = state.engines.get(engine_id)
+                    if current is not None and current.status in ("starting", "unhealthy"):
+                        current.status = "ready"
+                        current.ready_at = time.time()
+                    return current or record
+            if elapsed > timeout:
+                self._stop_record(
+                    engine_id,
+                    timeout=30.0,
+                    final_status="failed",
+                    error=f"not ready after {timeout:.0f}s",
+                )
+                raise self._load_failure(
+                    engine_id,
+                    f"engine {engine_id} was not ready after {timeout:.0f}s and was stopped",
+                )
+            if on_progress:
+                on_progress(
+                    Progress(engine_id, record.status, elapsed, logs.last_line(record.log_path))
+                )
+            time.sleep(poll)
+
+    def _current(self, engine_id: str) -> EngineRecord:
+        record = self.store.read().engines.get(engine_id)
+        if record is None:
+            raise OperationFailed(f"engine {engine_id} was removed while loading")
+        return record
+
+    def _load_failure(self, engine_id: str, message: str) -> OperationFailed:
+        tail = "\n".join(self.log_tail(engine_id))
+        return OperationFailed(
+            message,
+            hint=f"see `sage llm engine logs {engine_id}`",
+            details=tail,
+        )
+
+    # -- stopping ------------------------------------------------------------
+
+    def stop(self, ref: str, *, timeout: float = 30.0) -> EngineRecord:
+        """Stop an engine's whole process tree. Stopping a stopped engine is a no-op."""
+        with self.store.transaction() as state:
+            self.reconcile(state)
+            engine_id = resolve_ref(state, ref).id
+        return self._stop_record(engine_id, timeout=timeout, final_status="stopped")
+
+    def stop_all(self, *, timeout: float = 30.0, preset: str | None = None) -> list[EngineRecord]:
+        """Stop every engine (or every engine of one preset)."""
+        with self.store.transaction() as state:
+            self.reconcile(state)
+            ids = [
+                r.id
+                for r in state.engines.values()
+                if (r.is_live or launcher_for(r.node).has_leftovers(r))
+                and (preset is None or r.preset == preset)
+            ]
+        return [self._stop_record(i, timeout=timeout, final_status="stopped") for i in ids]
+
+    def _stop_record(
+        self, engine_id: str, *, timeout: float, final_status: str, error: str | None = None
+    ) -> EngineRecord:
+        with self.store.transaction() as state:
+            record = state.engines[engine_id]
+            launcher = launcher_for(record.node)
+            was_live = record.is_live
+            if not was_live and not launcher.has_leftovers(record):
+                return record
+            if was_live:
+                record.status = "stopping"
+        launcher.terminate(record, timeout)
+        with self.store.transaction() as state:
+            record = state.engines.get(engine_id, record)
+            if was_live:
+                record.status = final_status
+                record.stopped_at = time.time()
+                if error:
+                    record.error = error
+            record.exit_code = read_exit_code(exit_file(engine_id))
+            state.release(engine_id)
+        _wait_port_free(record.host, record.port)
+        return record
+
+    def restart(
+        self,
+        ref: str,
+        *,
+        wait: bool = True,
+        timeout: float = 600.0,
+        stop_timeout: float = 30.0,
+        on_progress: ProgressCallback | None = None,
+    ) -> EngineRecord:
+        """Stop and start again with the same id, port and options."""
+        record = self.stop(ref, timeout=stop_timeout)
+        spec = EngineSpec.from_dict(record.spec)
+        spec.port = record.port
+        fresh = self.spawn(spec, reuse_id=record.id)
+        if not wait:
+            return fresh
+        return self.wait_ready(fresh.id, timeout=timeout, on_progress=on_progress)
+
+    def prune(self) -> list[EngineRecord]:
+        """Drop stopped and failed records (killing any leftover process) and their logs."""
+        with self.store.transaction() as state:
+            self.reconcile(state)
+            dead = [r for r in state.engines.values() if not r.is_live]
+        for record in dead:
+            launcher_for(record.node).terminate(record, timeout=10.0)
+        with self.store.transaction() as state:
+            for record in dead:
+                current = state.engines.get(record.id)
+                if current is None or current.is_live:
+                    continue
+                del state.engines[record.id]
+                state.release(record.id)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(record.log_path)
+                shutil.rmtree(paths.run_dir() / record.id, ignore_errors=True)
+        return dead
+
+    def is_running(self, record: EngineRecord) -> bool:
+        """True if the engine's main process runs."""
+        return launcher_for(record.node).is_alive(record)
+
+
+def resolve_ref(state: State, ref: str) -> EngineRecord:
+    """Find an engine by exact id, label, or unique id prefix."""
+    if ref in state.engines:
+        return state.engines[ref]
+    by_label = [r for r in state.engines.values() if r.label == ref]
+    live_by_label = [r for r in by_label if r.is_live]
+    if len(live_by_label) == 1:
+        return live_by_label[0]
+    if len(by_label) == 1:
+        return by_label[0]
+    by_prefix = [r for r in state.engines.values() if len(ref) >= 3 and r.id.startswith(ref)]
+    if len(by_prefix) == 1:
+        return by_prefix[0]
+    matches = by_label or by_prefix
+    if matches:
+        ids = ", ".join(r.id for r in matches)
+        raise BadInput(f"{ref!r} matches several engines: {ids}", hint="use the full engine id")
+    raise NotFound(f"no engine {ref!r}", hint="see `sage llm engine list --all`")
+
+
+def _new_id(state: State) -> str:
+    while True:
+        candidate = os.urandom(4).hex()
+        if candidate not in state.engines:
+            return candidate
+
+
+def _probe_ready(record: EngineRecord, timeout: float = 2.0) -> bool:
+    from sagellm_cli.core import probe  # http.client costs start-up time: only when a probe is due
+
+    return probe.is_ready(record.url, record.kind, record.served_model_name, timeout=timeout)
+
+
+def _wait_port_free(host: str, port: int, timeout: float = 5.0) -> None:
+    from sagellm_cli.core import ports
+
+    deadline = time.monotonic() + timeout
+    while not ports.is_port_free(host, port):
+        if time.monotonic() > deadline:
+            raise ResourceUnavailable(
+                f"port {port} is still bound after the engine stopped",
+                hint="another process may hold it; check with `ss -ltnp`",
+            )
+        time.sleep(0.1)

@@ -1,0 +1,58 @@
+"""Reading engine logs: tails, the last line, and follow mode."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_TAIL_CHUNK = 64 * 1024
+
+
+def tail_lines(path: str | Path, n: int) -> list[str]:
+    """The last `n` lines of a file (fewer if it is shorter; none if missing)."""
+    if n <= 0:
+        return []
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            data = b""
+            pos = size
+            while pos > 0 and data.count(b"\n") <= n:
+                step = min(_TAIL_CHUNK, pos)
+                pos -= step
+                fh.seek(pos)
+                data = fh.read(step) + data
+    except FileNotFoundError:
+        return []
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return [_ANSI.sub("", line) for line in lines[-n:]]
+
+
+def last_line(path: str | Path) -> str:
+    """The last non-empty log line, for progress displays."""
+    for line in reversed(tail_lines(path, 5)):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def follow(path: str | Path, keep_going: Callable[[], bool], poll: float = 0.5) -> Iterator[str]:
+    """Yield lines appended to `path` while `keep_going()` is true."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        fh.seek(0, os.SEEK_END)
+        idle_checks = 0
+        while True:
+            line = fh.readline()
+            if line:
+                yield line.rstrip("\n")
+                continue
+            idle_checks += 1
+            if idle_checks % 2 == 0 and not keep_going():
+                yield from (rest.rstrip("\n") for rest in fh.readlines())
+                return
+            time.sleep(poll)

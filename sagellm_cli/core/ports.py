@@ -1,0 +1,53 @@
+"""Port checks and allocation. Allocation happens under the state lock."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+
+from sagellm_cli.core.errors import BadInput, ResourceUnavailable
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def is_port_free(host: str, port: int) -> bool:
+    """True if nothing listens on `host:port` (checked by binding it)."""
+    bind_host = "" if host in ("0.0.0.0", "::") else host
+    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind_host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_requested_port(host: str, port: int, taken: Iterable[int]) -> None:
+    """Fail with exit 4 if a port the user asked for is recorded or bound."""
+    if not 1 <= port <= 65535:
+        raise BadInput(f"port {port} is out of range", hint="use a port between 1 and 65535")
+    if port in set(taken):
+        raise ResourceUnavailable(
+            f"port {port} is already used by another sagellm engine",
+            hint="pick another --port or leave it out to get a free one",
+        )
+    if not is_port_free(host, port):
+        raise ResourceUnavailable(
+            f"port {port} on {host} is already in use",
+            hint="pick another --port or leave it out to get a free one",
+        )
+
+
+def allocate_port(host: str, taken: Iterable[int], attempts: int = 50) -> int:
+    """A port the OS reports free and no engine record holds."""
+    taken = set(taken)
+    bind_host = "" if host in ("0.0.0.0", "::") else host
+    for _ in range(attempts):
+        with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
+            sock.bind((bind_host, 0))
+            port = sock.getsockname()[1]
+        if port not in taken:
+            return port
+    raise ResourceUnavailable("no free port found", hint="stop some engines or pass --port")

@@ -1,0 +1,35 @@
+"""Blocking readiness probes over HTTP, stdlib only (cheap to import in the CLI)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from urllib.parse import urlsplit
+
+
+def _get(url: str, path: str, timeout: float) -> tuple[int, bytes]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def is_ready(url: str, kind: str, served_model_name: str, timeout: float = 2.0) -> bool:
+    """True once `/health` answers 200 and, for llm engines, `/v1/models` lists the model."""
+    try:
+        status, _ = _get(url, "/health", timeout)
+        if status != 200:
+            return False
+        if kind != "llm":
+            return True
+        status, body = _get(url, "/v1/models", timeout)
+        if status != 200:
+            return False
+        models = json.loads(body).get("data", [])
+        return any(m.get("id") == served_model_name for m in models)
+    except (OSError, http.client.HTTPException, ValueError, AttributeError):
+        return False

@@ -1,0 +1,169 @@
+"""Process groups: spawn in a new session, check identity, stop the whole tree."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+# The shell stays as the engine's parent so that the exit code is recorded even
+# when no sagellm process is waiting on the engine. Arguments pass through "$@",
+# never through shell parsing.
+_WRAPPER = (
+    '"$@"; rc=$?; echo "$rc" > "$SAGELLM_EXIT_FILE"; '
+    'echo "[sagellm] engine process exited with code $rc"; exit "$rc"'
+)
+_CREATE_TIME_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class ProcessHandle:
+    """Identity of a spawned engine: its main pid, process group and create time."""
+
+    pid: int
+    pgid: int
+    create_time: float
+
+
+def spawn_group(
+    argv: list[str], env: dict[str, str], log_path: Path, exit_file: Path, cwd: Path | None = None
+) -> ProcessHandle:
+    """Start `argv` in a new session, appending stdout and stderr to `log_path`."""
+    exit_file.unlink(missing_ok=True)
+    full_env = dict(env)
+    full_env["SAGELLM_EXIT_FILE"] = str(exit_file)
+    with open(log_path, "ab", buffering=0) as log:
+        wrapper = subprocess.Popen(
+            ["/bin/sh", "-c", _WRAPPER, "sagellm-engine", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=str(cwd) if cwd else None,
+            start_new_session=True,
+            close_fds=True,
+        )
+    # Popen object is dropped on purpose: the engine outlives this process.
+    child = _first_child(wrapper.pid)
+    main = child if child is not None else psutil.Process(wrapper.pid)
+    return ProcessHandle(pid=main.pid, pgid=wrapper.pid, create_time=main.create_time())
+
+
+def _first_child(pid: int, timeout: float = 3.0) -> psutil.Process | None:
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(psutil.NoSuchProcess):
+        parent = psutil.Process(pid)
+        while time.monotonic() < deadline:
+            children = parent.children()
+            if children:
+                return children[0]
+            if parent.status() == psutil.STATUS_ZOMBIE:
+                return None
+            time.sleep(0.005)
+    return None
+
+
+def is_alive(pid: int | None, create_time: float | None) -> bool:
+    """True if `pid` runs and is the same process (not a reused pid)."""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if (
+            create_time is not None
+            and abs(proc.create_time() - create_time) > _CREATE_TIME_TOLERANCE
+        ):
+            return False
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def group_members(pgid: int | None, not_before: float | None = None) -> list[psutil.Process]:
+    """Live processes of a process group, optionally only those created after `not_before`.
+
+    `not_before` guards against a recycled pgid: our engine's processes are never
+    older than the engine itself.
+    """
+    if not pgid:
+        return []
+    members = []
+    for proc in psutil.process_iter(["pid", "create_time", "status"]):
+        try:
+            if os.getpgid(proc.pid) != pgid:
+                continue
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if not_before is not None and proc.info["create_time"] < not_before - 1.0:
+                continue
+            members.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def engine_processes(handle_pid: int | None, pgid: int | None, not_before: float | None) -> list:
+    """The engine's group plus any descendant that left the group (setsid children)."""
+    procs = {p.pid: p for p in group_members(pgid, not_before)}
+    roots = list(procs.values())
+    if handle_pid and handle_pid not in procs:
+        with contextlib.suppress(psutil.Error):
+            roots.append(psutil.Process(handle_pid))
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            for child in root.children(recursive=True):
+                procs.setdefault(child.pid, child)
+    return [p for p in procs.values() if _running(p)]
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def terminate_group(
+    pid: int | None, pgid: int | None, not_before: float | None, timeout: float = 30.0
+) -> int:
+    """SIGTERM the group, wait up to `timeout`, then SIGKILL what remains.
+
+    Returns how many processes had to be killed. On return no process of the
+    engine is left.
+    """
+    procs = engine_processes(pid, pgid, not_before)
+    if not procs:
+        return 0
+    _signal_all(procs, pgid, signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    # A process may have forked during shutdown: look again before the hard kill.
+    leftover = {p.pid: p for p in alive}
+    for p in engine_processes(pid, pgid, not_before):
+        leftover.setdefault(p.pid, p)
+    if leftover:
+        _signal_all(list(leftover.values()), pgid, signal.SIGKILL)
+        psutil.wait_procs(list(leftover.values()), timeout=10)
+    return len(leftover)
+
+
+def _signal_all(procs: list[psutil.Process], pgid: int | None, sig: int) -> None:
+    if pgid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+
+
+def read_exit_code(exit_file: Path) -> int | None:
+    """The exit code the wrapper wrote, if the engine has exited."""
+    try:
+        return int(exit_file.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None

