@@ -243,3 +243,63 @@ def test_kill_9_marks_failed_and_stop_leaves_no_orphans(llm_engine, engine_home)
     assert not os.path.exists(rec["log_path"])
     again = sage("llm", "engine", "stop", rec["id"], home=engine_home)
     assert again.returncode == 3
+
+
+@needs_st
+def test_readiness_timeout_stops_the_engine(home):
+    proc = sage(
+        "llm",
+        "engine",
+        "start",
+        "all-MiniLM-L6-v2",
+        "--engine-kind",
+        "embedding",
+        "--timeout",
+        "1",
+        home=home,
+    )
+    assert proc.returncode == 1
+    assert "not ready after 1s" in proc.stderr
+    [record] = sage_json("llm", "engine", "list", "--all", home=home)
+    assert record["status"] == "failed"
+    assert not _group_alive(record)
+    assert _port_free(record["port"])
+
+
+@needs_st
+def test_ctrl_c_while_waiting_stops_the_engine(home):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SAGELLM_HOME": str(home)}
+    starter = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sagellm_cli",
+            "llm",
+            "engine",
+            "start",
+            "all-MiniLM-L6-v2",
+            "--engine-kind",
+            "embedding",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        records = []
+        while time.monotonic() < deadline and not any(r.get("pid") for r in records):
+            time.sleep(0.3)
+            records = sage_json("llm", "engine", "list", "--all", home=home)
+        starter.send_signal(signal.SIGINT)
+        _, err = starter.communicate(timeout=60)
+    finally:
+        starter.kill()
+    assert starter.returncode == 130, err
+    [record] = sage_json("llm", "engine", "list", "--all", home=home)
+    assert record["status"] == "stopped"
+    assert not _group_alive(record)

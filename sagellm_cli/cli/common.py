@@ -23,10 +23,16 @@ def info(message: str) -> None:
 
 
 def stdout_console():
-    """A rich console on stdout (imported lazily: rich costs start-up time)."""
+    """A rich console on stdout (imported lazily: rich costs start-up time).
+
+    Piped output gets a wide console so that rows are never wrapped or cut for `grep`/`awk`.
+    """
+    import os
+
     from rich.console import Console
 
-    return Console(highlight=False)
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 240
+    return Console(highlight=False, width=width)
 
 
 def stderr_console():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import typer
 
@@ -141,6 +142,7 @@ def stop(
     if (ref is None) == (not all_engines):
         raise BadInput("give an engine id or --all (not both)", hint="sage llm engine stop ID")
     manager = _manager()
+    began = time.time()
     records = (
         manager.stop_all(timeout=timeout) if all_engines else [manager.stop(ref, timeout=timeout)]
     )
@@ -150,13 +152,14 @@ def stop(
     if not records:
         info("no running engines")
     for record in records:
-        info(f"engine {record.id} {record.status}")
+        already = record.stopped_at is not None and record.stopped_at < began
+        info(f"engine {record.id} {'was already ' if already else ''}{record.status}")
 
 
-def _render_table(records, title: str) -> None:
+def _render_table(records) -> None:
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(box=None, header_style="bold", pad_edge=False)
     for column in (
         "ID",
         "LABEL",
@@ -169,8 +172,7 @@ def _render_table(records, title: str) -> None:
         "GPUS",
         "UPTIME",
     ):
-        # Only the model name may wrap: ids and labels stay greppable on one line.
-        table.add_column(column, overflow="fold", no_wrap=column != "MODEL")
+        table.add_column(column, overflow="fold")
     colors = {"ready": "green", "starting": "yellow", "failed": "red", "unhealthy": "red"}
     for r in records:
         status = r.status if r.exit_code is None or r.is_live else f"{r.status} ({r.exit_code})"
@@ -202,7 +204,7 @@ def list_engines(
     elif not records:
         info("no engines" + ("" if all_engines else " running (use --all to include stopped)"))
     else:
-        _render_table(records, "engines")
+        _render_table(records)
 
 
 @app.command("show")

@@ -367,6 +367,8 @@ class EngineManager:
                     record.error = error
             record.exit_code = read_exit_code(exit_file(engine_id))
             state.release(engine_id)
+        # vLLM leaves dist-init files and inductor folders in its TMPDIR on every start.
+        shutil.rmtree(paths.run_dir() / engine_id / "tmp", ignore_errors=True)
         _wait_port_free(record.host, record.port)
         return record
 
