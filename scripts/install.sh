@@ -4,7 +4,7 @@
 #   scripts/install.sh dev    plus the test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="cpu"
+extras="cpu,demo"
 [ "${1:-}" = "dev" ] && extras="cpu,dev"
 python -m pip install -q --disable-pip-version-check -e ".[${extras}]"
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers`

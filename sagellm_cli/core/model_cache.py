@@ -302,17 +302,21 @@ def _engine_python() -> str:
     return engine_python()
 
 
-def _tail(path: Path, lines: int = 8) -> str:
+def _keep_log(log_path: Path, name: str) -> Path | None:
+    """Copy a failed conversion's log out of the temp folder (which is deleted)."""
+    from sagellm_cli.core.paths import logs_dir
+
     try:
-        text = path.read_text(errors="replace")
+        dest = ensure_private_dir(logs_dir()) / f"model-import-{cache_key(name)}.log"
+        shutil.copyfile(log_path, dest)
     except OSError:
-        return ""
-    # tqdm redraws with \r; keep the last state of each line.
-    cleaned = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
-    return "\n".join([line for line in cleaned if line.strip()][-lines:])
+        return None
+    return dest
 
 
-def _run_converter(gguf: Path, out: Path, log_path: Path, on_progress: ProgressFn | None) -> dict:
+def _run_converter(
+    gguf: Path, out: Path, log_path: Path, name: str, on_progress: ProgressFn | None
+) -> dict:
     """Run `convert_gguf` in a subprocess; return its final JSON facts or raise OperationFailed."""
     argv = [_engine_python(), "-m", "sagellm_cli.core.convert_gguf", "--gguf", str(gguf)]
     argv += ["--out", str(out)]
@@ -322,6 +326,7 @@ def _run_converter(gguf: Path, out: Path, log_path: Path, on_progress: ProgressF
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     env["PYTHONUNBUFFERED"] = "1"
     final: dict = {}
+    error = ""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, env=env)
         try:
@@ -333,6 +338,8 @@ def _run_converter(gguf: Path, out: Path, log_path: Path, on_progress: ProgressF
                     continue
                 if event.get("done"):
                     final = event
+                elif event.get("error"):
+                    error = str(event["error"])
                 elif on_progress and event.get("stage"):
                     on_progress(str(event["stage"]))
             rc = proc.wait()
@@ -342,12 +349,11 @@ def _run_converter(gguf: Path, out: Path, log_path: Path, on_progress: ProgressF
             proc.wait()
             raise
     if rc != 0 or not final or not _is_complete(out):
-        raise OperationFailed(
-            f"converting {gguf.name} failed (exit {rc})",
-            hint="check that it is a valid GGUF of a supported architecture and that "
-            "`transformers`, `gguf` and `accelerate` are installed",
-            details=_tail(log_path),
-        )
+        kept = _keep_log(log_path, name)
+        reason = error or (f"killed by signal {-rc}" if rc < 0 else f"exit {rc}")
+        hint = "is it a GGUF of an architecture transformers supports? "
+        hint += f"full log: {kept}" if kept else "are transformers, gguf and accelerate installed?"
+        raise OperationFailed(f"converting {gguf.name} failed: {reason}", hint=hint)
     return final
 
 
@@ -369,12 +375,17 @@ def import_gguf(
     gguf = Path(gguf_path).expanduser()
     if not gguf.is_file():
         raise NotFound(f"GGUF file {str(gguf)!r} not found", hint="give the path of a .gguf file")
+    with open(gguf, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise BadInput(
+                f"{str(gguf)!r} is not a GGUF file (no GGUF magic)", hint="give a .gguf file"
+            )
     _check_free(name, replace)
     started = time.time()
     tmp = _new_tmp_dir(name)
     try:
         out = tmp / "model"
-        facts = _run_converter(gguf.resolve(), out, tmp / _CONVERT_LOG, on_progress)
+        facts = _run_converter(gguf.resolve(), out, tmp / _CONVERT_LOG, name, on_progress)
         metadata = {
             "name": name,
             "source": source,
