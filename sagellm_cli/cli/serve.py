@@ -1,15 +1,141 @@
-"""`sage llm serve`: not built yet."""
+"""`sage llm serve`: the OpenAI-compatible gateway in front of every engine."""
 
 from __future__ import annotations
 
+import os
+
 import typer
 
-from sagellm_cli.core.errors import OperationFailed
+from sagellm_cli.cli.common import emit_json, human_duration, info
+from sagellm_cli.core.errors import BadInput
+
+
+def _parse_model_routing(pairs: list[str] | None) -> dict[str, str]:
+    routing: dict[str, str] = {}
+    for pair in pairs or []:
+        model, sep, strategy = pair.rpartition("=")
+        if not sep or not model or not strategy:
+            raise BadInput(
+                f"--model-routing {pair!r} is not MODEL=STRATEGY",
+                hint="e.g. --model-routing tiny=affinity",
+            )
+        routing[model] = strategy
+    return routing
 
 
 def register(parent: typer.Typer) -> None:
     """Attach `serve` to the `llm` group."""
 
-    @parent.command("serve", help="(not yet available) OpenAI-compatible gateway.")
-    def serve() -> None:
-        raise OperationFailed("`sage llm serve` is not built yet", hint="see the project's open issues")
+    @parent.command("serve")
+    def serve(
+        host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+        port: int = typer.Option(8889, help="Port to listen on."),
+        routing: str = typer.Option(
+            "round_robin",
+            help="round_robin, least_loaded, random, power_of_two, affinity, prefix or length.",
+        ),
+        model_routing: list[str] | None = typer.Option(
+            None, "--model-routing", help="MODEL=STRATEGY: a strategy for one model (repeatable)."
+        ),
+        api_key: str | None = typer.Option(
+            None,
+            "--api-key",
+            envvar="SAGELLM_API_KEY",
+            help="Require `Authorization: Bearer KEY` on inference endpoints.",
+        ),
+        admin_token: str | None = typer.Option(
+            None,
+            "--admin-token",
+            envvar="SAGELLM_ADMIN_TOKEN",
+            help="Token for /v1/management (required when binding a non-loopback address).",
+        ),
+        background: bool = typer.Option(
+            False, "--background", "-d", help="Detach, record in the state file, wait until ready."
+        ),
+        status: bool = typer.Option(False, "--status", help="Show the running gateway."),
+        stop: bool = typer.Option(False, "--stop", help="Stop the running gateway (idempotent)."),
+        health_interval: float = typer.Option(2.0, help="Seconds between active health checks."),
+        failure_threshold: int = typer.Option(
+            3, help="Consecutive failures before an engine is taken out of rotation."
+        ),
+        max_body_mb: float = typer.Option(8.0, help="Largest request body accepted, in MiB."),
+        prefix_chars: int = typer.Option(
+            256, min=1, help="`prefix` routing: prompt characters that form the hash key."
+        ),
+        length_threshold: int = typer.Option(
+            2048, min=1, help="`length` routing: prompts longer than this (chars) go to prefill."
+        ),
+        upstream_client: str = typer.Option(
+            "aiohttp", help="Upstream HTTP client: aiohttp (fast) or httpx.", hidden=True
+        ),
+        timeout: float = typer.Option(60.0, help="With --background: seconds to wait for ready."),
+        json_out: bool = typer.Option(False, "--json", help="JSON output for --status/--stop/-d."),
+    ) -> None:
+        """Serve one OpenAI-compatible API in front of every engine (foreground by default)."""
+        from sagellm_cli.gateway import daemon
+        from sagellm_cli.gateway.config import GatewayConfig
+
+        if status and stop:
+            raise BadInput("give --status or --stop, not both")
+        if status:
+            _show_status(daemon.status(), json_out)
+            return
+        if stop:
+            record = daemon.stop()
+            if json_out:
+                emit_json({"stopped": record is not None, "gateway": record})
+            elif record is None:
+                info("no gateway running")
+            else:
+                info(f"gateway (pid {record['pid']}) at {record['url']} stopped")
+            return
+        config = GatewayConfig(
+            host=host,
+            port=port,
+            routing=routing,
+            model_routing=_parse_model_routing(model_routing),
+            api_key=api_key or None,
+            admin_token=admin_token or None,
+            max_body_bytes=int(max_body_mb * 1024 * 1024),
+            health_interval_s=health_interval,
+            failure_threshold=failure_threshold,
+            upstream_client=upstream_client,
+            prefix_chars=prefix_chars,
+            length_threshold_chars=length_threshold,
+        )
+        config.validate()
+        if background:
+            record = daemon.start_background(config, timeout=timeout)
+            if json_out:
+                emit_json(record)
+            else:
+                info(f"gateway running at {record['url']}/v1 (pid {record['pid']})")
+                info(f"log: {daemon.log_path()}; stop with `sage llm serve --stop`")
+            return
+        from sagellm_cli.gateway import server
+
+        def started() -> None:
+            recorded = daemon.record_self(config)
+            if os.environ.get("SAGELLM_GATEWAY_BACKGROUND") != "1":
+                info(f"gateway listening on {config.url}/v1 (routing: {config.routing})")
+                if not recorded:
+                    info("note: another gateway is recorded for this state directory; not this one")
+
+        server.serve(config, on_started=started, on_stopped=daemon.clear_self)
+
+
+def _show_status(doc: dict, json_out: bool) -> None:
+    import time
+
+    if json_out:
+        emit_json(doc)
+        return
+    if not doc.get("running"):
+        info("no gateway running (start one with `sage llm serve --background`)")
+        return
+    health = "healthy" if doc.get("healthy") else "not answering /health"
+    uptime = human_duration(time.time() - doc.get("started_at", time.time()))
+    typer.echo(
+        f"gateway {doc['url']}/v1  pid {doc['pid']}  {health}  up {uptime}  "
+        f"routing {doc.get('routing')}"
+    )

@@ -80,8 +80,8 @@ class EngineManager:
 
     # -- reading -------------------------------------------------------------
 
-    def reconcile(self, state: State, *, probe_health: bool = False) -> None:
-        """Bring records in line with the processes that really run."""
+    def reconcile(self, state: State) -> None:
+        """Bring records in line with the processes that really run (no network I/O)."""
         now = time.time()
         for record in state.engines.values():
             if not record.is_live:
@@ -92,16 +92,37 @@ class EngineManager:
                 continue
             if not launcher_for(record.node).is_alive(record):
                 self._mark_dead(state, record, None)
-                continue
-            if record.status == "starting" or (
-                probe_health and record.status in ("ready", "unhealthy")
-            ):
-                healthy = _probe_ready(record, timeout=1.0)
-                if healthy and record.status != "ready":
+
+    def _refresh(self, *, probe_health: bool) -> State:
+        """Reconcile under the lock, then probe readiness outside it and record the results.
+
+        Probes can take up to their timeout each; holding the lock meanwhile would stall
+        every other command and the gateway's reads.
+        """
+        with self.store.transaction() as state:
+            self.reconcile(state)
+        due = [
+            r
+            for r in state.engines.values()
+            if r.pid is not None
+            and (r.status == "starting" or (probe_health and r.status in ("ready", "unhealthy")))
+        ]
+        if not due:
+            return state
+        healthy = {r.id: (r.pid, _probe_ready(r, timeout=1.0)) for r in due}
+        with self.store.transaction() as state:
+            self.reconcile(state)
+            now = time.time()
+            for engine_id, (pid, ok) in healthy.items():
+                record = state.engines.get(engine_id)
+                if record is None or record.pid != pid or not record.is_live:
+                    continue  # restarted or stopped meanwhile: the probe is stale
+                if ok and record.status in ("starting", "unhealthy"):
                     record.status = "ready"
                     record.ready_at = record.ready_at or now
-                elif not healthy and record.status == "ready":
+                elif not ok and record.status == "ready":
                     record.status = "unhealthy"
+        return state
 
     def _mark_dead(self, state: State, record: EngineRecord, reason: str | None) -> None:
         record.exit_code = read_exit_code(exit_file(record.id))
@@ -120,9 +141,7 @@ class EngineManager:
 
     def list(self, *, include_all: bool = False, probe_health: bool = False) -> list[EngineRecord]:
         """Engines, reconciled with reality; stopped and failed ones only with `include_all`."""
-        with self.store.transaction() as state:
-            self.reconcile(state, probe_health=probe_health)
-            records = list(state.engines.values())
+        records = list(self._refresh(probe_health=probe_health).engines.values())
         records.sort(key=lambda r: r.created_at)
         return [r for r in records if include_all or r.is_live]
 
@@ -134,9 +153,7 @@ class EngineManager:
 
     def get(self, ref: str, *, probe_health: bool = True) -> EngineRecord:
         """One engine by id, unique id prefix or label (exit 3 if unknown)."""
-        with self.store.transaction() as state:
-            self.reconcile(state, probe_health=probe_health)
-            return resolve_ref(state, ref)
+        return resolve_ref(self._refresh(probe_health=probe_health), ref)
 
     def log_tail(self, engine_id: str, n: int = LOG_TAIL_ON_FAILURE) -> list[str]:
         """The last `n` lines of an engine's log."""

@@ -1,0 +1,182 @@
+"""Assembly: the Gateway object and its ASGI app.
+
+The three inference endpoints are dispatched by a tiny ASGI function straight to
+the proxy (no framework on the hot path); everything else (models, health,
+metrics, management) is a Starlette app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sagellm_cli.core.state import StateStore
+from sagellm_cli.gateway.auth import TokenCheck, management_check
+from sagellm_cli.gateway.errors import error_body
+from sagellm_cli.gateway.health import HealthChecker
+from sagellm_cli.gateway.metrics import CONTENT_TYPE, Metrics
+from sagellm_cli.gateway.proxy import Proxy
+from sagellm_cli.gateway.registry import Registry
+from sagellm_cli.gateway.upstream import make_upstream
+
+if TYPE_CHECKING:
+    from sagellm_cli.gateway.config import GatewayConfig
+    from sagellm_cli.gateway.scheduling import Scheduler
+
+log = logging.getLogger("sagellm.gateway")
+
+HOT_PATHS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+
+
+def _json(data, status: int = 200) -> Response:
+    return Response(json.dumps(data), status, media_type="application/json")
+
+
+class Gateway:
+    """Registry, upstream pool, health checker, metrics and routes of one gateway."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        store: StateStore | None = None,
+        scheduler: Scheduler | None = None,
+    ):
+        self.config = config
+        self.started_at = time.time()
+        self.registry = Registry(config, store or StateStore())
+        self.upstream = make_upstream(config.upstream_client, config.connect_timeout_s)
+        self.metrics = Metrics(self.registry)
+        self.api_check = TokenCheck(config.api_key)
+        self.admin_check = management_check(config.api_key, config.admin_token)
+        self.proxy = Proxy(
+            config, self.registry, self.upstream, self.metrics, self.api_check, scheduler
+        )
+        self.health = HealthChecker(
+            self.registry, self.upstream, config.health_interval_s, config.health_timeout_s
+        )
+        self._tasks: list[asyncio.Task] = []
+        from sagellm_cli.gateway.management import Management
+
+        self.management = Management(self)
+        self.app = Starlette(
+            routes=[
+                Route("/health", self.health_endpoint, methods=["GET"]),
+                Route("/ready", self.ready_endpoint, methods=["GET"]),
+                Route("/v1/models", self.models_endpoint, methods=["GET"]),
+                Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+                *self.management.routes(),
+            ],
+            lifespan=self.lifespan,
+        )
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Open the upstream pool, load the engines, start the background loops."""
+        await self.upstream.start()
+        try:
+            await self.registry.refresh(force=True)
+        except Exception as exc:  # noqa: BLE001 - an unreadable state file is logged, not fatal
+            log.warning("could not read the state file: %s", exc)
+        self._tasks = [
+            asyncio.create_task(self.registry.watch(), name="state-watch"),
+            asyncio.create_task(self.health.run(), name="health"),
+        ]
+
+    async def shutdown(self) -> None:
+        """Stop the loops and close the upstream pool."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.upstream.close()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        await self.startup()
+        try:
+            yield
+        finally:
+            await self.shutdown()
+
+    # -- ASGI ----------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            endpoint = HOT_PATHS.get(scope["path"])
+            if endpoint is not None:
+                if scope["method"] == "POST":
+                    await self.proxy.handle(scope, receive, send, endpoint)
+                    return
+                body = error_body(405, f"use POST for {scope['path']}", code="method_not_allowed")
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 405,
+                        "headers": [(b"content-type", b"application/json"), (b"allow", b"POST")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    # -- small endpoints -----------------------------------------------------
+
+    async def health_endpoint(self, request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def ready_endpoint(self, request: Request) -> Response:
+        ready = [b.id for b in self.registry.backends.values() if b.healthy]
+        if ready:
+            return _json({"status": "ready", "engines": ready})
+        return _json({"status": "not ready", "engines": [], "reason": "no ready engine"}, 503)
+
+    async def models_endpoint(self, request: Request) -> Response:
+        if not self.api_check.allows(request.headers.get("authorization")):
+            return Response(
+                error_body(401, "invalid or missing API key", code="invalid_api_key"),
+                401,
+                media_type="application/json",
+            )
+        return _json(self.registry.models_document())
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    def counters(self) -> dict:
+        """Gateway-wide counters for the management status document."""
+        backends = list(self.registry.backends.values())
+        return {
+            "url": self.config.url,
+            "routing": self.config.routing,
+            "model_routing": self.config.model_routing,
+            "started_at": self.started_at,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "engines": len(backends),
+            "healthy_engines": sum(1 for b in backends if b.healthy),
+            "inflight": sum(b.inflight for b in backends),
+            "requests": sum(b.requests for b in backends),
+            "errors": sum(b.errors for b in backends),
+            "health_rounds": self.health.rounds,
+            "state_generation": self.registry.generation,
+        }
+
+
+def create_app(config: GatewayConfig, store: StateStore | None = None) -> Gateway:
+    """The ASGI app (a Gateway instance is itself the ASGI callable)."""
+    config.validate()
+    return Gateway(config, store)

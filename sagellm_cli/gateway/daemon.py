@@ -1,0 +1,228 @@
+"""The gateway's record in the state file, `--background`, `--status` and `--stop`.
+
+A running gateway (foreground or background) writes `state.gateway` once it
+listens and clears it on a clean exit. A record whose process is gone (checked
+by pid and create time, like engines) is reconciled away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+
+from sagellm_cli.core import logs, paths, process
+from sagellm_cli.core.errors import BadInput, OperationFailed, ResourceUnavailable
+from sagellm_cli.core.state import StateStore
+from sagellm_cli.gateway.config import GatewayConfig
+
+
+def log_path():
+    """Where a background gateway writes its output."""
+    return paths.logs_dir() / "gateway.log"
+
+
+def is_alive(record: dict[str, Any] | None) -> bool:
+    """True if the recorded gateway process still runs (same pid and create time)."""
+    if not record:
+        return False
+    return process.is_alive(record.get("pid"), record.get("create_time"))
+
+
+def current(store: StateStore | None = None) -> dict[str, Any] | None:
+    """The live gateway record, reconciling a dead one away."""
+    store = store or StateStore()
+    record = store.read().gateway
+    if record is None or is_alive(record):
+        return record
+    with store.transaction() as state:
+        if state.gateway and not is_alive(state.gateway):
+            state.gateway = None
+    return None
+
+
+def ensure_not_running(store: StateStore | None = None) -> None:
+    """Exit 4 if a gateway already runs for this state directory."""
+    record = current(store)
+    if record is not None:
+        raise ResourceUnavailable(
+            f"a gateway already runs at {record.get('url')} (pid {record.get('pid')})",
+            hint="stop it with `sage llm serve --stop`",
+        )
+
+
+def record_self(config: GatewayConfig, store: StateStore | None = None) -> bool:
+    """Write this process as the gateway (called once the socket listens).
+
+    A second foreground gateway (another port, e.g. for an experiment) runs
+    unrecorded rather than hiding the first; returns False then.
+    """
+    store = store or StateStore()
+    me = psutil.Process()
+    pgid = os.getpgid(0)
+    with store.transaction() as state:
+        if state.gateway and state.gateway.get("pid") != me.pid and is_alive(state.gateway):
+            return False
+        state.gateway = {
+            "pid": me.pid,
+            # Only a group we lead is ours to signal: a foreground gateway shares its shell's.
+            "pgid": pgid if pgid == me.pid else None,
+            "create_time": me.create_time(),
+            "host": config.host,
+            "port": config.port,
+            "url": config.url,
+            "routing": config.routing,
+            "auth": bool(config.api_key),
+            "started_at": time.time(),
+            "background": os.environ.get("SAGELLM_GATEWAY_BACKGROUND") == "1",
+            "log_path": str(log_path())
+            if os.environ.get("SAGELLM_GATEWAY_BACKGROUND") == "1"
+            else None,
+        }
+    return True
+
+
+def clear_self(store: StateStore | None = None) -> None:
+    """Remove the gateway record if it is this process's."""
+    store = store or StateStore()
+    with contextlib.suppress(Exception), store.transaction() as state:
+        if state.gateway and state.gateway.get("pid") == os.getpid():
+            state.gateway = None
+
+
+def config_argv(config: GatewayConfig) -> list[str]:
+    """`sage llm serve` options reproducing `config` (secrets travel in the environment)."""
+    argv = [
+        "--host",
+        config.host,
+        "--port",
+        str(config.port),
+        "--routing",
+        config.routing,
+        "--health-interval",
+        str(config.health_interval_s),
+        "--failure-threshold",
+        str(config.failure_threshold),
+        "--max-body-mb",
+        str(config.max_body_bytes / (1024 * 1024)),
+        "--upstream-client",
+        config.upstream_client,
+        "--prefix-chars",
+        str(config.prefix_chars),
+        "--length-threshold",
+        str(config.length_threshold_chars),
+    ]
+    for model, strategy in config.model_routing.items():
+        argv += ["--model-routing", f"{model}={strategy}"]
+    return argv
+
+
+def _health_ok(url: str) -> bool:
+    from sagellm_cli.core import probe
+
+    try:
+        status, _ = probe._get(url, "/health", 1.0)
+    except (OSError, ValueError):
+        return False
+    return status == 200
+
+
+def start_background(config: GatewayConfig, timeout: float = 60.0) -> dict[str, Any]:
+    """Spawn a detached gateway and wait until it answers /health."""
+    config.validate()
+    store = StateStore()
+    ensure_not_running(store)
+    from sagellm_cli.gateway.server import bind_socket
+
+    bind_socket(config.host, config.port).close()  # exit 4 now, not in the child's log
+    env = {**os.environ, "SAGELLM_GATEWAY_BACKGROUND": "1", "PYTHONUNBUFFERED": "1"}
+    for key, value in (
+        ("SAGELLM_API_KEY", config.api_key),
+        ("SAGELLM_ADMIN_TOKEN", config.admin_token),
+    ):
+        if value:
+            env[key] = value
+        else:
+            env.pop(key, None)
+    path = log_path()
+    paths.ensure_private_dir(path.parent)
+    with open(path, "ab", buffering=0) as log:
+        log.write(f"\n[sagellm] {time.strftime('%Y-%m-%d %H:%M:%S')} starting gateway\n".encode())
+        child = subprocess.Popen(
+            [sys.executable, "-m", "sagellm_cli", "llm", "serve", *config_argv(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
+    deadline = time.monotonic() + timeout
+    while True:
+        code = child.poll()
+        if code is not None:
+            tail = "\n".join(logs.tail_lines(path, 15))
+            error = {2: BadInput, 4: ResourceUnavailable}.get(code, OperationFailed)
+            raise error(
+                f"the gateway exited during start-up with code {code}",
+                hint=f"see {path}",
+                details=tail,
+            )
+        record = store.read().gateway
+        if record and record.get("pid") == child.pid and _health_ok(config.url):
+            return record
+        if time.monotonic() > deadline:
+            _terminate(child.pid, child.pid, 5.0)
+            raise OperationFailed(
+                f"the gateway did not answer /health within {timeout:.0f}s and was stopped",
+                hint=f"see {path}",
+                details="\n".join(logs.tail_lines(path, 15)),
+            )
+        time.sleep(0.1)
+
+
+def _terminate(pid: int, pgid: int | None, timeout: float) -> None:
+    try:
+        proc = psutil.Process(pid)
+    except psutil.Error:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if pgid:
+            os.killpg(pgid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs([proc], timeout=timeout)
+    if alive:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if pgid:
+                os.killpg(pgid, signal.SIGKILL)
+            else:
+                proc.kill()
+        psutil.wait_procs([proc], timeout=5)
+
+
+def stop(timeout: float = 10.0) -> dict[str, Any] | None:
+    """Stop the recorded gateway; a no-op (returning None) when none runs."""
+    store = StateStore()
+    record = current(store)
+    if record is None:
+        return None
+    _terminate(int(record["pid"]), record.get("pgid"), timeout)
+    with store.transaction() as state:
+        if state.gateway and state.gateway.get("pid") == record["pid"]:
+            state.gateway = None
+    return record
+
+
+def status() -> dict[str, Any]:
+    """`{running, healthy, ...record}` for `sage llm serve --status`."""
+    record = current()
+    if record is None:
+        return {"running": False}
+    return {"running": True, "healthy": _health_ok(record["url"]), **record}

@@ -1,0 +1,70 @@
+"""Active health checks: GET /health on every engine at an interval.
+
+Passive checks (connection errors and 5xx on real requests) are counted by the
+proxy through the same `Registry.mark_failure` / `mark_success`; K consecutive
+failures of either kind mark an engine unhealthy, one success heals it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from sagellm_cli.core import process
+
+if TYPE_CHECKING:
+    from sagellm_cli.gateway.registry import Backend, Registry
+    from sagellm_cli.gateway.upstream import Upstream
+
+log = logging.getLogger("sagellm.gateway")
+
+
+class HealthChecker:
+    """Probes every engine concurrently, every `interval` seconds."""
+
+    def __init__(self, registry: Registry, upstream: Upstream, interval: float, timeout: float):
+        self.registry = registry
+        self.upstream = upstream
+        self.interval = interval
+        self.timeout = timeout
+        self.rounds = 0
+
+    async def check(self, backend: Backend) -> bool:
+        """One probe. A dead local process counts as fatal at once (no need to wait K rounds)."""
+        record = backend.record
+        if (
+            record.node == "local"
+            and record.pid
+            and not process.is_alive(record.pid, record.pid_create_time)
+        ):
+            self.registry.mark_failure(backend, "engine process is gone", fatal=True)
+            return False
+        try:
+            status = await self.upstream.get_status(backend.url + "/health", self.timeout)
+        except Exception as exc:  # noqa: BLE001 - any failure to answer is a failed probe
+            self.registry.mark_failure(backend, f"health check failed: {type(exc).__name__}")
+            return False
+        if status == 200:
+            self.registry.mark_success(backend)
+            return True
+        self.registry.mark_failure(backend, f"health check answered {status}")
+        return False
+
+    async def run_once(self) -> None:
+        """Probe every known engine once."""
+        backends = list(self.registry.backends.values())
+        if backends:
+            await asyncio.gather(*(self.check(b) for b in backends), return_exceptions=True)
+        self.rounds += 1
+
+    async def run(self) -> None:
+        """Probe forever."""
+        while True:
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+                log.warning("health round failed: %s", exc)
+            await asyncio.sleep(self.interval)

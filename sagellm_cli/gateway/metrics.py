@@ -1,0 +1,146 @@
+"""Prometheus metrics on the gateway's own CollectorRegistry.
+
+Per-request cost is kept small: label children are cached in dicts, and the
+gauges (in-flight, health) are read from the registry at scrape time instead of
+being updated on every request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from sagellm_cli.gateway.registry import Registry
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _EngineCollector:
+    """In-flight requests and health, read from the registry when scraped."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+
+    def collect(self):
+        inflight = GaugeMetricFamily(
+            "sagellm_gateway_requests_in_flight",
+            "Requests the gateway is proxying right now, per engine.",
+            labels=["model", "engine"],
+        )
+        healthy = GaugeMetricFamily(
+            "sagellm_gateway_engine_healthy",
+            "1 while the gateway routes to the engine, 0 while it is unhealthy.",
+            labels=["model", "engine", "kind"],
+        )
+        failures = GaugeMetricFamily(
+            "sagellm_gateway_engine_consecutive_failures",
+            "Consecutive failed requests or health checks, per engine.",
+            labels=["model", "engine"],
+        )
+        for b in list(self.registry.backends.values()):
+            inflight.add_metric([b.served_model_name, b.id], b.inflight)
+            healthy.add_metric([b.served_model_name, b.id, b.kind], 1 if b.healthy else 0)
+            failures.add_metric([b.served_model_name, b.id], b.failures)
+        yield inflight
+        yield healthy
+        yield failures
+
+
+class Metrics:
+    """The gateway's metrics, with cached label children for the hot path."""
+
+    def __init__(self, registry: Registry):
+        # `_created` series double the output and nobody graphs them.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "sagellm_gateway_requests_total",
+            "Requests by model, engine, endpoint and HTTP status.",
+            ["model", "engine", "endpoint", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sagellm_gateway_request_duration_seconds",
+            "Time from request received to response complete.",
+            ["model", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "sagellm_gateway_time_to_first_token_seconds",
+            "Streaming requests: time from request received to the first chunk sent.",
+            ["model", "endpoint"],
+            buckets=_TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "sagellm_gateway_tokens_total",
+            "Tokens reported by engines' usage, by direction (prompt = in, completion = out).",
+            ["model", "direction"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "sagellm_gateway_retries_total",
+            "Requests retried on another replica after a failure before any byte was sent.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(registry))
+        self._requests: dict[tuple, object] = {}
+        self._latency: dict[tuple, object] = {}
+        self._ttft: dict[tuple, object] = {}
+        self._tokens: dict[tuple, object] = {}
+
+    def observe(self, model: str, engine: str, endpoint: str, status: int, seconds: float) -> None:
+        """One finished request."""
+        key = (model, engine, endpoint, status)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = self.requests.labels(model, engine, endpoint, str(status))
+        child.inc()
+        key2 = (model, endpoint)
+        hist = self._latency.get(key2)
+        if hist is None:
+            hist = self._latency[key2] = self.latency.labels(model, endpoint)
+        hist.observe(seconds)
+
+    def first_token(self, model: str, endpoint: str, seconds: float) -> None:
+        """Time to the first streamed chunk."""
+        key = (model, endpoint)
+        hist = self._ttft.get(key)
+        if hist is None:
+            hist = self._ttft[key] = self.ttft.labels(model, endpoint)
+        hist.observe(seconds)
+
+    def usage(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """Tokens in and out, from an engine's `usage`."""
+        key = (model,)
+        pair = self._tokens.get(key)
+        if pair is None:
+            pair = self._tokens[key] = (
+                self.tokens.labels(model, "in"),
+                self.tokens.labels(model, "out"),
+            )
+        if prompt_tokens:
+            pair[0].inc(prompt_tokens)
+        if completion_tokens:
+            pair[1].inc(completion_tokens)
+
+    def retry(self, model: str) -> None:
+        """One retry on another replica."""
+        self.retries.labels(model).inc()
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

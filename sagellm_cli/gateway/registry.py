@@ -1,0 +1,281 @@
+"""The engine table: the state file, re-read when its mtime changes, plus runtime counters.
+
+The state file is the single source of truth for which engines exist; the
+gateway never writes engine records. What it adds per engine (requests in
+flight, health, consecutive failures) lives here, in memory, and survives a
+re-read as long as the engine keeps its id, URL and pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sagellm_cli.core.models import LIVE_STATUSES, EngineRecord
+from sagellm_cli.core.state import State, StateStore
+from sagellm_cli.gateway.routing import Strategy, make_strategy, stable_hash
+
+if TYPE_CHECKING:
+    from sagellm_cli.gateway.config import GatewayConfig
+
+log = logging.getLogger("sagellm.gateway")
+
+KIND_FOR_ENDPOINT = {"chat": "llm", "completions": "llm", "embeddings": "embedding"}
+
+
+class Backend:
+    """One engine as the gateway routes to it."""
+
+    __slots__ = (
+        "id",
+        "kind",
+        "url",
+        "served_model_name",
+        "names",
+        "role",
+        "record",
+        "healthy",
+        "failures",
+        "inflight",
+        "requests",
+        "errors",
+        "hash_id",
+        "last_check",
+        "last_error",
+    )
+
+    def __init__(self, record: EngineRecord):
+        self.id = record.id
+        self.kind = record.kind
+        self.url = record.url
+        self.served_model_name = record.served_model_name
+        # Every name a request's `model` may use to reach this engine.
+        self.names = tuple(
+            dict.fromkeys(n for n in (record.served_model_name, record.label, record.model) if n)
+        )
+        self.role = record.role
+        self.record = record
+        # A record the lifecycle already saw ready starts healthy; a starting
+        # one waits for the first successful active check.
+        self.healthy = record.status == "ready"
+        self.failures = 0
+        self.inflight = 0
+        self.requests = 0
+        self.errors = 0
+        self.hash_id = stable_hash(record.id)
+        self.last_check = 0.0
+        self.last_error: str | None = None
+
+    def same_process(self, record: EngineRecord) -> bool:
+        """True if `record` still describes the process this backend talks to."""
+        return record.url == self.url and record.pid == self.record.pid
+
+    def to_dict(self) -> dict:
+        """Runtime view for the management API."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "url": self.url,
+            "model": self.served_model_name,
+            "names": list(self.names),
+            "role": self.role,
+            "status": self.record.status,
+            "healthy": self.healthy,
+            "consecutive_failures": self.failures,
+            "inflight": self.inflight,
+            "requests": self.requests,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass
+class ModelGroup:
+    """All engines reachable under one name, with the healthy subset cached for routing."""
+
+    name: str
+    kind: str
+    backends: list[Backend]
+    strategy: Strategy
+    healthy: list[Backend] = field(default_factory=list)
+
+    def refresh_healthy(self) -> None:
+        """Rebuild the healthy list (only when some engine's health changed)."""
+        self.healthy = [b for b in self.backends if b.healthy]
+
+
+class Registry:
+    """Engines and model names, kept in step with the state file."""
+
+    def __init__(self, config: GatewayConfig, store: StateStore | None = None):
+        self.config = config
+        self.store = store or StateStore()
+        self.backends: dict[str, Backend] = {}
+        # name -> group, one dict per engine kind so a chat request never reaches an embedder.
+        self.groups: dict[str, dict[str, ModelGroup]] = {"llm": {}, "embedding": {}}
+        self._strategies: dict[tuple[str, str], Strategy] = {}
+        self._mtime = -1
+        self.loaded_at = 0.0
+        self.generation = 0
+
+    # -- loading -------------------------------------------------------------
+
+    def load(self, state: State) -> None:
+        """Rebuild the table from a state snapshot, keeping counters of unchanged engines."""
+        fresh: dict[str, Backend] = {}
+        for record in state.engines.values():
+            if record.status not in LIVE_STATUSES or record.status == "stopping":
+                continue
+            if record.kind not in self.groups:
+                continue
+            old = self.backends.get(record.id)
+            if old is not None and old.same_process(record):
+                if record.status == "ready" and old.record.status != "ready":
+                    old.healthy = True
+                old.record = record
+                old.role = record.role
+                fresh[record.id] = old
+            else:
+                fresh[record.id] = Backend(record)
+        self.backends = fresh
+        groups: dict[str, dict[str, ModelGroup]] = {"llm": {}, "embedding": {}}
+        for backend in sorted(fresh.values(), key=lambda b: (b.record.created_at, b.id)):
+            for name in backend.names:
+                group = groups[backend.kind].get(name)
+                if group is None:
+                    group = ModelGroup(
+                        name, backend.kind, [], self._strategy_for(backend.kind, name)
+                    )
+                    groups[backend.kind][name] = group
+                group.backends.append(backend)
+            # The id always reaches exactly one engine.
+            groups[backend.kind][backend.id] = ModelGroup(
+                backend.id, backend.kind, [backend], self._strategy_for(backend.kind, backend.id)
+            )
+        for by_name in groups.values():
+            for group in by_name.values():
+                group.refresh_healthy()
+        self.groups = groups
+        self.loaded_at = time.time()
+        self.generation += 1
+
+    def _strategy_for(self, kind: str, name: str) -> Strategy:
+        # Strategy objects (and their counters) outlive re-reads of the state file.
+        key = (kind, name)
+        strategy = self._strategies.get(key)
+        if strategy is None:
+            strategy = make_strategy(
+                self.config.model_routing.get(name, self.config.routing), self.config
+            )
+            self._strategies[key] = strategy
+        return strategy
+
+    async def refresh(self, force: bool = False) -> bool:
+        """Re-read the state file if it changed (the read runs in a thread: it takes a lock)."""
+        mtime = self.store.mtime_ns()
+        if not force and mtime == self._mtime:
+            return False
+        state = await asyncio.to_thread(self.store.read)
+        self._mtime = mtime
+        self.load(state)
+        return True
+
+    async def watch(self) -> None:
+        """Poll the state file's mtime forever."""
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bad state file must not kill the gateway
+                log.warning("could not read the state file: %s", exc)
+            await asyncio.sleep(self.config.state_poll_s)
+
+    # -- health --------------------------------------------------------------
+
+    def mark_success(self, backend: Backend) -> None:
+        """A request or probe succeeded: reset the failure count, heal if needed."""
+        backend.failures = 0
+        if not backend.healthy:
+            backend.healthy = True
+            backend.last_error = None
+            log.warning("engine %s is healthy", backend.id)
+            self._health_changed()
+
+    def mark_failure(self, backend: Backend, reason: str, *, fatal: bool = False) -> None:
+        """Count a failure; after K in a row (or one `fatal`), stop routing to the engine."""
+        backend.failures += 1
+        backend.last_error = reason
+        if backend.healthy and (fatal or backend.failures >= self.config.failure_threshold):
+            backend.healthy = False
+            log.warning("engine %s marked unhealthy: %s", backend.id, reason)
+            self._health_changed()
+
+    def _health_changed(self) -> None:
+        for by_name in self.groups.values():
+            for group in by_name.values():
+                group.refresh_healthy()
+
+    # -- lookups ---------------------------------------------------------------
+
+    def group(self, kind: str, name: str) -> ModelGroup | None:
+        """The group serving `name` for engines of `kind`."""
+        return self.groups[kind].get(name)
+
+    def other_kind(self, kind: str, name: str) -> str | None:
+        """The other engine kind that serves `name`, if any (for a helpful 400)."""
+        for other, by_name in self.groups.items():
+            if other != kind and name in by_name:
+                return other
+        return None
+
+    def model_names(self, kind: str | None = None) -> list[str]:
+        """Served model names (not aliases), for error messages and /v1/models."""
+        names: dict[str, None] = {}
+        for backend in self.backends.values():
+            if kind is None or backend.kind == kind:
+                names[backend.served_model_name] = None
+        return list(names)
+
+    def default_group(self, kind: str) -> ModelGroup | None:
+        """The only model of `kind`, for requests that omit `model`."""
+        names = self.model_names(kind)
+        return self.groups[kind].get(names[0]) if len(names) == 1 else None
+
+    def models_document(self) -> dict:
+        """The `/v1/models` body: each served model with the engines behind it."""
+        data = []
+        for kind, by_name in self.groups.items():
+            for name in self.model_names(kind):
+                group = by_name[name]
+                data.append(
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": int(min(b.record.created_at for b in group.backends)),
+                        "owned_by": "sagellm",
+                        "kind": kind,
+                        "ready": bool(group.healthy),
+                        "engines": [
+                            {
+                                "id": b.id,
+                                "label": b.record.label,
+                                "url": b.url,
+                                "role": b.role,
+                                "healthy": b.healthy,
+                            }
+                            for b in group.backends
+                        ],
+                        "aliases": sorted(
+                            {n for b in group.backends for n in b.names if n != name}
+                        ),
+                    }
+                )
+        return {"object": "list", "data": data}
+
+    def any_ready(self) -> bool:
+        """True while at least one engine is healthy."""
+        return any(b.healthy for b in self.backends.values())

@@ -1,0 +1,238 @@
+"""Routing strategies: pick one healthy replica for a request.
+
+Every strategy sees the healthy replicas of one model (a list the registry keeps
+up to date) and the request's `RouteInfo`. They are O(replicas), allocate
+nothing on the common path, and keep their own small state (a counter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from sagellm_cli.gateway.config import GatewayConfig
+    from sagellm_cli.gateway.registry import Backend
+
+_MASK = (1 << 64) - 1
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process (unlike `hash()`)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: spreads the bits of `key ^ replica` for rendezvous hashing."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK
+    return x ^ (x >> 31)
+
+
+class RouteInfo:
+    """What strategies may look at: computed lazily, at most once per request."""
+
+    __slots__ = ("body", "session", "_text")
+
+    def __init__(self, body: dict[str, Any] | None, session: str | None):
+        self.body = body
+        self.session = session
+        self._text: str | None = None
+
+    def prompt_text(self, limit: int = 1 << 30) -> str:
+        """The prompt (completions) or the concatenated message contents (chat), up to `limit`."""
+        if self._text is None:
+            self._text = _prompt_text(self.body or {}, limit)
+        return self._text
+
+    def prefix(self, n: int) -> str:
+        """The first `n` characters of the prompt."""
+        return self.prompt_text()[:n]
+
+
+def _prompt_text(body: dict[str, Any], limit: int) -> str:
+    prompt = body.get("prompt")
+    if prompt is not None:
+        if isinstance(prompt, list):
+            prompt = prompt[0] if prompt else ""
+        return prompt[:limit] if isinstance(prompt, str) else str(prompt)[:limit]
+    parts: list[str] = []
+    size = 0
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(
+                p.get("text", "") for p in content if isinstance(p, dict) and "text" in p
+            )
+        if isinstance(content, str):
+            parts.append(content)
+            size += len(content)
+            if size >= limit:
+                break
+    return "".join(parts)[:limit]
+
+
+class Strategy(Protocol):
+    """Pick one of `backends` (non-empty, all healthy) for a request."""
+
+    name: str
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend: ...
+
+
+class RoundRobin:
+    """Each replica in turn."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+        self._next += 1
+        return backends[self._next % len(backends)]
+
+
+class LeastLoaded:
+    """Fewest requests in flight; ties are broken in turn so idle replicas share work."""
+
+    name = "least_loaded"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+        n = len(backends)
+        if n == 1:
+            return backends[0]
+        self._next += 1
+        start = self._next % n
+        best = backends[start]
+        for i in range(1, n):
+            candidate = backends[(start + i) % n]
+            if candidate.inflight < best.inflight:
+                best = candidate
+        return best
+
+
+class Random:
+    """A uniformly random replica."""
+
+    name = "random"
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+        return backends[random.randrange(len(backends))] if len(backends) > 1 else backends[0]
+
+
+class PowerOfTwo:
+    """Two random replicas; the less loaded one wins."""
+
+    name = "power_of_two"
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+        n = len(backends)
+        if n == 1:
+            return backends[0]
+        i = random.randrange(n)
+        j = random.randrange(n - 1)
+        if j >= i:
+            j += 1
+        a, b = backends[i], backends[j]
+        return b if b.inflight < a.inflight else a
+
+
+def _rendezvous(backends: list[Backend], key_hash: int) -> Backend:
+    """Highest-random-weight hashing: removing a replica moves only its own keys."""
+    best = backends[0]
+    best_score = -1
+    for backend in backends:
+        score = _mix(key_hash ^ backend.hash_id)
+        if score > best_score:
+            best, best_score = backend, score
+    return best
+
+
+class Affinity:
+    """The same `user` / `X-Session-Id` always lands on the same replica (while it is healthy)."""
+
+    name = "affinity"
+
+    def __init__(self) -> None:
+        self._fallback = LeastLoaded()
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+        if len(backends) == 1:
+            return backends[0]
+        if not info.session:
+            return self._fallback.choose(backends, info)
+        return _rendezvous(backends, stable_hash(info.session))
+
+
+class Prefix:
+    """Shared prompt prefixes go to the same replica (its prefix cache), within a load bound.
+
+    Consistent hashing with bounded loads: replicas are tried in rendezvous order
+    and the first one whose in-flight count stays under
+    `ceil(load_factor * (total + 1) / n)` wins, so one hot prefix can't swamp a replica.
+    """
+
+    name = "prefix"
+
+    def __init__(self, chars: int = 256, load_factor: float = 1.25) -> None:
+        self.chars = chars
+        self.load_factor = load_factor
+        self._fallback = LeastLoaded()
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+        n = len(backends)
+        if n == 1:
+            return backends[0]
+        key = info.prefix(self.chars)
+        if not key:
+            return self._fallback.choose(backends, info)
+        key_hash = stable_hash(key)
+        total = sum(b.inflight for b in backends)
+        bound = math.ceil(self.load_factor * (total + 1) / n)
+        ranked = sorted(backends, key=lambda b: _mix(key_hash ^ b.hash_id), reverse=True)
+        for backend in ranked:
+            if backend.inflight + 1 <= bound:
+                return backend
+        return ranked[0]
+
+
+class Length:
+    """Long prompts to `role: prefill` replicas, short ones to `role: decode`.
+
+    This is seed 001/002's PD separation, honestly named: it routes whole
+    requests by prompt length; it does not split prefill from decode. A role
+    with no replica falls back to every replica. Within a role: least loaded.
+    """
+
+    name = "length"
+
+    def __init__(self, threshold_chars: int = 2048) -> None:
+        self.threshold = threshold_chars
+        self._inner = LeastLoaded()
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+        role = "prefill" if len(info.prompt_text(self.threshold + 1)) > self.threshold else "decode"
+        pool = [b for b in backends if b.role == role] or backends
+        return self._inner.choose(pool, info)
+
+
+STRATEGIES = {
+    cls.name: cls for cls in (RoundRobin, LeastLoaded, Random, PowerOfTwo, Affinity, Prefix, Length)
+}
+
+
+def make_strategy(name: str, config: GatewayConfig | None = None) -> Strategy:
+    """A fresh strategy instance (each model keeps its own counters)."""
+    if name == "prefix" and config is not None:
+        return Prefix(config.prefix_chars, config.prefix_load_factor)
+    if name == "length" and config is not None:
+        return Length(config.length_threshold_chars)
+    return STRATEGIES[name]()
