@@ -1,0 +1,391 @@
+"""Planning a preset: every engine's model, port, GPUs and command, before anything starts.
+
+The plan is computed on a reconciled *copy* of the state; nothing is written, so a dry
+run leaves the state file byte-for-byte unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sagellm_cli.core import paths, ports
+from sagellm_cli.core.errors import BadInput, SageError
+from sagellm_cli.core.models import EngineRecord, EngineSpec
+from sagellm_cli.core.presets.loader import LoadedPreset
+from sagellm_cli.core.presets.schema import EngineConfig
+from sagellm_cli.core.state import State
+
+if TYPE_CHECKING:
+    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.gpu import Inventory, Placement
+
+# Actions an apply takes per engine.
+START, KEEP, REPLACE, RESTART = "start", "keep", "replace", "restart"
+# Spec fields that don't make a running engine different from the file.
+_IGNORED_WHEN_COMPARING = ("port",)
+ENGINE_ID_PLACEHOLDER = "<engine-id>"
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class ModelInfo:
+    """How a model name in a preset resolves on this machine."""
+
+    name: str
+    argument: str  # what the engine is given as --model
+    path: str | None
+    source: str
+    exists_locally: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or os.path.isabs(model)
+
+
+def resolve_model(model: str, kind: str) -> ModelInfo:
+    """Resolve `model` for `kind`: sagellm's model cache, a path, packaged MiniLM, the HF cache.
+
+    Uses `sagellm_cli.core.model_cache` when present; otherwise a built-in fallback that
+    knows the same places.
+    """
+    from sagellm_cli.core.embedding_models import resolve_embedding_model
+    from sagellm_cli.core.gpu.estimate import find_model_dir
+
+    if _looks_like_path(model):
+        path = Path(model).expanduser()
+        return ModelInfo(model, model, str(path), "local-path", path.exists())
+    try:
+        from sagellm_cli.core import model_cache  # `sage llm model`'s cache
+    except ImportError:  # pragma: no cover - older trees without the model cache
+        model_cache = None
+    if model_cache is not None:
+        resolved = model_cache.resolve_model(model)
+        return ModelInfo(
+            model,
+            model_cache.model_argument(model),
+            resolved.path,
+            resolved.source,
+            resolved.exists_locally,
+        )
+    if kind == "embedding":
+        resolved = resolve_embedding_model(model)
+        if resolved != model:
+            return ModelInfo(model, model, resolved, "packaged", True)
+    found = find_model_dir(model, kind)
+    if found is None:
+        return ModelInfo(model, model, None, "hub", False)
+    models_dir = paths.models_dir()
+    if kind == "llm" and models_dir in found.parents:
+        return ModelInfo(model, str(found), str(found), "model-cache", True)
+    return ModelInfo(model, model, str(found), "hf-cache", True)
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass
+class PlannedEngine:
+    """One engine (one replica) of the preset and what apply will do with it."""
+
+    engine: str
+    replica: int
+    replicas: int
+    label: str
+    spec: EngineSpec
+    runtime: str
+    model: ModelInfo
+    port: int
+    action: str
+    argv: list[str]
+    env: dict[str, str]
+    placement: Placement | None = None
+    existing_id: str | None = None
+    existing_status: str | None = None
+    gpus: list[int] = field(default_factory=list)
+    gib_per_gpu: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        import shlex
+
+        return {
+            "engine": self.engine,
+            "replica": self.replica,
+            "label": self.label,
+            "kind": self.spec.kind,
+            "runtime": self.runtime,
+            "model": self.model.to_dict(),
+            "served_model_name": self.spec.served_model_name,
+            "role": self.spec.role,
+            "port": self.port,
+            "host": self.spec.host,
+            "gpus": self.gpus,
+            "gib_per_gpu": self.gib_per_gpu,
+            "placement": self.placement.to_dict() if self.placement else None,
+            "action": self.action,
+            "existing_id": self.existing_id,
+            "existing_status": self.existing_status,
+            "command": self.argv,
+            "command_line": shlex.join(self.argv),
+            "env": self.env,
+            "notes": self.notes,
+            "spec": self.spec.to_dict(),
+        }
+
+
+@dataclass
+class PresetPlan:
+    """Everything apply will do, computed before it does any of it."""
+
+    preset: str
+    file: str
+    description: str
+    engines: list[PlannedEngine]
+    remove: list[EngineRecord]
+
+    @property
+    def to_start(self) -> list[PlannedEngine]:
+        return [e for e in self.engines if e.action in (START, RESTART, REPLACE)]
+
+    @property
+    def noop(self) -> bool:
+        """Already fully up: every engine kept and ready, nothing to remove."""
+        return (
+            not self.to_start
+            and not self.remove
+            and all(e.existing_status == "ready" for e in self.engines)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset,
+            "file": self.file,
+            "description": self.description,
+            "noop": self.noop,
+            "engines": [e.to_dict() for e in self.engines],
+            "remove": [
+                {"id": r.id, "label": r.label, "model": r.model, "port": r.port}
+                for r in self.remove
+            ],
+        }
+
+
+def _engine_error(exc: SageError, label: str) -> SageError:
+    """The same kind of error (same exit code), naming the engine."""
+    return type(exc)(f"engine {label!r}: {exc.message}", hint=exc.hint, details=exc.details)
+
+
+def _same_spec(recorded: dict[str, Any], wanted: EngineSpec) -> bool:
+    want = wanted.to_dict()
+    have = EngineSpec.from_dict(recorded).to_dict() if recorded else {}
+    for key in _IGNORED_WHEN_COMPARING:
+        if want.get(key) is None:
+            want.pop(key, None)
+            have.pop(key, None)
+    return want == have
+
+
+def _spec_for(cfg: EngineConfig, preset: str, replica: int, model: ModelInfo) -> EngineSpec:
+    return EngineSpec(
+        model=model.argument,
+        kind=cfg.kind,
+        runtime=cfg.runtime,
+        use_gpu=cfg.use_gpu,
+        tensor_parallel=cfg.tensor_parallel,
+        pipeline_parallel=cfg.pipeline_parallel,
+        port=cfg.engine_port(replica),
+        host=cfg.host,
+        label=cfg.engine_label(preset, replica),
+        served_model_name=cfg.served_model_name or cfg.model,
+        max_model_len=cfg.max_model_len,
+        kv_cache_gb=cfg.kv_cache_gb,
+        gpu_memory_gb=cfg.gpu_memory_gb,
+        gpus=list(cfg.gpus) if cfg.gpus is not None else None,
+        placement=cfg.placement,
+        extra_args=list(cfg.extra_args),
+        env=dict(cfg.env),
+        preset=preset,
+        preset_engine=cfg.name,
+        role=cfg.role,
+        cost_per_1k_tokens=cfg.cost_per_1k_tokens,
+        max_inflight=cfg.max_inflight,
+    )
+
+
+def _check_model(model: ModelInfo, kind: str, label: str) -> list[str]:
+    """Fail (exit 2) for a model that can't possibly load; return notes for doubtful ones."""
+    if model.exists_locally:
+        return []
+    if model.source == "local-path":
+        raise BadInput(
+            f"engine {label!r}: model path {model.name} does not exist",
+            hint="fix `model:` in the preset, or prepare the model first",
+        )
+    if kind == "llm" and "/" not in model.name:
+        raise BadInput(
+            f"engine {label!r}: model {model.name!r} is not in the local model cache",
+            hint="prepare it first (`sage llm model prepare-demo` for gemma-3-270m), "
+            "or use a path or a Hugging Face id",
+        )
+    if _offline():
+        return [f"{model.name} is not available locally and downloads are off (HF_HUB_OFFLINE)"]
+    return [f"{model.name} is not available locally; the engine will download it"]
+
+
+def make_plan(
+    preset: LoadedPreset,
+    manager: EngineManager,
+    *,
+    state: State | None = None,
+    inventory: Inventory | None = None,
+) -> PresetPlan:
+    """Plan every engine of `preset` against the current (reconciled) state, writing nothing.
+
+    Raises BadInput (exit 2) or ResourceUnavailable (exit 4) naming the engine at fault.
+    """
+    from sagellm_cli.core.engines import validate_spec
+    from sagellm_cli.core.gpu import engine_pid_map, plan_gpu, read_inventory
+    from sagellm_cli.core.runtimes import build_launch
+
+    config = preset.config
+    name = config.name
+    state = state if state is not None else manager.snapshot()
+
+    ours = [r for r in state.engines.values() if r.preset == name]
+    live = {r.label: r for r in ours if r.is_live and r.label}
+    dead: dict[str, EngineRecord] = {}
+    for record in sorted(ours, key=lambda r: r.created_at):
+        if not record.is_live and record.label:
+            dead[record.label] = record
+    others_by_label = {
+        r.label: r for r in state.engines.values() if r.is_live and r.label and r.preset != name
+    }
+
+    models: dict[tuple[str, str], ModelInfo] = {}
+    planned: list[PlannedEngine] = []
+    # Pass 1: models, specs and actions.
+    for cfg in config.engines:
+        key = (cfg.model, cfg.kind)
+        if key not in models:
+            models[key] = resolve_model(cfg.model, cfg.kind)
+        model = models[key]
+        for replica in range(1, cfg.replicas + 1):
+            label = cfg.engine_label(name, replica)
+            if label in others_by_label:
+                other = others_by_label[label]
+                raise BadInput(
+                    f"engine {label!r}: label is used by running engine {other.id}"
+                    + (f" of preset {other.preset!r}" if other.preset else ""),
+                    hint="set another `label:` in the preset or stop that engine",
+                )
+            spec = _spec_for(cfg, name, replica, model)
+            try:
+                runtime = validate_spec(spec)
+            except SageError as exc:
+                raise _engine_error(exc, label) from None
+            existing = live.get(label)
+            if existing is not None and _same_spec(existing.spec, spec):
+                action = KEEP
+            elif existing is not None:
+                action = REPLACE
+            elif label in dead:
+                action, existing = RESTART, dead[label]
+            else:
+                action = START
+            notes = [] if action == KEEP else _check_model(model, cfg.kind, label)
+            planned.append(
+                PlannedEngine(
+                    engine=cfg.name,
+                    replica=replica,
+                    replicas=cfg.replicas,
+                    label=label,
+                    spec=spec,
+                    runtime=runtime,
+                    model=model,
+                    port=existing.port if action == KEEP else 0,
+                    action=action,
+                    argv=list(existing.command) if action == KEEP else [],
+                    env={},
+                    existing_id=existing.id if existing else None,
+                    existing_status=existing.status if existing else None,
+                    gpus=list(existing.gpus) if action == KEEP else [],
+                    gib_per_gpu=existing.gpu_memory_gb if action == KEEP else None,
+                    notes=notes,
+                )
+            )
+
+    labels = {p.label for p in planned}
+    remove = [r for r in live.values() if r.label not in labels]
+    going = {p.existing_id for p in planned if p.action == REPLACE} | {r.id for r in remove}
+    # Engines that apply stops free their port and GPU memory for the new ones.
+    for engine_id in going:
+        state.release(engine_id)
+    freed_ports = {state.engines[i].port for i in going}
+    taken = {r.port for r in state.engines.values() if r.is_live and r.id not in going}
+    if state.gateway and state.gateway.get("port"):
+        taken.add(int(state.gateway["port"]))
+
+    # Pass 2: ports, GPUs and command lines, cumulatively across the preset.
+    scratch = paths.scratch_dir(ENGINE_ID_PLACEHOLDER)
+    cache = paths.state_dir() / "cache" / "vllm"
+    for item in planned:
+        if item.action == KEEP:
+            continue
+        spec = item.spec
+        try:
+            if spec.port is not None:
+                # A port held by an engine this apply stops is free by the time it starts.
+                if spec.port in taken or spec.port not in freed_ports:
+                    ports.check_requested_port(spec.host, spec.port, taken)
+                port = spec.port
+            else:
+                port = ports.allocate_port(spec.host, taken | freed_ports)
+            taken.add(port)
+            wants_gpu = not (
+                spec.use_gpu is False or (spec.kind == "embedding" and spec.use_gpu is None)
+            )
+            placement = None
+            if wants_gpu:
+                if inventory is None:
+                    inventory = read_inventory(engine_pid_map(state))
+                placement = plan_gpu(spec, state, inventory=inventory)
+        except SageError as exc:
+            raise _engine_error(exc, item.label) from None
+        if placement is not None:
+            state.reservations[f"planned:{item.label}"] = placement.reservation(item.label)
+            item.gpus, item.gib_per_gpu = list(placement.gpus), placement.gib_per_gpu
+        item.placement = placement
+        item.port = port
+        launch = build_launch(
+            spec,
+            runtime=item.runtime,
+            port=port,
+            served_model_name=spec.served_model_name or spec.model,
+            placement=placement,
+            scratch_dir=scratch,
+            cache_dir=cache,
+        )
+        item.argv = launch.argv
+        item.env = {**spec.env, **launch.env}
+    return PresetPlan(
+        preset=name,
+        file=str(preset.path),
+        description=config.description,
+        engines=planned,
+        remove=remove,
+    )
