@@ -83,3 +83,12 @@ def test_concurrent_writers_lose_nothing(home):
         p.join(60)
         assert p.exitcode == 0
     assert len(StateStore().read().engines) == 60
+
+
+def test_in_place_edits_of_nested_sections_are_written(home):
+    store = StateStore()
+    with store.transaction() as state:
+        state.presets["demo"] = {"engines": {}}
+    with store.transaction() as state:
+        state.presets["demo"]["engines"]["chat"] = "abc123"
+    assert store.read().presets["demo"]["engines"] == {"chat": "abc123"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -9,8 +10,18 @@ import typer
 from typer.core import TyperGroup
 
 from sagellm_cli import __version__
-from sagellm_cli.cli import bench, engine, gpu, model, preset, serve
 from sagellm_cli.core.errors import ExitCode, SageError
+
+# `sage llm <group>` -> the module that defines it. Modules are imported only when their
+# command runs (or for help), so `sage llm engine list` doesn't pay for the others.
+LLM_GROUPS = {
+    "engine": "sagellm_cli.cli.engine",
+    "gpu": "sagellm_cli.cli.gpu",
+    "preset": "sagellm_cli.cli.preset",
+    "model": "sagellm_cli.cli.model",
+    "bench": "sagellm_cli.cli.bench",
+    "serve": "sagellm_cli.cli.serve",
+}
 
 
 def _report(exc: SageError) -> None:
@@ -42,14 +53,32 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-llm = typer.Typer(help="Run and manage LLM and embedding engines.", no_args_is_help=True)
+
+
+class LazyLlmGroup(TyperGroup):
+    """`sage llm`: resolves its sub-commands from LLM_GROUPS on first use."""
+
+    def list_commands(self, ctx):
+        return sorted(LLM_GROUPS)
+
+    def get_command(self, ctx, name):
+        if name not in LLM_GROUPS:
+            return None
+        module = importlib.import_module(LLM_GROUPS[name])
+        if hasattr(module, "register"):  # a single command (serve) rather than a group
+            holder = typer.Typer()
+            module.register(holder)
+            command = typer.main.get_command(holder)
+        else:
+            command = typer.main.get_command(module.app)
+        command.name = name
+        return command
+
+
+llm = typer.Typer(
+    cls=LazyLlmGroup, help="Run and manage LLM and embedding engines.", no_args_is_help=True
+)
 app.add_typer(llm, name="llm")
-llm.add_typer(engine.app, name="engine")
-llm.add_typer(gpu.app, name="gpu")
-llm.add_typer(preset.app, name="preset")
-llm.add_typer(model.app, name="model")
-llm.add_typer(bench.app, name="bench")
-serve.register(llm)
 
 
 def _version(value: bool) -> None:

@@ -190,7 +190,7 @@ class EngineManager:
                 served_model_name=record.served_model_name,
                 # Mock GPUs exist for placement tests: the process itself runs on CPU.
                 placement=None if placement is None or placement.mock else placement,
-                scratch_dir=paths.ensure_private_dir(paths.run_dir() / record.id / "tmp"),
+                scratch_dir=paths.ensure_private_dir(paths.scratch_dir(record.id)),
                 cache_dir=paths.ensure_private_dir(paths.state_dir() / "cache" / "vllm"),
             )
             record.command = launch.argv
@@ -385,7 +385,7 @@ class EngineManager:
             record.exit_code = read_exit_code(exit_file(engine_id))
             state.release(engine_id)
         # vLLM leaves dist-init files and inductor folders in its TMPDIR on every start.
-        shutil.rmtree(paths.run_dir() / engine_id / "tmp", ignore_errors=True)
+        shutil.rmtree(paths.scratch_dir(engine_id), ignore_errors=True)
         _wait_port_free(record.host, record.port)
         return record
 
@@ -424,6 +424,7 @@ class EngineManager:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(record.log_path)
                 shutil.rmtree(paths.run_dir() / record.id, ignore_errors=True)
+                shutil.rmtree(paths.scratch_dir(record.id), ignore_errors=True)
         return dead
 
     def is_running(self, record: EngineRecord) -> bool:

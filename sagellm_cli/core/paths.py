@@ -28,8 +28,23 @@ def logs_dir() -> Path:
 
 
 def run_dir() -> Path:
-    """Per-engine scratch: exit-code files, TMPDIR for vLLM."""
+    """Per-engine run files: exit codes."""
     return state_dir() / "run"
+
+
+def scratch_dir(engine_id: str) -> Path:
+    """An engine's TMPDIR: short, because vLLM puts unix sockets there (max ~107 bytes).
+
+    It lives under the system temp dir, in a folder of this user only.
+    """
+    import tempfile
+
+    root = Path(tempfile.gettempdir()) / f"sagellm-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    info = root.lstat()
+    if info.st_uid != os.getuid() or not root.is_dir() or root.is_symlink():
+        raise PermissionError(f"{root} is not a private directory of this user")
+    return root / engine_id
 
 
 def models_dir() -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ def spawn_group(
     argv: list[str], env: dict[str, str], log_path: Path, exit_file: Path, cwd: Path | None = None
 ) -> ProcessHandle:
     """Start `argv` in a new session, appending stdout and stderr to `log_path`."""
+    import subprocess  # spawn path only: keeps `engine list` start-up small
     exit_file.unlink(missing_ok=True)
     full_env = dict(env)
     full_env["SAGELLM_EXIT_FILE"] = str(exit_file)

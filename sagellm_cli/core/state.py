@@ -93,6 +93,10 @@ def decode_state(text: str, path: Path) -> State:
     return state
 
 
+def _serialise(state: State) -> str:
+    return json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
 class StateStore:
     """Locked, atomic access to the state file.
 
@@ -123,10 +127,9 @@ class StateStore:
             raise _corrupt(self.path, "not UTF-8 text") from None
         return decode_state(text, self.path)
 
-    def _write_unlocked(self, state: State) -> None:
+    def _write_unlocked(self, data: str) -> None:
         import tempfile  # only writers pay for it
 
-        data = json.dumps(state.to_dict(), indent=2, sort_keys=True) + "\n"
         fd, tmp = tempfile.mkstemp(prefix=".state-", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -155,10 +158,12 @@ class StateStore:
         """Exclusive read-modify-write; the file is rewritten only if the state changed."""
         with self._locked(exclusive=True):
             state = self._read_unlocked()
-            before = state.to_dict()
+            # Serialised, so that in-place edits of nested dicts are seen as changes too.
+            before = _serialise(state)
             yield state
-            if state.to_dict() != before or not self.path.exists():
-                self._write_unlocked(state)
+            after = _serialise(state)
+            if after != before or not self.path.exists():
+                self._write_unlocked(after)
 
     def mtime_ns(self) -> int:
         """The state file's modification time, for cheap change detection (0 if absent)."""
