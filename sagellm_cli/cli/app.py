@@ -66,7 +66,7 @@ class LazyLlmGroup(TyperGroup):
             return None
         module = importlib.import_module(LLM_GROUPS[name])
         if hasattr(module, "register"):  # a single command (serve) rather than a group
-            holder = typer.Typer()
+            holder = typer.Typer(add_completion=False)
             module.register(holder)
             command = typer.main.get_command(holder)
         else:

@@ -18,6 +18,14 @@ def _get(url: str, path: str, timeout: float) -> tuple[int, bytes]:
         conn.close()
 
 
+def health_ok(url: str, timeout: float = 1.0) -> bool:
+    """True if `GET /health` answers 200."""
+    try:
+        return _get(url, "/health", timeout)[0] == 200
+    except (OSError, http.client.HTTPException):
+        return False
+
+
 def is_ready(url: str, kind: str, served_model_name: str, timeout: float = 2.0) -> bool:
     """True once `/health` answers 200 and, for llm engines, `/v1/models` lists the model."""
     try:

@@ -81,24 +81,30 @@ def build_launch(
     return _vllm(spec, port, served_model_name, placement, scratch_dir, cache_dir)
 
 
-def _sentence_transformers(
-    spec: EngineSpec, port: int, served: str, placement: Placement | None
-) -> LaunchSpec:
-    argv = [
+def _server_argv(module: str, model: str, served: str, spec: EngineSpec, port: int) -> list[str]:
+    # Both servers take the same core options, by the same names.
+    return [
         engine_python(),
         "-m",
-        "sagellm_cli.servers.embedding",
+        module,
         "--model",
-        model_argument(spec.model),
+        model,
         "--served-model-name",
         served,
         "--host",
         spec.host,
         "--port",
         str(port),
-        "--device",
-        "cuda" if placement else "cpu",
     ]
+
+
+def _sentence_transformers(
+    spec: EngineSpec, port: int, served: str, placement: Placement | None
+) -> LaunchSpec:
+    argv = _server_argv(
+        "sagellm_cli.servers.embedding", model_argument(spec.model), served, spec, port
+    )
+    argv += ["--device", "cuda" if placement else "cpu"]
     if placement:
         argv += ["--gpu-memory-fraction", f"{placement.gpu_memory_utilization:.3f}"]
         env = placement.env()
@@ -116,19 +122,7 @@ def _vllm(
     cache_dir: Path,
 ) -> LaunchSpec:
     model = model_argument(spec.model)
-    argv = [
-        engine_python(),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model,
-        "--served-model-name",
-        served,
-        "--host",
-        spec.host,
-        "--port",
-        str(port),
-    ]
+    argv = _server_argv("vllm.entrypoints.openai.api_server", model, served, spec, port)
     if spec.kind == "embedding":
         argv += ["--runner", "pooling"]
     env: dict[str, str] = {"TMPDIR": str(scratch_dir), "VLLM_CACHE_ROOT": str(cache_dir)}

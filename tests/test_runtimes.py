@@ -1,0 +1,93 @@
+"""Command lines built for each runtime (pure: nothing is started)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sagellm_cli.core.errors import BadInput
+from sagellm_cli.core.gpu import Placement
+from sagellm_cli.core.models import EngineSpec
+from sagellm_cli.core.runtimes import build_launch, resolve_runtime
+
+
+def _build(spec, placement=None, runtime=None, tmp_path=None):
+    return build_launch(
+        spec,
+        runtime=runtime or resolve_runtime(spec.kind, spec.runtime),
+        port=18000,
+        served_model_name="served",
+        placement=placement,
+        scratch_dir=tmp_path / "scratch",
+        cache_dir=tmp_path / "cache",
+    )
+
+
+def _flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_cpu_llm_gets_memory_safe_defaults(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 1024}))
+    launch = _build(EngineSpec(model=str(model), extra_args=["--seed", "3"]), tmp_path=tmp_path)
+    argv = launch.argv
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert "--enforce-eager" in argv
+    assert _flag(argv, "--kv-cache-memory-bytes") == str(1024**3)
+    assert _flag(argv, "--distributed-executor-backend") == "uni"
+    assert _flag(argv, "--max-model-len") == "1024"  # capped by the model's own limit
+    assert argv[-2:] == ["--seed", "3"]  # user's extra args last, verbatim
+    assert launch.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert launch.env["TMPDIR"] == str(tmp_path / "scratch")
+
+
+def test_kv_cache_override_and_explicit_max_len(tmp_path):
+    spec = EngineSpec(model="org/model", kv_cache_gb=0.0625, max_model_len=512)
+    argv = _build(spec, tmp_path=tmp_path).argv
+    assert _flag(argv, "--kv-cache-memory-bytes") == str(64 * 1024**2)
+    assert _flag(argv, "--max-model-len") == "512"
+
+
+def test_gpu_llm_carries_the_placement(tmp_path):
+    placement = Placement(
+        gpus=[2, 3], uuids=["GPU-a", "GPU-b"], gib_per_gpu=40.0, total_gib=[80.0, 80.0]
+    )
+    spec = EngineSpec(model="org/model", tensor_parallel=2)
+    launch = _build(spec, placement, tmp_path=tmp_path)
+    assert _flag(launch.argv, "--tensor-parallel-size") == "2"
+    assert _flag(launch.argv, "--gpu-memory-utilization") == "0.500"
+    assert "--enforce-eager" not in launch.argv
+    assert launch.env["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
+    assert launch.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_embedding_defaults_to_our_server_on_cpu(tmp_path):
+    launch = _build(EngineSpec(model="all-MiniLM-L6-v2", kind="embedding"), tmp_path=tmp_path)
+    assert launch.argv[1:3] == ["-m", "sagellm_cli.servers.embedding"]
+    assert _flag(launch.argv, "--device") == "cpu"
+    assert launch.env["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_embedding_on_gpu_is_capped_to_its_share(tmp_path):
+    placement = Placement(gpus=[0], uuids=["GPU-a"], gib_per_gpu=8.0, total_gib=[80.0])
+    launch = _build(
+        EngineSpec(model="m", kind="embedding", use_gpu=True), placement, tmp_path=tmp_path
+    )
+    assert _flag(launch.argv, "--device") == "cuda"
+    assert _flag(launch.argv, "--gpu-memory-fraction") == "0.100"
+
+
+def test_vllm_pooling_runner_for_embeddings(tmp_path):
+    spec = EngineSpec(model="m", kind="embedding", runtime="vllm")
+    argv = _build(spec, tmp_path=tmp_path).argv
+    assert _flag(argv, "--runner") == "pooling"
+    assert "--kv-cache-memory-bytes" in argv  # vLLM CPU needs the bound for pooling too
+
+
+@pytest.mark.parametrize(("kind", "runtime"), [("llm", "sentence-transformers"), ("video", None)])
+def test_bad_runtime_pairs(kind, runtime):
+    with pytest.raises(BadInput):
+        resolve_runtime(kind, runtime)
