@@ -140,6 +140,23 @@ def _request(port, method, path, body=None, raw: bytes | None = None, timeout=60
         return e.code, json.loads(e.read())
 
 
+def _oversized_request(port: int, length: int):
+    """Announce a body over the limit without sending it: the server must answer 413 from
+    the headers alone (sending the bytes would race its early close into a broken pipe)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.putrequest("POST", "/v1/embeddings")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
 def _server_cmd(port: int) -> list[str]:
     return [
         sys.executable,
@@ -296,7 +313,7 @@ def test_errors_are_openai_bodies(server):
     err = check(*_request(port, "POST", "/v1/embeddings", {"input": "a", "model": "nope"}), 404)
     assert err["code"] == "model_not_found"
     check(*_request(port, "POST", "/v1/embeddings", {"input": "a", "dimensions": 64}), 400)
-    check(*_request(port, "POST", "/v1/embeddings", raw=b"x" * (MAX_BODY + 1)), 413)
+    check(*_oversized_request(port, MAX_BODY + 1), 413)
     check(*_request(port, "GET", "/v1/nothing"), 404)
     check(*_request(port, "GET", "/v1/embeddings"), 405)
     # still healthy afterwards

@@ -42,6 +42,29 @@ def stderr_console():
     return Console(stderr=True, highlight=False)
 
 
+class PlainProgress:
+    """Progress for logs and pipes, where a spinner shows nothing: one stderr line per
+    subject at most every `interval` seconds, and at once when its status changes."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self.last: dict[str, tuple[str, float]] = {}
+
+    def report(self, subject: str, status: str, elapsed: float, line: str = "") -> None:
+        """Print `[  12s] subject status: last log line` if it is due."""
+        previous = self.last.get(subject)
+        now = time.monotonic()
+        if previous and previous[0] == status and now - previous[1] < self.interval:
+            return
+        self.last[subject] = (status, now)
+        info(f"[{elapsed:5.0f}s] {subject} {status}" + (f": {line[-120:]}" if line else ""))
+
+
+def stderr_is_terminal() -> bool:
+    """True when progress can be drawn in place (spinners, live tables)."""
+    return sys.stderr.isatty()
+
+
 def parse_env(pairs: list[str] | None) -> dict[str, str]:
     """Turn repeated `K=V` options into a dict."""
     env: dict[str, str] = {}

@@ -8,11 +8,13 @@ import time
 import typer
 
 from sagellm_cli.cli.common import (
+    PlainProgress,
     emit_json,
     info,
     parse_env,
     parse_index_list,
     stderr_console,
+    stderr_is_terminal,
     stdout_console,
     uptime,
 )
@@ -44,9 +46,12 @@ def _spinner_progress(console):
 
 
 def wait_with_spinner(wait_fn, *, quiet: bool):
-    """Run a blocking wait, with a spinner on stderr unless `quiet`."""
+    """Run a blocking wait, with a spinner on stderr (plain lines when piped) unless `quiet`."""
     if quiet:
         return wait_fn(None)
+    if not stderr_is_terminal():
+        plain = PlainProgress()
+        return wait_fn(lambda p: plain.report(p.engine_id, p.status, p.elapsed, p.last_log_line))
     status, update = _spinner_progress(stderr_console())
     with status:
         return wait_fn(update)

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import typer
 
-from sagellm_cli.cli.common import emit_json, human_duration, info, stderr_console, stdout_console
+from sagellm_cli.cli.common import (
+    PlainProgress,
+    emit_json,
+    human_duration,
+    info,
+    stderr_console,
+    stderr_is_terminal,
+    stdout_console,
+)
 from sagellm_cli.core.errors import BadInput, OperationFailed, SageError
 
 app = typer.Typer(
@@ -118,6 +126,7 @@ class _LiveTable:
         self.rows = {e.label: ["planned", 0.0, ""] for e in plan.engines}
         self.lock = threading.Lock()
         self.live = None
+        self.plain = None
 
     def render(self):
         from rich.markup import escape
@@ -140,6 +149,8 @@ class _LiveTable:
 
     def update(self, event) -> None:
         with self.lock:
+            if self.plain is not None:
+                self.plain.report(event.label, event.status, event.elapsed, event.last_log_line)
             row = self.rows.setdefault(event.label, ["", 0.0, ""])
             row[0] = event.status
             if event.status not in ("stopped", "kept"):
@@ -150,6 +161,10 @@ class _LiveTable:
     def __enter__(self):
         from rich.live import Live
 
+        if not stderr_is_terminal():  # no redrawing in logs: plain lines, then the final table
+            self.plain = PlainProgress()
+            return self
+
         self.live = Live(
             get_renderable=self.render, console=stderr_console(), refresh_per_second=4,
             transient=False, redirect_stdout=False, redirect_stderr=False,
@@ -158,9 +173,10 @@ class _LiveTable:
         return self
 
     def __exit__(self, *exc):
+        if self.live is None:
+            stderr_console().print(self.render())
+            return
         self.live.__exit__(*exc)
-        if not self.live.console.is_terminal:
-            self.live.console.line()  # the final table is printed without a newline
 
 
 # --------------------------------------------------------------------------- commands

@@ -198,6 +198,7 @@ class EngineManager:
         env.setdefault("PYTHONUNBUFFERED", "1")
         log_path = Path(record.log_path)
         paths.ensure_private_dir(log_path.parent)
+        paths.ensure_private_dir(exit_file(record.id).parent)
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(
                 f"\n[sagellm] {time.strftime('%Y-%m-%d %H:%M:%S')} starting engine "
