@@ -219,12 +219,16 @@ class EngineManager:
             raise OperationFailed(f"could not start engine {record.id}: {exc}") from None
         with self.store.transaction() as state:
             current = state.engines.get(record.id)
-            if current is None:
-                raise OperationFailed(f"engine {record.id} was removed while starting")
-            current.pid, current.pgid = handle.pid, handle.pgid
-            current.pid_create_time = handle.create_time
-            current.started_at = spawned_at
-            return current
+            if current is not None and current.status == "starting":
+                current.pid, current.pgid = handle.pid, handle.pgid
+                current.pid_create_time = handle.create_time
+                current.started_at = spawned_at
+                return current
+        # Stopped or pruned while the process was being spawned: don't leave it behind.
+        record.pid, record.pgid = handle.pid, handle.pgid
+        record.pid_create_time, record.started_at = handle.create_time, spawned_at
+        launcher_for(record.node).terminate(record, timeout=10.0)
+        raise OperationFailed(f"engine {record.id} was stopped while starting")
 
     def _reserve(
         self, state: State, spec: EngineSpec, runtime: str, reuse_id: str | None
