@@ -10,7 +10,11 @@ from typer.testing import CliRunner
 
 from sagellm_cli.cli.app import app
 
-runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+runner = (
+    CliRunner(mix_stderr=False)
+    if "mix_stderr" in CliRunner.__init__.__code__.co_varnames
+    else CliRunner()
+)
 
 
 def invoke(*args: str):

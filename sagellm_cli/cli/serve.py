@@ -65,6 +65,27 @@ def register(parent: typer.Typer) -> None:
         length_threshold: int = typer.Option(
             2048, min=1, help="`length` routing: prompts longer than this (chars) go to prefill."
         ),
+        scheduling: str = typer.Option(
+            "none",
+            help="Admission control: none, fifo, priority, slo_aware, cost or adaptive "
+            "(docs/scheduling.md).",
+        ),
+        max_queue: int = typer.Option(
+            1000, min=0, help="Requests that may wait per model; beyond it 429 (0 = unbounded)."
+        ),
+        queue_timeout: float = typer.Option(
+            0.0, min=0, help="Seconds a request may wait in the queue before 503 (0 = no limit)."
+        ),
+        max_inflight_per_engine: int = typer.Option(
+            16,
+            min=0,
+            help="In-flight limit per engine unless its spec sets max_inflight (0 = no limit).",
+        ),
+        slo_reject: bool = typer.Option(
+            False,
+            "--slo-reject/--no-slo-reject",
+            help="Reject (429) requests whose X-SLO-Deadline-Ms can no longer be met.",
+        ),
         upstream_client: str = typer.Option(
             "aiohttp", help="Upstream HTTP client: aiohttp (fast) or httpx.", hidden=True
         ),
@@ -102,6 +123,11 @@ def register(parent: typer.Typer) -> None:
             upstream_client=upstream_client,
             prefix_chars=prefix_chars,
             length_threshold_chars=length_threshold,
+            scheduling=scheduling,
+            max_queue=max_queue,
+            queue_timeout_s=queue_timeout,
+            max_inflight_per_engine=max_inflight_per_engine,
+            slo_reject=slo_reject,
         )
         config.validate()
         if background:
@@ -117,7 +143,10 @@ def register(parent: typer.Typer) -> None:
         def started() -> None:
             recorded = daemon.record_self(config)
             if os.environ.get("SAGELLM_GATEWAY_BACKGROUND") != "1":
-                info(f"gateway listening on {config.url}/v1 (routing: {config.routing})")
+                info(
+                    f"gateway listening on {config.url}/v1 (routing: {config.routing}, "
+                    f"scheduling: {config.scheduling})"
+                )
                 if not recorded:
                     info("note: another gateway is recorded for this state directory; not this one")
 

@@ -35,6 +35,7 @@ def spawn_group(
 ) -> ProcessHandle:
     """Start `argv` in a new session, appending stdout and stderr to `log_path`."""
     import subprocess  # spawn path only: keeps `engine list` start-up small
+
     exit_file.unlink(missing_ok=True)
     full_env = dict(env)
     full_env["SAGELLM_EXIT_FILE"] = str(exit_file)

@@ -59,6 +59,11 @@ class Gateway:
         self.registry = Registry(config, store or StateStore())
         self.upstream = make_upstream(config.upstream_client, config.connect_timeout_s)
         self.metrics = Metrics(self.registry)
+        if scheduler is None:
+            from sagellm_cli.gateway.scheduling import make_scheduler
+
+            scheduler = make_scheduler(config, self.registry, self.metrics.registry)
+        self.scheduler = scheduler
         self.api_check = TokenCheck(config.api_key)
         self.admin_check = management_check(config.api_key, config.admin_token)
         self.proxy = Proxy(
@@ -173,6 +178,9 @@ class Gateway:
             "errors": sum(b.errors for b in backends),
             "health_rounds": self.health.rounds,
             "state_generation": self.registry.generation,
+            "scheduling": self.scheduler.status()
+            if hasattr(self.scheduler, "status")
+            else {"policy": "none"},
         }
 
 

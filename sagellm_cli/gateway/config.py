@@ -37,6 +37,12 @@ class GatewayConfig:
     length_threshold_chars: int = 2048
     # "aiohttp" (default, measured faster) or "httpx".
     upstream_client: str = "aiohttp"
+    # Admission control and queueing (scheduling.py): "none" installs no scheduler at all.
+    scheduling: str = "none"
+    max_queue: int = 1000  # per model; beyond it 429 + Retry-After (0 = unbounded)
+    queue_timeout_s: float = 0.0  # 0 = wait as long as it takes
+    max_inflight_per_engine: int = 16  # unless the engine's spec sets max_inflight; 0 = no limit
+    slo_reject: bool = False
 
     def validate(self) -> None:
         """Reject unsafe or impossible settings before anything binds (exit 2)."""
@@ -60,6 +66,18 @@ class GatewayConfig:
             raise BadInput("--failure-threshold must be at least 1")
         if self.upstream_client not in ("aiohttp", "httpx"):
             raise BadInput("upstream client must be aiohttp or httpx")
+        from sagellm_cli.gateway.policies import POLICIES
+
+        if self.scheduling not in ("none", *POLICIES):
+            raise BadInput(
+                f"unknown scheduling policy {self.scheduling!r}",
+                hint=f"use none or one of {', '.join(POLICIES)}",
+            )
+        if self.max_queue < 0 or self.queue_timeout_s < 0 or self.max_inflight_per_engine < 0:
+            raise BadInput(
+                "--max-queue, --queue-timeout and --max-inflight-per-engine must be >= 0",
+                hint="0 means no limit",
+            )
 
     @property
     def url(self) -> str:

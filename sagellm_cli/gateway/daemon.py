@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -117,6 +116,15 @@ def config_argv(config: GatewayConfig) -> list[str]:
         str(config.prefix_chars),
         "--length-threshold",
         str(config.length_threshold_chars),
+        "--scheduling",
+        config.scheduling,
+        "--max-queue",
+        str(config.max_queue),
+        "--queue-timeout",
+        str(config.queue_timeout_s),
+        "--max-inflight-per-engine",
+        str(config.max_inflight_per_engine),
+        "--slo-reject" if config.slo_reject else "--no-slo-reject",
     ]
     for model, strategy in config.model_routing.items():
         argv += ["--model-routing", f"{model}={strategy}"]
@@ -126,11 +134,7 @@ def config_argv(config: GatewayConfig) -> list[str]:
 def _health_ok(url: str) -> bool:
     from sagellm_cli.core import probe
 
-    try:
-        status, _ = probe._get(url, "/health", 1.0)
-    except (OSError, ValueError):
-        return False
-    return status == 200
+    return probe.health_ok(url)
 
 
 def start_background(config: GatewayConfig, timeout: float = 60.0) -> dict[str, Any]:
@@ -178,7 +182,7 @@ def start_background(config: GatewayConfig, timeout: float = 60.0) -> dict[str, 
         if record and record.get("pid") == child.pid and _health_ok(config.url):
             return record
         if time.monotonic() > deadline:
-            _terminate(child.pid, child.pid, 5.0)
+            _terminate(child.pid, child.pid, None, 5.0)
             raise OperationFailed(
                 f"the gateway did not answer /health within {timeout:.0f}s and was stopped",
                 hint=f"see {path}",
@@ -187,24 +191,11 @@ def start_background(config: GatewayConfig, timeout: float = 60.0) -> dict[str, 
         time.sleep(0.1)
 
 
-def _terminate(pid: int, pgid: int | None, timeout: float) -> None:
-    try:
-        proc = psutil.Process(pid)
-    except psutil.Error:
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if pgid:
-            os.killpg(pgid, signal.SIGTERM)
-        else:
-            proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs([proc], timeout=timeout)
-    if alive:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if pgid:
-                os.killpg(pgid, signal.SIGKILL)
-            else:
-                proc.kill()
-        psutil.wait_procs([proc], timeout=5)
+def _terminate(pid: int, pgid: int | None, create_time: float | None, timeout: float) -> None:
+    # The same group-and-tree stop as engines; a foreground gateway (pgid None) shares
+    # its shell's group, so then only its own tree is signalled.
+    if process.is_alive(pid, create_time):
+        process.terminate_group(pid, pgid, create_time, timeout)
 
 
 def stop(timeout: float = 10.0) -> dict[str, Any] | None:
@@ -213,7 +204,7 @@ def stop(timeout: float = 10.0) -> dict[str, Any] | None:
     record = current(store)
     if record is None:
         return None
-    _terminate(int(record["pid"]), record.get("pgid"), timeout)
+    _terminate(int(record["pid"]), record.get("pgid"), record.get("create_time"), timeout)
     with store.transaction() as state:
         if state.gateway and state.gateway.get("pid") == record["pid"]:
             state.gateway = None

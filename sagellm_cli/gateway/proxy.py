@@ -20,7 +20,12 @@ from sagellm_cli.gateway.auth import TokenCheck
 from sagellm_cli.gateway.errors import error_body
 from sagellm_cli.gateway.registry import KIND_FOR_ENDPOINT
 from sagellm_cli.gateway.routing import RouteInfo
-from sagellm_cli.gateway.scheduling import Rejected
+from sagellm_cli.gateway.scheduling import (
+    BODY_DEADLINE,
+    BODY_PRIORITY,
+    Rejected,
+    strip_gateway_fields,
+)
 from sagellm_cli.gateway.upstream import UpstreamConnectError
 
 try:  # orjson is ~5x faster for the one parse we do; json is the fallback.
@@ -242,35 +247,51 @@ class Proxy:
                     break
         info = RouteInfo(body, session)
         ticket = None
+        first = None
         if self.scheduler is not None:
             try:
-                ticket = await self.scheduler.admit(group, body, info)
+                ticket = await self.scheduler.admit(group, body, info, headers, receive)
             except Rejected as exc:
-                await _send_simple(send, exc.status, error_body(exc.status, exc.message))
+                model = group.backends[0].served_model_name if group.backends else ""
+                self.metrics.observe(model, "", endpoint, exc.status, time.perf_counter() - started)
+                await _send_simple(
+                    send, exc.status, error_body(exc.status, exc.message, exc.code), exc.headers()
+                )
                 return
+            first = getattr(ticket, "backend", None)
+        if (BODY_PRIORITY in body or BODY_DEADLINE in body) and strip_gateway_fields(body):
+            raw = None  # the gateway's own fields never reach the engine
         try:
-            await self._forward(send, receive, endpoint, group, body, raw, info, stream, started)
+            await self._forward(
+                send, receive, endpoint, group, body, raw, info, stream, started, first
+            )
         finally:
             if self.scheduler is not None:
                 self.scheduler.release(ticket)
 
-    async def _forward(self, send, receive, endpoint, group, body, raw, info, stream, started):
+    async def _forward(
+        self, send, receive, endpoint, group, body, raw, info, stream, started, first=None
+    ):
         model = group.name
         path = UPSTREAM_PATHS[endpoint]
         tried: Backend | None = None
         last: _Failure | None = None
         for attempt in (0, 1):
-            candidates = group.healthy
-            if tried is not None:
-                candidates = [b for b in candidates if b is not tried]
-            if not candidates:
-                break
-            backend = group.strategy.choose(candidates, info)
+            if first is not None and first.healthy:
+                # The scheduler reserved a slot on this engine (chosen by the same strategy).
+                backend, first = first, None
+            else:
+                candidates = group.healthy
+                if tried is not None:
+                    candidates = [b for b in candidates if b is not tried]
+                if not candidates:
+                    break
+                backend = group.strategy.choose(candidates, info)
             label = backend.served_model_name
             if attempt:
                 self.metrics.retry(label)
             payload = raw
-            if body.get("model") != backend.served_model_name:
+            if payload is None or body.get("model") != backend.served_model_name:
                 body["model"] = backend.served_model_name
                 payload = _dumps(body)
             backend.inflight += 1
