@@ -81,6 +81,9 @@ def test_llm_engine_is_ready_and_serves(llm_engine, engine_home):
     assert rec["kind"] == "llm" and rec["runtime"] == "vllm"
     assert rec["url"] == f"http://127.0.0.1:{rec['port']}"
     assert "--enforce-eager" in rec["command"] and "--kv-cache-memory-bytes" in rec["command"]
+    assert rec["cpu_cores"]  # its own share of the cores (vLLM CPU threads spin otherwise)
+    environ = psutil.Process(rec["pid"]).environ()
+    assert environ["VLLM_CPU_OMP_THREADS_BIND"] == ",".join(map(str, rec["cpu_cores"]))
     base = rec["url"] + "/v1"
     models = httpx.get(base + "/models").json()
     assert [m["id"] for m in models["data"]] == ["tiny"]

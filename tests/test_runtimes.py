@@ -91,3 +91,32 @@ def test_vllm_pooling_runner_for_embeddings(tmp_path):
 def test_bad_runtime_pairs(kind, runtime):
     with pytest.raises(BadInput):
         resolve_runtime(kind, runtime)
+
+
+def test_cpu_engines_get_disjoint_cores(monkeypatch):
+    from sagellm_cli.core.cpu_placement import pick_cores
+
+    monkeypatch.delenv("SAGELLM_CPU_CORES_PER_ENGINE", raising=False)
+    cores = [0, 1, 2, 3]
+    first = pick_cores([], cores)
+    second = pick_cores([first], cores)
+    assert first == [0, 1] and second == [2, 3]
+    assert pick_cores([first, second, [0]], cores) == [1, 2]  # least used next
+    monkeypatch.setenv("SAGELLM_CPU_CORES_PER_ENGINE", "1")
+    assert pick_cores([[0]], [0, 1]) == [1]
+
+
+def test_cpu_cores_become_the_vllm_thread_binding(tmp_path):
+    spec = EngineSpec(model="org/model")
+    launch = build_launch(
+        spec,
+        runtime="vllm",
+        port=1,
+        served_model_name="m",
+        placement=None,
+        scratch_dir=tmp_path,
+        cache_dir=tmp_path,
+        cpu_cores=[2, 3],
+    )
+    assert launch.env["VLLM_CPU_OMP_THREADS_BIND"] == "2,3"
+    assert launch.env["OMP_NUM_THREADS"] == "2"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sagellm_cli.core import logs, paths
+from sagellm_cli.core.cpu_placement import pick_cores
 from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed, ResourceUnavailable
 from sagellm_cli.core.launcher import launcher_for
 from sagellm_cli.core.models import ROLES, EngineRecord, EngineSpec
@@ -190,11 +191,12 @@ class EngineManager:
                 served_model_name=record.served_model_name,
                 # Mock GPUs exist for placement tests: the process itself runs on CPU.
                 placement=None if placement is None or placement.mock else placement,
+                cpu_cores=record.cpu_cores,
                 scratch_dir=paths.ensure_private_dir(paths.scratch_dir(record.id)),
                 cache_dir=paths.ensure_private_dir(paths.state_dir() / "cache" / "vllm"),
             )
             record.command = launch.argv
-        env = {**os.environ, **spec.env, **launch.env, "SAGELLM_ENGINE_ID": record.id}
+        env = {**os.environ, **launch.env, **spec.env, "SAGELLM_ENGINE_ID": record.id}
         env.setdefault("PYTHONUNBUFFERED", "1")
         log_path = Path(record.log_path)
         paths.ensure_private_dir(log_path.parent)
@@ -272,6 +274,8 @@ class EngineManager:
             role=spec.role,
             spec=spec.to_dict(),
         )
+        if (placement is None or placement.mock) and _binds_cpu_threads(spec, runtime):
+            record.cpu_cores = pick_cores(r.cpu_cores for r in live)
         state.engines[engine_id] = record
         if placement:
             state.reservations[engine_id] = placement.reservation(engine_id)
@@ -455,6 +459,15 @@ def resolve_ref(state: State, ref: str) -> EngineRecord:
         ids = ", ".join(r.id for r in matches)
         raise BadInput(f"{ref!r} matches several engines: {ids}", hint="use the full engine id")
     raise NotFound(f"no engine {ref!r}", hint="see `sage llm engine list --all`")
+
+
+def _binds_cpu_threads(spec: EngineSpec, runtime: str) -> bool:
+    # vLLM's bind list takes one core set per rank; the user's own binding wins.
+    return (
+        runtime == "vllm"
+        and spec.tensor_parallel * spec.pipeline_parallel == 1
+        and "VLLM_CPU_OMP_THREADS_BIND" not in spec.env
+    )
 
 
 def _new_id(state: State) -> str:

@@ -78,6 +78,7 @@ class EngineRecord:
     pid_create_time: float | None = None
     gpus: list[int] = field(default_factory=list)
     gpu_memory_gb: float | None = None
+    cpu_cores: list[int] = field(default_factory=list)
     created_at: float = 0.0
     started_at: float | None = None
     ready_at: float | None = None

@@ -74,11 +74,16 @@ def build_launch(
     placement: Placement | None,
     scratch_dir: Path,
     cache_dir: Path,
+    cpu_cores: list[int] | None = None,
 ) -> LaunchSpec:
-    """The argv and env for one engine, given its port and GPU placement."""
+    """The argv and env for one engine, given its port, GPU placement and CPU cores."""
     if runtime == SENTENCE_TRANSFORMERS:
         return _sentence_transformers(spec, port, served_model_name, placement)
-    return _vllm(spec, port, served_model_name, placement, scratch_dir, cache_dir)
+    launch = _vllm(spec, port, served_model_name, placement, scratch_dir, cache_dir)
+    if placement is None and cpu_cores:
+        launch.env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpu_cores))
+        launch.env["OMP_NUM_THREADS"] = str(len(cpu_cores))
+    return launch
 
 
 def _server_argv(module: str, model: str, served: str, spec: EngineSpec, port: int) -> list[str]:
