@@ -40,9 +40,10 @@ app = typer.Typer(
 
 
 def _read_state():
-    from sagellm_cli.core.state import StateStore
+    from sagellm_cli.core.engines import EngineManager
 
-    return StateStore().read()
+    # Reconciled, so a dead engine's reservation is not shown as held; nothing is written.
+    return EngineManager().snapshot()
 
 
 @app.callback()

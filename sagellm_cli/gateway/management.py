@@ -152,11 +152,12 @@ class Management:
 
 
 def _gpu_document() -> dict[str, Any]:
-    """The GPU inventory, or why there is none; never raises for a missing driver."""
+    """What `sage llm gpu --json` prints: inventory plus reservations; never raises."""
     try:
-        from sagellm_cli.core.gpu.inventory import read_inventory
+        from sagellm_cli.core.engines import EngineManager
+        from sagellm_cli.core.gpu import gpu_snapshot
 
-        return read_inventory().to_dict()
+        return gpu_snapshot(EngineManager().snapshot()).to_dict()
     except Exception as exc:  # noqa: BLE001 - GPU info is optional in a status document
         return {"nvml": False, "gpus": [], "reason": f"{type(exc).__name__}: {exc}"}
 
