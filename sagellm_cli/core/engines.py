@@ -162,20 +162,6 @@ class EngineManager:
 
     # -- starting ------------------------------------------------------------
 
-    def start(
-        self,
-        spec: EngineSpec,
-        *,
-        wait: bool = True,
-        timeout: float = 600.0,
-        on_progress: ProgressCallback | None = None,
-    ) -> EngineRecord:
-        """Spawn an engine and, with `wait`, block until it is ready."""
-        record = self.spawn(spec)
-        if not wait:
-            return record
-        return self.wait_ready(record.id, timeout=timeout, on_progress=on_progress)
-
     def spawn(self, spec: EngineSpec, *, reuse_id: str | None = None) -> EngineRecord:
         """Reserve a port and GPUs under the lock, then start the process outside it."""
         from sagellm_cli.core.runtimes import build_launch
@@ -435,10 +421,6 @@ class EngineManager:
                 shutil.rmtree(paths.run_dir() / record.id, ignore_errors=True)
                 shutil.rmtree(paths.scratch_dir(record.id), ignore_errors=True)
         return dead
-
-    def is_running(self, record: EngineRecord) -> bool:
-        """True if the engine's main process runs."""
-        return launcher_for(record.node).is_alive(record)
 
 
 def resolve_ref(state: State, ref: str) -> EngineRecord:
