@@ -209,14 +209,6 @@ def list_cached() -> list[CachedModel]:
     return sorted(entries, key=lambda m: m.name)
 
 
-def get_cached(name: str) -> CachedModel:
-    """One cache entry, or NotFound."""
-    path = _cached_path(name)
-    if path is None:
-        raise NotFound(f"model {name!r} is not in the cache", hint="see `sage llm model list`")
-    return _cached_model(path)
-
-
 def remove(name: str) -> CachedModel:
     """Delete a cache entry (complete or not); returns what was removed."""
     path = _entry_dir(validate_name(name))

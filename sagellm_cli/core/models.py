@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-EngineKind = Literal["llm", "embedding"]
-EngineStatusName = Literal["starting", "ready", "unhealthy", "stopping", "stopped", "failed"]
-
-ENGINE_KINDS: tuple[str, ...] = ("llm", "embedding")
-ENGINE_STATUSES: tuple[str, ...] = (
-    "starting",
-    "ready",
-    "unhealthy",
-    "stopping",
-    "stopped",
-    "failed",
-)
+# Statuses: starting -> ready (<-> unhealthy) -> stopping -> stopped; failed at any point.
 LIVE_STATUSES = frozenset({"starting", "ready", "unhealthy", "stopping"})
 ROLES: tuple[str, ...] = ("general", "prefill", "decode")
 

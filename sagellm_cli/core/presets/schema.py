@@ -8,7 +8,6 @@ without reading a traceback.
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sagellm_cli.core.errors import BadInput
 
-PRESET_VERSION = 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 MAX_REPLICAS = 64
 
@@ -398,8 +396,3 @@ def read_preset_file(path: Path) -> PresetConfig:
     except OSError as exc:
         raise BadInput(f"cannot read preset file {path}: {exc.strerror}") from None
     return parse_preset(text, str(path))
-
-
-def is_valid_name(name: str) -> bool:
-    """True if `name` is usable as a preset or engine name."""
-    return re.match(NAME_PATTERN, name) is not None
