@@ -22,23 +22,6 @@ pytestmark = [pytest.mark.engines, needs_vllm, needs_st]
 APPLY_TIMEOUT = 900  # seconds for one `sage` call; engines load slowly on a busy 2-core box
 
 
-@pytest.fixture
-def home(monkeypatch):
-    """A short SAGELLM_HOME: vLLM's ZMQ socket lives under the engine's TMPDIR
-    (<home>/run/<id>/tmp/<uuid>), and a socket path may not exceed 107 bytes."""
-    import shutil
-    import tempfile
-
-    from conftest import stop_all_engines
-
-    path = Path(tempfile.mkdtemp(prefix="slp-", dir="/tmp")) / "h"
-    monkeypatch.setenv("SAGELLM_HOME", str(path))
-    yield path
-    if (path / "state.json").exists():
-        stop_all_engines(path)
-    shutil.rmtree(path.parent, ignore_errors=True)
-
-
 def write_preset(tmp_path: Path, name: str, *engines: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     text = f"version: 1\nname: {name}\ndescription: test\nengines:\n"
