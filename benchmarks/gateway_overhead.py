@@ -6,8 +6,8 @@ so what is measured is the proxy's own cost). For each scenario (plain chat and
 16-chunk SSE streaming, at concurrency 1 and 64) direct-to-upstream is measured
 right before each proxy, in the same run, and "added" is proxy minus direct.
 
-Systems: `sage llm serve` (aiohttp upstream, the default, and httpx for the
-comparison), and, where they are installed, the peers vllm-router and smg (Rust
+Systems: `sage llm serve` with each upstream client (native, the default; aiohttp
+and httpx for the comparison), and, where they are installed, the peers vllm-router and smg (Rust
 routers) and the LiteLLM proxy. Peers are looked up on PATH and in --peers-bin.
 
     python benchmarks/gateway_overhead.py [--duration 2] [--rounds 1]
@@ -272,6 +272,7 @@ def find(binary: str, peers_bin: str | None) -> str | None:
 
 def systems(peers_bin: str | None, skip_peers: bool) -> tuple[list[System], list[str]]:
     found = [
+        System("sagellm (native upstream)", _sagellm("native")),
         System("sagellm (aiohttp upstream)", _sagellm("aiohttp")),
         System("sagellm (httpx upstream)", _sagellm("httpx")),
     ]

@@ -87,7 +87,9 @@ def register(parent: typer.Typer) -> None:
             help="Reject (429) requests whose X-SLO-Deadline-Ms can no longer be met.",
         ),
         upstream_client: str = typer.Option(
-            "aiohttp", help="Upstream HTTP client: aiohttp (fast) or httpx.", hidden=True
+            "aiohttp",
+            help="Upstream HTTP client: aiohttp, httpx, or the experimental native.",
+            hidden=True,
         ),
         timeout: float = typer.Option(60.0, help="With --background: seconds to wait for ready."),
         json_out: bool = typer.Option(False, "--json", help="JSON output for --status/--stop/-d."),

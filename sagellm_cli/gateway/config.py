@@ -35,7 +35,8 @@ class GatewayConfig:
     prefix_load_factor: float = 1.25
     # `length` routing: prompts longer than this many characters go to `role: prefill`.
     length_threshold_chars: int = 2048
-    # "aiohttp" (default, measured faster) or "httpx".
+    # "aiohttp" (default), "httpx", or the experimental "native" (native.py): see
+    # docs/benchmarks.md, "The native upstream client", for why it is not the default.
     upstream_client: str = "aiohttp"
     # Admission control and queueing (scheduling.py): "none" installs no scheduler at all.
     scheduling: str = "none"
@@ -64,8 +65,8 @@ class GatewayConfig:
             )
         if self.failure_threshold < 1:
             raise BadInput("--failure-threshold must be at least 1")
-        if self.upstream_client not in ("aiohttp", "httpx"):
-            raise BadInput("upstream client must be aiohttp or httpx")
+        if self.upstream_client not in ("native", "aiohttp", "httpx"):
+            raise BadInput("upstream client must be native, aiohttp or httpx")
         from sagellm_cli.gateway.policies import POLICIES
 
         if self.scheduling not in ("none", *POLICIES):

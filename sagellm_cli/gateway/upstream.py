@@ -1,8 +1,9 @@
-"""Upstream HTTP clients behind one small interface: aiohttp (default) or httpx.
+"""Upstream HTTP clients behind one small interface: aiohttp (default), httpx, native.
 
-Both are kept so the benchmark can compare them (aiohttp was measured faster;
-see docs/benchmarks.md). Errors that happen before any response byte arrived
-are raised as `UpstreamConnectError`, which the proxy may retry elsewhere.
+aiohttp was measured much faster than httpx; the experimental native client
+(native.py) is cheaper still but opt-in (see docs/benchmarks.md). Errors that happen
+before any response byte arrived are raised as `UpstreamConnectError`, which the proxy
+may retry elsewhere.
 """
 
 from __future__ import annotations
@@ -165,4 +166,8 @@ def make_upstream(kind: str, connect_timeout: float) -> Upstream:
     """The configured upstream client (not started)."""
     if kind == "httpx":
         return HttpxUpstream(connect_timeout)
+    if kind == "native":
+        from sagellm_cli.gateway.native import NativeUpstream
+
+        return NativeUpstream(connect_timeout)
     return AiohttpUpstream(connect_timeout)
