@@ -12,15 +12,27 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host:port` with SO_REUSEADDR, not yet listening.
+
+    Raises OSError (EADDRINUSE, EADDRNOTAVAIL) like `socket.bind`.
+    """
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("" if host in ("0.0.0.0", "::") else host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def is_port_free(host: str, port: int) -> bool:
     """True if nothing listens on `host:port` (checked by binding it)."""
-    bind_host = "" if host in ("0.0.0.0", "::") else host
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((bind_host, port))
-        except OSError:
-            return False
+    try:
+        bind_socket(host, port).close()
+    except OSError:
+        return False
     return True
 
 

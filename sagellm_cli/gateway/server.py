@@ -14,19 +14,16 @@ import socket
 import sys
 from collections.abc import Callable
 
+from sagellm_cli.core import ports
 from sagellm_cli.core.errors import BadInput, ResourceUnavailable
 from sagellm_cli.gateway.config import GatewayConfig
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, or exit 4 when the port is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock = ports.bind_socket(host, port)
     except OSError as exc:
-        sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise ResourceUnavailable(
                 f"port {port} on {host} is already in use",

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sagellm_cli.core.embedding_models import is_available_offline, resolve_embedding_model
+from sagellm_cli.core.ports import bind_socket
 
 log = logging.getLogger("sagellm.embedding")
 
@@ -449,19 +449,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """Bind the listening socket ourselves so a taken port fails fast with a clear message."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     # Never hang on the network: the model must be local (dir, packaged, or HF cache).
@@ -479,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Check the port before spending seconds on the model; bound for real after loading.
     try:
-        _bind(args.host, args.port).close()
+        bind_socket(args.host, args.port).close()
     except OSError as exc:
         log.error("cannot bind %s:%d: %s; pick another --port", args.host, args.port, exc.strerror)
         return 1
@@ -555,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = uvicorn.Server(config)
     try:
-        sock = _bind(args.host, args.port)
+        sock = bind_socket(args.host, args.port)
     except OSError as exc:
         log.error("cannot bind %s:%d: %s; pick another --port", args.host, args.port, exc.strerror)
         return 1
