@@ -19,6 +19,7 @@ import pytest
 from conftest import needs_st, needs_vllm, sage, sage_json
 
 from sagellm_cli.core import process
+from sagellm_cli.core.paths import scratch_dir
 
 pytestmark = pytest.mark.engines
 
@@ -236,6 +237,7 @@ def test_kill_9_marks_failed_and_stop_leaves_no_orphans(llm_engine, engine_home)
         time.sleep(0.5)
     assert status["status"] == "failed"
     assert status["exit_code"] == 137
+    assert not scratch_dir(rec["id"]).exists()  # vLLM's TMPDIR leftovers are cleaned up
     assert rec["id"] not in {r["id"] for r in sage_json("llm", "engine", "list", home=engine_home)}
     stopped = sage("llm", "engine", "stop", rec["id"], home=engine_home)
     assert stopped.returncode == 0

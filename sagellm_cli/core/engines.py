@@ -139,6 +139,7 @@ class EngineManager:
                 record.error = "engine process is gone"
         record.stopped_at = record.stopped_at or time.time()
         state.release(record.id)
+        _remove_scratch(record.id)
 
     def list(self, *, include_all: bool = False, probe_health: bool = False) -> list[EngineRecord]:
         """Engines, reconciled with reality; stopped and failed ones only with `include_all`."""
@@ -379,8 +380,7 @@ class EngineManager:
                     record.error = error
             record.exit_code = read_exit_code(exit_file(engine_id))
             state.release(engine_id)
-        # vLLM leaves dist-init files and inductor folders in its TMPDIR on every start.
-        shutil.rmtree(paths.scratch_dir(engine_id), ignore_errors=True)
+        _remove_scratch(engine_id)
         _wait_port_free(record.host, record.port)
         return record
 
@@ -419,7 +419,7 @@ class EngineManager:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(record.log_path)
                 shutil.rmtree(paths.run_dir() / record.id, ignore_errors=True)
-                shutil.rmtree(paths.scratch_dir(record.id), ignore_errors=True)
+                _remove_scratch(record.id)
         return dead
 
 
@@ -457,6 +457,11 @@ def _new_id(state: State) -> str:
         candidate = os.urandom(4).hex()
         if candidate not in state.engines:
             return candidate
+
+
+def _remove_scratch(engine_id: str) -> None:
+    # vLLM leaves dist-init files and inductor folders in its TMPDIR on every start.
+    shutil.rmtree(paths.scratch_dir(engine_id), ignore_errors=True)
 
 
 def _probe_ready(record: EngineRecord, timeout: float = 2.0) -> bool:
