@@ -26,6 +26,8 @@ import pytest
 from conftest import needs_st, needs_vllm, stop_all_engines
 from test_gateway_support import running_gateway
 
+from sagellm_cli.gateway.routing import STRATEGIES
+
 pytestmark = [pytest.mark.engines, needs_vllm]
 
 MSG = [{"role": "user", "content": "hello there"}]
@@ -215,15 +217,7 @@ def test_strategy_distributions(gw_home, replicas):
     ids = _ids(replicas)
     both = set(ids.values())
     long_prompt = "one shared system prompt that is long enough " * 8
-    for strategy in (
-        "round_robin",
-        "least_loaded",
-        "random",
-        "power_of_two",
-        "affinity",
-        "prefix",
-        "length",
-    ):
+    for strategy in STRATEGIES:
         with running_gateway(
             gw_home, "--routing", strategy, "--length-threshold", "200", "--prefix-chars", "64"
         ) as gw:
@@ -284,6 +278,8 @@ def test_strategy_distributions(gw_home, replicas):
                 shorts = _distribution(gw.url, 4)
                 assert set(longs) == {ids["r1"]}, "long prompts go to role prefill"
                 assert set(shorts) == {ids["r2"]}, "short prompts go to role decode"
+            else:
+                pytest.fail(f"no distribution check for strategy {strategy!r}")
 
 
 def test_metrics_content(gateway, replicas):
