@@ -74,12 +74,15 @@ def embedding(gateway, gw_home):
     r = httpx.post(
         gateway.v1 + "/management/engines",
         json={"model": "all-MiniLM-L6-v2", "engine_kind": "embedding", "label": "minilm"},
+        headers=gateway.admin,
         timeout=300,
     )
     assert r.status_code == 201, r.text
     record = r.json()
     yield record
-    httpx.delete(f"{gateway.v1}/management/engines/{record['id']}", timeout=60)
+    httpx.delete(
+        f"{gateway.v1}/management/engines/{record['id']}", timeout=60, headers=gateway.admin
+    )
 
 
 def _ids(replicas) -> dict[str, str]:
@@ -321,22 +324,31 @@ def test_metrics_content(gateway, replicas):
 
 @needs_st
 def test_management_api_lists_status_and_stops(gateway, embedding, gw_home):
-    engines = httpx.get(gateway.v1 + "/management/engines").json()
+    engines = httpx.get(gateway.v1 + "/management/engines", headers=gateway.admin).json()
     assert embedding["id"] in {e["id"] for e in engines}
-    status = httpx.get(gateway.v1 + "/management/status").json()
+    status = httpx.get(gateway.v1 + "/management/status", headers=gateway.admin).json()
     assert {"gateway", "engines", "gpu", "routing"} <= set(status)
     assert status["gateway"]["requests"] > 0
-    assert "gpus" in httpx.get(gateway.v1 + "/management/gpu").json()
-    bad = httpx.post(gateway.v1 + "/management/engines", json={"model": "x", "bogus": 1})
+    assert "gpus" in httpx.get(gateway.v1 + "/management/gpu", headers=gateway.admin).json()
+    bad = httpx.post(
+        gateway.v1 + "/management/engines", json={"model": "x", "bogus": 1}, headers=gateway.admin
+    )
     assert bad.status_code == 400 and "bogus" in bad.json()["error"]["message"]
-    assert httpx.delete(gateway.v1 + "/management/engines/nosuch").status_code == 404
+    assert (
+        httpx.delete(gateway.v1 + "/management/engines/nosuch", headers=gateway.admin).status_code
+        == 404
+    )
 
     # While the DELETE blocks in a worker thread, inference keeps flowing.
     result = {}
     thread = threading.Thread(
         target=lambda: result.setdefault(
             "r",
-            httpx.delete(f"{gateway.v1}/management/engines/{embedding['id']}", timeout=60),
+            httpx.delete(
+                f"{gateway.v1}/management/engines/{embedding['id']}",
+                timeout=60,
+                headers=gateway.admin,
+            ),
         )
     )
     thread.start()

@@ -119,7 +119,7 @@ def test_retry_on_refused_connection_and_5xx_then_unhealthy(home, client):
             'sagellm_gateway_engine_healthy{engine="good0001",kind="llm",model="fake"} 1.0'
             in metrics
         )
-        routing = httpx.get(gw.v1 + "/management/status").json()["routing"]
+        routing = httpx.get(gw.v1 + "/management/status", headers=gw.admin).json()["routing"]
         assert {b["id"]: b["healthy"] for b in routing} == {
             "good0001": True,
             "bad00001": False,
@@ -203,9 +203,7 @@ def test_api_key_and_admin_token(home):
         assert httpx.get(gw.url + "/health").status_code == 200
 
 
-def test_refuses_public_bind_without_token_and_busy_port(home):
-    r = sage("llm", "serve", "--host", "0.0.0.0", "--port", str(free_port()), home=home, timeout=60)
-    assert r.returncode == 2 and "admin token" in r.stderr
+def test_refuses_a_busy_port(home):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()

@@ -36,10 +36,17 @@ class Gateway:
     port: int
     proc: subprocess.Popen
     log: Path
+    home: Path
 
     @property
     def v1(self) -> str:
         return self.url + "/v1"
+
+    @property
+    def admin(self) -> dict[str, str]:
+        """The Authorization header of the admin token the gateway created in its home."""
+        token = (self.home / "admin-token").read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -90,7 +97,7 @@ def running_gateway(home: Path, *args: str, env: dict | None = None, timeout: fl
         )
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, log, timeout)
-        yield Gateway(f"http://127.0.0.1:{port}", port, proc, log)
+        yield Gateway(f"http://127.0.0.1:{port}", port, proc, log, home)
     finally:
         _kill(proc)
 

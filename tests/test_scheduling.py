@@ -548,12 +548,12 @@ async def _gateway(tmp_path, upstream, **cfg):
     with store.transaction() as state:
         r = _record(0, name="tiny", port=upstream.port)
         state.engines[r.id] = r
-    config = GatewayConfig(port=_free_port(), health_interval_s=30, **cfg)
+    config = GatewayConfig(port=_free_port(), health_interval_s=30, admin_token="test", **cfg)
     config.validate()
     gateway = Gateway(config, store)
     await gateway.startup()
     client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=gateway), base_url="http://gw", timeout=30
+        transport=httpx.ASGITransport(app=gateway), base_url="http://localhost", timeout=30
     )
     return gateway, client
 

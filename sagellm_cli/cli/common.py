@@ -76,6 +76,19 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
     return env
 
 
+def check_timeout(seconds: float, option: str = "--timeout") -> float:
+    """Return `seconds` if it is a finite number >= 0; else exit 2 naming `option`."""
+    import math
+
+    # `not >=` also catches nan, which compares false to everything.
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise BadInput(
+            f"{option} must be a finite number of seconds (got {seconds!r})",
+            hint=f"give {option} 0 or more",
+        )
+    return seconds
+
+
 def parse_index_list(text: str | None, option: str) -> list[int] | None:
     """Parse `0,1` into [0, 1]."""
     if text is None:

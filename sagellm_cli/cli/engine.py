@@ -9,6 +9,7 @@ import typer
 
 from sagellm_cli.cli.common import (
     PlainProgress,
+    check_timeout,
     emit_json,
     info,
     parse_env,
@@ -90,6 +91,7 @@ def start(
     """Start an engine and wait until it serves requests."""
     from sagellm_cli.core.models import EngineSpec
 
+    check_timeout(timeout)
     if engine_kind not in ("llm", "embedding"):
         raise BadInput(
             f"unknown engine kind {engine_kind!r}", hint="use --engine-kind llm or embedding"
@@ -146,6 +148,7 @@ def stop(
     """Stop an engine's whole process group; stopping a stopped engine is a no-op."""
     if (ref is None) == (not all_engines):
         raise BadInput("give an engine id or --all (not both)", hint="sage llm engine stop ID")
+    check_timeout(timeout)
     manager = _manager()
     began = time.time()
     records = (
@@ -266,6 +269,7 @@ def restart(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Restart an engine with the same id, port and options."""
+    check_timeout(timeout)
     manager = _manager()
     record = wait_with_spinner(
         lambda cb: manager.restart(ref, wait=wait, timeout=timeout, on_progress=cb), quiet=json_out

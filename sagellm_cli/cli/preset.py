@@ -89,11 +89,12 @@ def _print_plan(plan, *, commands: bool = True) -> None:
     for e in plan.engines:
         if e.action == "keep":
             continue
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(e.env.items()))
+        shown = e.to_dict()  # secrets masked
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(shown["env"].items()))
         console.print(f"\n[bold]{escape(e.label)}[/]", soft_wrap=True)
         if env:
             console.print(f"  env: {escape(env)}", soft_wrap=True)
-        console.print(f"  {escape(shlex.join(e.argv))}", soft_wrap=True)
+        console.print(f"  {escape(shown['command_line'])}", soft_wrap=True)
 
 
 def _engines_table(config):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 
 from sagellm_cli.cli.common import emit_json, human_duration, info
+from sagellm_cli.core.credentials import (
+    ADMIN_TOKEN_ENV,
+    API_KEY_ENV,
+    admin_token_path,
+    ensure_admin_token,
+)
 from sagellm_cli.core.errors import BadInput
 
 
@@ -28,6 +32,7 @@ def register(parent: typer.Typer) -> None:
 
     @parent.command("serve")
     def serve(
+        ctx: typer.Context,
         host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
         port: int = typer.Option(8889, help="Port to listen on."),
         routing: str = typer.Option(
@@ -47,7 +52,8 @@ def register(parent: typer.Typer) -> None:
             None,
             "--admin-token",
             envvar="SAGELLM_ADMIN_TOKEN",
-            help="Token for /v1/management (required when binding a non-loopback address).",
+            help="Token for /v1/management (default: the one in $SAGELLM_HOME/admin-token, "
+            "created at first start).",
         ),
         background: bool = typer.Option(
             False, "--background", "-d", help="Detach, record in the state file, wait until ready."
@@ -86,6 +92,29 @@ def register(parent: typer.Typer) -> None:
             "--slo-reject/--no-slo-reject",
             help="Reject (429) requests whose X-SLO-Deadline-Ms can no longer be met.",
         ),
+        allowed_host: list[str] | None = typer.Option(
+            None,
+            "--allowed-host",
+            help="Accept requests with this Host besides loopback and the bind address "
+            "(repeatable; * for any). Guards against DNS rebinding.",
+        ),
+        allowed_origin: list[str] | None = typer.Option(
+            None,
+            "--allowed-origin",
+            help="Accept browser requests from this Origin, e.g. http://localhost:3000 "
+            "(repeatable). Other cross-site requests get 403.",
+        ),
+        allow_remote_engine_config: bool = typer.Option(
+            False,
+            "--allow-remote-engine-config",
+            help="Let management API requests set any engine env, bind engines off loopback "
+            "and pass code-loading flags. Off by default: docs/security.md.",
+        ),
+        show_admin_token: bool = typer.Option(
+            False,
+            "--show-admin-token",
+            help="Print the admin token (creating $SAGELLM_HOME/admin-token if needed) and exit.",
+        ),
         upstream_client: str = typer.Option(
             "aiohttp",
             help="Upstream HTTP client: aiohttp, httpx, or the experimental native.",
@@ -100,6 +129,10 @@ def register(parent: typer.Typer) -> None:
 
         if status and stop:
             raise BadInput("give --status or --stop, not both")
+        if show_admin_token:
+            typer.echo(admin_token or ensure_admin_token())
+            return
+        _warn_secrets_on_argv(ctx)
         if status:
             _show_status(daemon.status(), json_out)
             return
@@ -130,7 +163,12 @@ def register(parent: typer.Typer) -> None:
             queue_timeout_s=queue_timeout,
             max_inflight_per_engine=max_inflight_per_engine,
             slo_reject=slo_reject,
+            allowed_hosts=list(allowed_host or []),
+            allowed_origins=list(allowed_origin or []),
+            allow_remote_engine_config=allow_remote_engine_config,
         )
+        # The management API always takes a token: the given one, else the token file's.
+        config.admin_token = config.admin_token or ensure_admin_token()
         config.validate()
         if background:
             record = daemon.start_background(config, timeout=timeout)
@@ -140,19 +178,27 @@ def register(parent: typer.Typer) -> None:
                 info(f"gateway running at {record['url']}/v1 (pid {record['pid']})")
                 info(f"log: {daemon.log_path()}; stop with `sage llm serve --stop`")
             return
-        from sagellm_cli.gateway import server
 
-        def started() -> None:
-            recorded = daemon.record_self(config)
-            if os.environ.get("SAGELLM_GATEWAY_BACKGROUND") != "1":
-                info(
-                    f"gateway listening on {config.url}/v1 (routing: {config.routing}, "
-                    f"scheduling: {config.scheduling})"
-                )
-                if not recorded:
-                    info("note: another gateway is recorded for this state directory; not this one")
+        def announce(recorded: bool) -> None:
+            info(
+                f"gateway listening on {config.url}/v1 (routing: {config.routing}, "
+                f"scheduling: {config.scheduling})"
+            )
+            info(f"management API: admin token in {admin_token_path()} (--show-admin-token)")
+            if not recorded:
+                info("note: another gateway is recorded for this state directory; not this one")
 
-        server.serve(config, on_started=started, on_stopped=daemon.clear_self)
+        daemon.run(config, announce)
+
+
+def _warn_secrets_on_argv(ctx: typer.Context) -> None:
+    """Secrets given as options are visible to every user in `ps`: say so."""
+    for param, env in (("api_key", API_KEY_ENV), ("admin_token", ADMIN_TOKEN_ENV)):
+        source = ctx.get_parameter_source(param)
+        if source is not None and source.name == "COMMANDLINE":
+            option = "--" + param.replace("_", "-")
+            info(f"warning: {option} on the command line is visible to other users in `ps`; "
+                 f"set {env} instead")  # fmt: skip
 
 
 def _show_status(doc: dict, json_out: bool) -> None:

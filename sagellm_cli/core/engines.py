@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from sagellm_cli.core import logs, paths
 from sagellm_cli.core.cpu_placement import pick_cores
+from sagellm_cli.core.credentials import engine_environ, redact_argv
 from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed, ResourceUnavailable
 from sagellm_cli.core.launcher import launcher_for
 from sagellm_cli.core.models import ROLES, EngineRecord, EngineSpec
@@ -51,6 +53,8 @@ def exit_file(engine_id: str) -> Path:
 
 def validate_spec(spec: EngineSpec) -> str:
     """Check a spec before anything is reserved; return its runtime."""
+    import math
+
     from sagellm_cli.core.runtimes import resolve_runtime  # spawn path only: keep `list` fast
 
     if not spec.model or not spec.model.strip():
@@ -64,12 +68,26 @@ def validate_spec(spec: EngineSpec) -> str:
         ("--kv-cache-gb", spec.kv_cache_gb),
         ("--gpu-memory-gb", spec.gpu_memory_gb),
     ):
-        if value is not None and value <= 0:
-            raise BadInput(f"{name} must be positive")
+        # nan compares false to everything and inf overflows byte counts: finite only.
+        if value is not None and not (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value > 0
+        ):
+            raise BadInput(f"{name} must be a finite positive number of GiB (got {value!r})")
+    from sagellm_cli.core.ports import check_host
+
+    check_host(spec.host)  # `[::1]` or an unknown name: exit 2 now, not at bind time
     if spec.role not in ROLES:
         raise BadInput(f"unknown role {spec.role!r}", hint=f"use one of {', '.join(ROLES)}")
     if spec.placement not in ("pack", "spread"):
         raise BadInput(f"unknown placement {spec.placement!r}", hint="use pack or spread")
+    # The checks above word the common mistakes in the CLI's terms; the strict model that
+    # presets and the management API use then covers every field the same way.
+    from sagellm_cli.core.spec_schema import check_spec
+
+    check_spec(spec)
     return runtime
 
 
@@ -183,7 +201,8 @@ class EngineManager:
                 cache_dir=paths.ensure_private_dir(paths.state_dir() / "cache" / "vllm"),
             )
             record.command = launch.argv
-        env = {**os.environ, **launch.env, **spec.env, "SAGELLM_ENGINE_ID": record.id}
+        # The gateway's credentials never reach an engine, even when it starts one.
+        env = {**engine_environ(), **launch.env, **spec.env, "SAGELLM_ENGINE_ID": record.id}
         env.setdefault("PYTHONUNBUFFERED", "1")
         log_path = Path(record.log_path)
         paths.ensure_private_dir(log_path.parent)
@@ -191,7 +210,7 @@ class EngineManager:
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(
                 f"\n[sagellm] {time.strftime('%Y-%m-%d %H:%M:%S')} starting engine "
-                f"{record.id}: {' '.join(launch.argv)}\n"
+                f"{record.id}: {shlex.join(redact_argv(launch.argv))}\n"
             )
         try:
             # Taken before the spawn: every process of the engine is younger (see group_members).
@@ -460,8 +479,10 @@ def _new_id(state: State) -> str:
 
 
 def _remove_scratch(engine_id: str) -> None:
-    # vLLM leaves dist-init files and inductor folders in its TMPDIR on every start.
-    shutil.rmtree(paths.scratch_dir(engine_id), ignore_errors=True)
+    # vLLM leaves dist-init files and inductor folders in its TMPDIR on every start. Only
+    # verified private roots are cleaned: a root that is a symlink could point anywhere.
+    for scratch in paths.scratch_dirs(engine_id):
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _probe_ready(record: EngineRecord, timeout: float = 2.0) -> bool:

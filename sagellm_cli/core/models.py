@@ -4,49 +4,86 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from sagellm_cli.core.credentials import redact_argv, redact_env
+
+if TYPE_CHECKING:  # the annotations below are strings; pydantic resolves them on demand
+    from pydantic import Field
 
 # Statuses: starting -> ready (<-> unhealthy) -> stopping -> stopped; failed at any point.
 LIVE_STATUSES = frozenset({"starting", "ready", "unhealthy", "stopping"})
 ROLES: tuple[str, ...] = ("general", "prefill", "decode")
 
 
+# Engine and label names: letters, digits, `.`, `_` and `-`, starting with a letter or digit.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Marks EngineSpec fields that sagellm fills in itself (never from a user, a file or the API).
+INTERNAL = {"internal": True}
+
+
 @dataclass
 class EngineSpec:
-    """What the user asked for: everything needed to (re)start an engine."""
+    """What the user asked for: everything needed to (re)start an engine.
 
-    model: str
-    kind: str = "llm"
-    runtime: str | None = None
+    This is the one definition of an engine's options. The annotations are pydantic
+    constraints, kept as strings (never evaluated on import, so `engine list` stays
+    cheap); `core/spec_schema.py` turns them into the strict model that validates
+    presets, the management API and `engine start` alike.
+    """
+
+    model: Annotated[str, Field(min_length=1)]
+    kind: Literal["llm", "embedding"] = "llm"
+    runtime: Literal["vllm", "sentence-transformers"] | None = None
     use_gpu: bool | None = None
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    port: int | None = None
-    host: str = "127.0.0.1"
-    label: str | None = None
-    served_model_name: str | None = None
-    max_model_len: int | None = None
-    kv_cache_gb: float | None = None
-    gpu_memory_gb: float | None = None
-    gpus: list[int] | None = None
-    placement: str = "pack"
+    tensor_parallel: Annotated[int, Field(ge=1)] = 1
+    pipeline_parallel: Annotated[int, Field(ge=1)] = 1
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    label: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    served_model_name: Annotated[str, Field(min_length=1)] | None = None
+    max_model_len: Annotated[int, Field(ge=1)] | None = None
+    kv_cache_gb: Annotated[float, Field(gt=0)] | None = None
+    gpu_memory_gb: Annotated[float, Field(gt=0)] | None = None
+    gpus: list[Annotated[int, Field(ge=0)]] | None = None
+    placement: Literal["pack", "spread"] = "pack"
     extra_args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    preset: str | None = None
-    preset_engine: str | None = None
-    role: str = "general"
-    cost_per_1k_tokens: float | None = None
-    max_inflight: int | None = None
+    env: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], str] = field(default_factory=dict)
+    role: Literal["general", "prefill", "decode"] = "general"
+    cost_per_1k_tokens: Annotated[float, Field(ge=0)] | None = None
+    max_inflight: Annotated[int, Field(ge=1)] | None = None
+    preset: str | None = field(default=None, metadata=INTERNAL)
+    preset_engine: str | None = field(default=None, metadata=INTERNAL)
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict for JSON."""
+        """A plain dict for JSON, secrets included (the state file, comparisons)."""
         return dataclasses.asdict(self)
+
+    def public_dict(self) -> dict[str, Any]:
+        """`to_dict()` with secret env values and flag values masked, for output."""
+        return redact_spec(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineSpec:
         """Build from a dict, ignoring keys this version does not know."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def redact_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec dict with env values and secret flag values masked (see core/credentials.py)."""
+    if not spec:
+        return spec
+    out = dict(spec)
+    out["env"] = redact_env(spec.get("env") or {})
+    out["extra_args"] = redact_argv(list(spec.get("extra_args") or []))
+    return out
+
+
+def option_fields() -> tuple[str, ...]:
+    """The EngineSpec fields a user sets (CLI options, preset keys, API body fields)."""
+    return tuple(f.name for f in dataclasses.fields(EngineSpec) if not f.metadata.get("internal"))
 
 
 @dataclass
@@ -94,10 +131,17 @@ class EngineRecord:
         """True while the engine is meant to be running."""
         return self.status in LIVE_STATUSES
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON shape used in the state file and in `--json` output."""
+    def to_state(self) -> dict[str, Any]:
+        """The record as the state file keeps it (plus `url`), secrets included."""
         data = dataclasses.asdict(self)
         data["url"] = self.url
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--json` and API shape: `to_state()` with secrets masked."""
+        data = self.to_state()
+        data["command"] = redact_argv(self.command)
+        data["spec"] = redact_spec(self.spec)
         return data
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 
@@ -32,19 +33,62 @@ def run_dir() -> Path:
     return state_dir() / "run"
 
 
+# A folder in the state dir when the one in the system temp dir is not ours. Short:
+# an engine's TMPDIR holds vLLM's unix sockets, whose paths must stay under ~107 bytes.
+FALLBACK_SCRATCH = "tmp"
+
+
+def _private_root(root: Path, *, create: bool) -> bool:
+    """True if `root` is a real directory (not a symlink) of this user, mode 0700."""
+    try:
+        if create:
+            try:
+                root.mkdir(mode=0o700)
+                os.chmod(root, 0o700)  # mkdir's mode is filtered by the umask
+            except FileExistsError:
+                pass  # checked below: it may belong to someone else
+        info = root.lstat()
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(info.st_mode)
+        and info.st_uid == os.getuid()
+        and stat.S_IMODE(info.st_mode) == 0o700
+    )
+
+
+def _scratch_roots() -> tuple[Path, Path]:
+    import tempfile
+
+    shared = Path(tempfile.gettempdir()) / f"sagellm-{os.getuid()}"
+    return shared, state_dir() / FALLBACK_SCRATCH
+
+
 def scratch_dir(engine_id: str) -> Path:
     """An engine's TMPDIR: short, because vLLM puts unix sockets there (max ~107 bytes).
 
-    It lives under the system temp dir, in a folder of this user only.
+    It lives in `<system temp dir>/sagellm-<uid>` when that is a private folder of this
+    user; if another user made it (or a symlink, or it is not 0700), in
+    `<state dir>/tmp` instead, so that nobody else can plant or read files in it.
     """
-    import tempfile
+    shared, fallback = _scratch_roots()
+    if _private_root(shared, create=True):
+        return shared / engine_id
+    ensure_private_dir(fallback.parent)
+    if _private_root(fallback, create=True):
+        return fallback / engine_id
+    from sagellm_cli.core.errors import OperationFailed
 
-    root = Path(tempfile.gettempdir()) / f"sagellm-{os.getuid()}"
-    root.mkdir(mode=0o700, exist_ok=True)
-    info = root.lstat()
-    if info.st_uid != os.getuid() or not root.is_dir() or root.is_symlink():
-        raise PermissionError(f"{root} is not a private directory of this user")
-    return root / engine_id
+    raise OperationFailed(
+        f"no private scratch directory: neither {shared} nor {fallback} is a 0700 folder "
+        "of this user",
+        hint=f"remove {fallback} or chmod 700 it",
+    )
+
+
+def scratch_dirs(engine_id: str) -> list[Path]:
+    """Every place an engine's TMPDIR may be, for clean-up; creates and follows nothing."""
+    return [root / engine_id for root in _scratch_roots() if _private_root(root, create=False)]
 
 
 def models_dir() -> Path:

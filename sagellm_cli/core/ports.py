@@ -21,10 +21,38 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(("" if host in ("0.0.0.0", "::") else host, port))
-    except OSError:
+    except BaseException:  # also TypeError/ValueError for a bad host: never leak the fd
         sock.close()
         raise
     return sock
+
+
+def check_host(host: str) -> None:
+    """Fail with exit 2 unless `host` is an address this machine can bind.
+
+    Accepts IPv4 and IPv6 literals (without brackets), `localhost` and names that resolve
+    to a local address; the test is a bind to port 0, the same call engines make later.
+    """
+    if not isinstance(host, str) or not host.strip():
+        raise BadInput("the host is empty", hint="use e.g. 127.0.0.1, ::1 or 0.0.0.0")
+    shown = repr(host) if len(host) <= 60 else repr(host[:57] + "...")
+    if host.startswith("[") and host.endswith("]"):
+        raise BadInput(
+            f"host {shown} has brackets", hint=f"write the IPv6 address without them: {host[1:-1]}"
+        )
+    try:
+        bind_socket(host, 0).close()
+    except socket.gaierror:
+        raise BadInput(
+            f"host {shown} does not resolve",
+            hint="use an IP address, localhost or a resolvable name",
+        ) from None
+    except (OSError, UnicodeError, ValueError, TypeError) as exc:  # not local; IDNA; NUL
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise BadInput(
+            f"cannot bind to host {shown}: {why}",
+            hint="use an address of this machine, e.g. 127.0.0.1 or 0.0.0.0",
+        ) from None
 
 
 def is_port_free(host: str, port: int) -> bool:

@@ -15,9 +15,13 @@ import psutil
 # when no sagellm process is waiting on the engine. Arguments pass through "$@",
 # never through shell parsing.
 _WRAPPER = (
-    '"$@"; rc=$?; echo "$rc" > "$SAGELLM_EXIT_FILE"; '
+    'exec >>"$SAGELLM_LOG_FILE" 2>&1; "$@"; rc=$?; echo "$rc" > "$SAGELLM_EXIT_FILE"; '
     'echo "[sagellm] engine process exited with code $rc"; exit "$rc"'
 )
+# The launcher shell (a new session) starts the wrapper in the background, prints its
+# pid and exits: the engine is then nobody's child, so stopping whoever started it (a
+# gateway) never reaches the engine, and the engine outlives it.
+_DETACH = '"$@" </dev/null >/dev/null 2>&1 & echo "$!"'
 _CREATE_TIME_TOLERANCE = 0.05
 
 
@@ -39,21 +43,32 @@ def spawn_group(
     exit_file.unlink(missing_ok=True)
     full_env = dict(env)
     full_env["SAGELLM_EXIT_FILE"] = str(exit_file)
-    with open(log_path, "ab", buffering=0) as log:
-        wrapper = subprocess.Popen(
-            ["/bin/sh", "-c", _WRAPPER, "sagellm-engine", *argv],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            cwd=str(cwd) if cwd else None,
-            start_new_session=True,
-            close_fds=True,
-        )
-    # Popen object is dropped on purpose: the engine outlives this process.
-    child = _first_child(wrapper.pid)
-    main = child if child is not None else psutil.Process(wrapper.pid)
-    return ProcessHandle(pid=main.pid, pgid=wrapper.pid, create_time=main.create_time())
+    full_env["SAGELLM_LOG_FILE"] = str(log_path)
+    launcher = subprocess.Popen(
+        ["/bin/sh", "-c", _DETACH, "sagellm-launch", "/bin/sh", "-c", _WRAPPER, "sagellm-engine",
+         *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=full_env,
+        cwd=str(cwd) if cwd else None,
+        start_new_session=True,
+        close_fds=True,
+    )  # fmt: skip
+    out, _ = launcher.communicate(timeout=30)
+    try:
+        wrapper_pid = int(out.strip())
+    except ValueError:
+        raise OSError(f"the engine launcher failed (exit code {launcher.returncode})") from None
+    child = _first_child(wrapper_pid)
+    try:
+        main = child if child is not None else psutil.Process(wrapper_pid)
+        pid, create_time = main.pid, main.create_time()
+    except psutil.NoSuchProcess:
+        # Already gone: reconcile finds it dead and reads the exit file the wrapper wrote.
+        pid, create_time = wrapper_pid, time.time()
+    # The launcher led the new session: its pid is the group of every engine process.
+    return ProcessHandle(pid=pid, pgid=launcher.pid, create_time=create_time)
 
 
 def _first_child(pid: int, timeout: float = 3.0) -> psutil.Process | None:

@@ -20,8 +20,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sagellm_cli.core.state import StateStore
-from sagellm_cli.gateway.auth import TokenCheck, management_check
-from sagellm_cli.gateway.errors import error_body
+from sagellm_cli.gateway.auth import RequestGuard, TokenCheck
+from sagellm_cli.gateway.errors import error_body, internal_error
 from sagellm_cli.gateway.health import HealthChecker
 from sagellm_cli.gateway.metrics import CONTENT_TYPE, Metrics
 from sagellm_cli.gateway.proxy import Proxy
@@ -45,6 +45,14 @@ def _json(data, status: int = 200) -> Response:
     return Response(json.dumps(data), status, media_type="application/json")
 
 
+async def _send_error(send, status: int, body: bytes, extra: list | None = None) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send(
+        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class Gateway:
     """Registry, upstream pool, health checker, metrics and routes of one gateway."""
 
@@ -65,7 +73,13 @@ class Gateway:
             scheduler = make_scheduler(config, self.registry, self.metrics.registry)
         self.scheduler = scheduler
         self.api_check = TokenCheck(config.api_key)
-        self.admin_check = management_check(config.api_key, config.admin_token)
+        # The management API always needs the admin token; the API key never opens it.
+        if not config.admin_token:
+            from sagellm_cli.core.credentials import ensure_admin_token
+
+            config.admin_token = ensure_admin_token()
+        self.admin_check = TokenCheck(config.admin_token)
+        self.guard = RequestGuard(config.host, config.allowed_hosts, config.allowed_origins)
         self.proxy = Proxy(
             config, self.registry, self.upstream, self.metrics, self.api_check, scheduler
         )
@@ -85,6 +99,7 @@ class Gateway:
                 *self.management.routes(),
             ],
             lifespan=self.lifespan,
+            exception_handlers={Exception: self._starlette_error},
         )
 
     # -- lifecycle -----------------------------------------------------------
@@ -121,23 +136,34 @@ class Gateway:
     # -- ASGI ----------------------------------------------------------------
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refused = self.guard.check(scope["headers"])
+        if refused is not None:
+            status, message = refused
+            await _send_error(send, status, error_body(status, message, code="forbidden"))
+            return
+        try:
             endpoint = HOT_PATHS.get(scope["path"])
-            if endpoint is not None:
-                if scope["method"] == "POST":
-                    await self.proxy.handle(scope, receive, send, endpoint)
-                    return
+            if endpoint is None:
+                await self.app(scope, receive, send)
+            elif scope["method"] == "POST":
+                await self.proxy.handle(scope, receive, send, endpoint)
+            else:
                 body = error_body(405, f"use POST for {scope['path']}", code="method_not_allowed")
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 405,
-                        "headers": [(b"content-type", b"application/json"), (b"allow", b"POST")],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
+                await _send_error(send, 405, body, [(b"allow", b"POST")])
+        except Exception as exc:  # noqa: BLE001 - the last resort: never a traceback in a body
+            if getattr(exc, "sagellm_error_id", None):
+                return  # answered (and logged) by the Starlette handler already
+            error_id, body = internal_error(exc, scope)
+            # If the response had started, only the log line remains to tell.
+            with contextlib.suppress(Exception):
+                await _send_error(send, 500, body)
+
+    async def _starlette_error(self, request: Request, exc: Exception) -> Response:
+        _, body = internal_error(exc, request.scope)
+        return Response(body, 500, media_type="application/json")
 
     # -- small endpoints -----------------------------------------------------
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
 from sagellm_cli.core.errors import BadInput
@@ -23,6 +22,20 @@ class GatewayConfig:
     api_key: str | None = None
     admin_token: str | None = None
     max_body_bytes: int = 8 * 1024 * 1024
+    # Connection limits (gateway/transport.py). Past max_connections a new connection evicts
+    # those waiting longest on a slow or idle client (503 only when none is); lowered at
+    # start to what the open-file limit allows.
+    max_connections: int = 2048
+    # Request line + headers larger than this -> 431 and the connection is closed.
+    max_header_bytes: int = 64 * 1024
+    # A connection must send a complete request head within this many seconds of being
+    # opened (or of its previous response), else it is closed: silent and slowloris clients.
+    header_timeout_s: float = 10.0
+    # A request body must have arrived in full this many seconds after its head, else the
+    # connection is closed: slow-POST trickles (0 = no limit).
+    body_timeout_s: float = 60.0
+    # Idle keep-alive connections are closed after this many seconds (uvicorn's keep-alive).
+    keep_alive_timeout_s: float = 5.0
     # Active health checks and passive failure counting.
     health_interval_s: float = 2.0
     health_timeout_s: float = 1.0
@@ -44,6 +57,14 @@ class GatewayConfig:
     queue_timeout_s: float = 0.0  # 0 = wait as long as it takes
     max_inflight_per_engine: int = 16  # unless the engine's spec sets max_inflight; 0 = no limit
     slo_reject: bool = False
+    # Defence in depth against DNS rebinding and CSRF (auth.RequestGuard): Host names
+    # accepted besides loopback and the bind address ("*": any), and Origins accepted
+    # besides the gateway's own.
+    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
+    # Let management API requests set any engine env, bind engines off loopback and
+    # pass code-loading flags (--trust-remote-code ...). Off: the API can't run code.
+    allow_remote_engine_config: bool = False
 
     def validate(self) -> None:
         """Reject unsafe or impossible settings before anything binds (exit 2)."""
@@ -57,12 +78,6 @@ class GatewayConfig:
                 )
         if not 1 <= self.port <= 65535:
             raise BadInput(f"port {self.port} is out of range", hint="use 1-65535")
-        if not is_loopback(self.host) and not self.admin_token:
-            raise BadInput(
-                f"refusing to bind {self.host} without an admin token: the management API "
-                "could start processes for anyone on the network",
-                hint="pass --admin-token or set SAGELLM_ADMIN_TOKEN (and --api-key for inference)",
-            )
         if self.failure_threshold < 1:
             raise BadInput("--failure-threshold must be at least 1")
         if self.upstream_client not in ("native", "aiohttp", "httpx"):
@@ -89,13 +104,3 @@ class GatewayConfig:
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False

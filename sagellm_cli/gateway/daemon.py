@@ -8,18 +8,25 @@ by pid and create time, like engines) is reconciled away.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from sagellm_cli.core import logs, paths, process
+from sagellm_cli.core.credentials import ADMIN_TOKEN_ENV, API_KEY_ENV
 from sagellm_cli.core.errors import BadInput, OperationFailed, ResourceUnavailable
 from sagellm_cli.core.state import StateStore
 from sagellm_cli.gateway.config import GatewayConfig
+
+SECRET_FIELDS = ("api_key", "admin_token")
 
 
 def log_path():
@@ -95,40 +102,45 @@ def clear_self(store: StateStore | None = None) -> None:
             state.gateway = None
 
 
-def config_argv(config: GatewayConfig) -> list[str]:
-    """`sage llm serve` options reproducing `config` (secrets travel in the environment)."""
-    argv = [
-        "--host",
-        config.host,
-        "--port",
-        str(config.port),
-        "--routing",
-        config.routing,
-        "--health-interval",
-        str(config.health_interval_s),
-        "--failure-threshold",
-        str(config.failure_threshold),
-        "--max-body-mb",
-        str(config.max_body_bytes / (1024 * 1024)),
-        "--upstream-client",
-        config.upstream_client,
-        "--prefix-chars",
-        str(config.prefix_chars),
-        "--length-threshold",
-        str(config.length_threshold_chars),
-        "--scheduling",
-        config.scheduling,
-        "--max-queue",
-        str(config.max_queue),
-        "--queue-timeout",
-        str(config.queue_timeout_s),
-        "--max-inflight-per-engine",
-        str(config.max_inflight_per_engine),
-        "--slo-reject" if config.slo_reject else "--no-slo-reject",
-    ]
-    for model, strategy in config.model_routing.items():
-        argv += ["--model-routing", f"{model}={strategy}"]
-    return argv
+def config_path():
+    """Where `--background` hands the gateway its options (secrets travel in the env)."""
+    return paths.run_dir() / "gateway-config.json"
+
+
+def write_config(config: GatewayConfig) -> Path:
+    """The config as JSON, without secrets, mode 0600: the background child's only input."""
+    data = dataclasses.asdict(config)
+    for secret in SECRET_FIELDS:
+        data.pop(secret, None)
+    path = config_path()
+    paths.ensure_private_dir(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+    return path
+
+
+def read_config(path: str | Path) -> GatewayConfig:
+    """The config a parent wrote, with the secrets taken from the environment."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data["api_key"] = os.environ.get(API_KEY_ENV) or None
+    data["admin_token"] = os.environ.get(ADMIN_TOKEN_ENV) or None
+    return GatewayConfig(**data)
+
+
+def run(config: GatewayConfig, announce: Callable[[bool], None] | None = None) -> None:
+    """Serve in this process until SIGINT/SIGTERM, recorded in the state file meanwhile.
+
+    `announce(recorded)` runs once the socket listens.
+    """
+    from sagellm_cli.gateway import server
+
+    def started() -> None:
+        recorded = record_self(config)
+        if announce is not None:
+            announce(recorded)
+
+    server.serve(config, on_started=started, on_stopped=clear_self)
 
 
 def _health_ok(url: str) -> bool:
@@ -145,11 +157,9 @@ def start_background(config: GatewayConfig, timeout: float = 60.0) -> dict[str, 
     from sagellm_cli.gateway.server import bind_socket
 
     bind_socket(config.host, config.port).close()  # exit 4 now, not in the child's log
+    config_file = write_config(config)
     env = {**os.environ, "SAGELLM_GATEWAY_BACKGROUND": "1", "PYTHONUNBUFFERED": "1"}
-    for key, value in (
-        ("SAGELLM_API_KEY", config.api_key),
-        ("SAGELLM_ADMIN_TOKEN", config.admin_token),
-    ):
+    for key, value in ((API_KEY_ENV, config.api_key), (ADMIN_TOKEN_ENV, config.admin_token)):
         if value:
             env[key] = value
         else:
@@ -159,7 +169,7 @@ def start_background(config: GatewayConfig, timeout: float = 60.0) -> dict[str, 
     with open(path, "ab", buffering=0) as log:
         log.write(f"\n[sagellm] {time.strftime('%Y-%m-%d %H:%M:%S')} starting gateway\n".encode())
         child = subprocess.Popen(
-            [sys.executable, "-m", "sagellm_cli", "llm", "serve", *config_argv(config)],
+            [sys.executable, "-m", "sagellm_cli.gateway.daemon", str(config_file)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -217,3 +227,19 @@ def status() -> dict[str, Any]:
     if record is None:
         return {"running": False}
     return {"running": True, "healthy": _health_ok(record["url"]), **record}
+
+
+def _main(argv: list[str]) -> int:
+    """The background gateway: `python -m sagellm_cli.gateway.daemon CONFIG_JSON`."""
+    from sagellm_cli.core.errors import SageError
+
+    try:
+        run(read_config(argv[0]))
+    except SageError as exc:
+        sys.stderr.write(f"error: {exc.one_line()}\n")
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

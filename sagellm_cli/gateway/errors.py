@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 
-from sagellm_cli.core.errors import ExitCode, SageError
+from sagellm_cli.core.errors import BadInput, ExitCode, SageError
 
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
+    405: "invalid_request_error",
+    415: "invalid_request_error",
+    431: "invalid_request_error",
     404: "not_found_error",
     409: "conflict_error",
     413: "invalid_request_error",
@@ -50,3 +55,37 @@ def sage_error_body(exc: SageError) -> bytes:
         exit_code=exc.exit_code,
         details=exc.details,
     )
+
+
+def internal_error(exc: BaseException, scope: dict) -> tuple[str, bytes]:
+    """Log an unexpected exception under a fresh id; return the id and an OpenAI-style 500
+    body that carries the id and no traceback."""
+    error_id = uuid.uuid4().hex[:16]
+    exc.sagellm_error_id = error_id  # type: ignore[attr-defined]
+    logging.getLogger("sagellm.gateway").error(
+        "internal error %s on %s %s", error_id, scope.get("method"), scope.get("path"),
+        exc_info=exc,
+    )  # fmt: skip
+    body = error_body(
+        500,
+        f"internal error (id {error_id}); the gateway log has the details",
+        code="internal_error",
+        error_id=error_id,
+    )
+    return error_id, body
+
+
+class BodyTooLarge(Exception):
+    """A request body over `--max-body-mb` (413)."""
+
+
+def parse_json(raw: bytes):
+    """Decode a request body; invalid or absurdly nested JSON is a BadInput (400), never a 500."""
+    if not raw.strip():
+        raise BadInput("the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadInput("the request body nests JSON too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise BadInput("the request body is not valid JSON") from None

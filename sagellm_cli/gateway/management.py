@@ -7,8 +7,8 @@ runs in a worker thread, so the event loop keeps proxying meanwhile.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -16,42 +16,100 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sagellm_cli.core.errors import BadInput, SageError
+from sagellm_cli.core.credentials import env_allowed_remotely
+from sagellm_cli.core.errors import BadInput, ExitCode, SageError
 from sagellm_cli.core.models import EngineSpec
-from sagellm_cli.gateway.errors import error_body, sage_error_body, status_for
+from sagellm_cli.gateway.auth import is_loopback
+from sagellm_cli.gateway.errors import (
+    BodyTooLarge,
+    error_body,
+    parse_json,
+    sage_error_body,
+    status_for,
+)
 
 if TYPE_CHECKING:
     from sagellm_cli.gateway.app import Gateway
 
 # The `engine start` option names the API accepts besides EngineSpec's own fields.
 _ALIASES = {"engine_kind": "kind", "tp": "tensor_parallel", "pp": "pipeline_parallel"}
-_SPEC_FIELDS = {f.name for f in dataclasses.fields(EngineSpec)}
+# vLLM flags that make the engine import or run code chosen by the request.
+CODE_LOADING_FLAGS = (
+    "--trust-remote-code",
+    "--tool-parser-plugin",
+    "--reasoning-parser-plugin",
+    "--middleware",
+    "--worker-extension-cls",
+    "--logits-processors",
+)
 
 
 def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data, default=str), status, media_type="application/json")
 
 
-def spec_from_body(body: Any) -> EngineSpec:
-    """Validate the POST body against EngineSpec's fields (unknown keys are an error)."""
-    if not isinstance(body, dict):
-        raise BadInput("the request body must be a JSON object with at least 'model'")
-    data = {_ALIASES.get(k, k): v for k, v in body.items()}
-    unknown = sorted(set(data) - _SPEC_FIELDS)
-    if unknown:
-        raise BadInput(
-            f"unknown field(s): {', '.join(unknown)}",
-            hint=f"accepted: {', '.join(sorted(_SPEC_FIELDS))}",
-        )
-    if "model" not in data:
-        raise BadInput("'model' is required")
-    try:
-        spec = EngineSpec(**data)
-    except TypeError as exc:
-        raise BadInput(f"invalid engine spec: {exc}") from None
-    if spec.kind not in ("llm", "embedding"):
-        raise BadInput(f"unknown engine kind {spec.kind!r}", hint="use llm or embedding")
+class Forbidden(SageError):
+    """A management request asks for something only the machine's own user may do (403)."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+def spec_from_body(body: Any, *, allow_remote_config: bool = False) -> EngineSpec:
+    """Validate a POST body with the same strict model as presets, then apply the API's limits.
+
+    Without `allow_remote_config` a request may not set env outside the allow-list, bind
+    the engine off loopback, or pass flags that load code (see docs/security.md).
+    """
+    from sagellm_cli.core.spec_schema import parse_engine_options
+
+    if isinstance(body, dict):
+        body = {_ALIASES.get(k, k): v for k, v in body.items()}
+    spec = parse_engine_options(body, what="engine spec")
+    if allow_remote_config:
+        return spec
+    flag = "start the gateway with --allow-remote-engine-config to allow it"
+    for name in spec.env:
+        if not env_allowed_remotely(name):
+            raise Forbidden(
+                f"env {name!r} may not be set through the API (it could run code)",
+                hint=f"allowed: HF_*, CUDA_*, NCCL_*, OMP_* and vLLM tuning keys; {flag}",
+            )
+    if not is_loopback(spec.host):
+        raise Forbidden(f"engines started through the API bind loopback only, not {spec.host!r}",
+                        hint=flag)  # fmt: skip
+    for arg in spec.extra_args:
+        name = arg.split("=", 1)[0].replace("_", "-")
+        # argparse also takes unambiguous abbreviations (`--trust-rem`).
+        if len(name) > 4 and any(flag.startswith(name) for flag in CODE_LOADING_FLAGS):
+            raise Forbidden(f"extra arg {arg!r} loads code and is refused through the API",
+                            hint=flag)  # fmt: skip
     return spec
+
+
+def _query_float(request: Request, name: str, default: float) -> float:
+    """A finite, non-negative number from the query string (400 naming it otherwise)."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise BadInput(f"query parameter {name!r} must be a number of seconds >= 0, not {raw!r}")
+    return value
+
+
+def _query_bool(request: Request, name: str, default: bool) -> bool:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise BadInput(f"query parameter {name!r} must be true or false, not {raw!r}")
 
 
 class Management:
@@ -83,7 +141,7 @@ class Management:
         ]
 
     def guard(self, handler):
-        """Check the admin token and turn SageErrors into JSON errors."""
+        """Admin token, JSON content type and body limit; SageErrors become JSON errors."""
 
         async def endpoint(request: Request) -> Response:
             if not self.gw.admin_check.allows(request.headers.get("authorization")):
@@ -93,8 +151,23 @@ class Management:
                     media_type="application/json",
                     headers={"www-authenticate": "Bearer"},
                 )
+            if request.method == "POST":
+                ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+                if ctype != "application/json":
+                    return Response(
+                        error_body(415, "management requests must be Content-Type: "
+                                   "application/json", code="unsupported_media_type"),
+                        415,
+                        media_type="application/json",
+                    )  # fmt: skip
             try:
                 return await handler(request)
+            except BodyTooLarge as exc:
+                return Response(error_body(413, str(exc), code="body_too_large"), 413,
+                                media_type="application/json")  # fmt: skip
+            except Forbidden as exc:
+                return Response(error_body(403, exc.one_line(), code="forbidden"), 403,
+                                media_type="application/json")  # fmt: skip
             except SageError as exc:
                 return Response(
                     sage_error_body(exc), status_for(exc), media_type="application/json"
@@ -102,8 +175,22 @@ class Management:
 
         return endpoint
 
+    async def _body(self, request: Request) -> Any:
+        """The JSON body, read up to --max-body-mb (413 beyond), parsed safely (400)."""
+        limit = self.gw.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(f"request body exceeds {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+        return parse_json(b"".join(chunks))
+
     async def list_engines(self, request: Request) -> Response:
-        include_all = request.query_params.get("all", "false").lower() in ("1", "true", "yes")
+        include_all = _query_bool(request, "all", False)
         records = await asyncio.to_thread(self.manager.list, include_all=include_all)
         return _json([r.to_dict() for r in records])
 
@@ -112,13 +199,10 @@ class Management:
         return _json(record.to_dict())
 
     async def start_engine(self, request: Request) -> Response:
-        try:
-            body = json.loads(await request.body() or b"null")
-        except ValueError:
-            raise BadInput("the request body is not valid JSON") from None
-        spec = spec_from_body(body)
-        wait = request.query_params.get("wait", "true").lower() not in ("0", "false", "no")
-        timeout = float(request.query_params.get("timeout", "600"))
+        body = await self._body(request)
+        spec = spec_from_body(body, allow_remote_config=self.gw.config.allow_remote_engine_config)
+        wait = _query_bool(request, "wait", True)
+        timeout = _query_float(request, "timeout", 600.0)
         record = await asyncio.to_thread(self.manager.spawn, spec)
         if not wait:
             await self.gw.registry.refresh(force=True)
@@ -128,7 +212,7 @@ class Management:
         return _json(record.to_dict(), 201)
 
     async def stop_engine(self, request: Request) -> Response:
-        timeout = float(request.query_params.get("timeout", "30"))
+        timeout = _query_float(request, "timeout", 30.0)
         record = await asyncio.to_thread(
             self.manager.stop, request.path_params["engine_id"], timeout=timeout
         )

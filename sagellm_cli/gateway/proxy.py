@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sagellm_cli.gateway.auth import TokenCheck
 from sagellm_cli.gateway.errors import error_body
 from sagellm_cli.gateway.registry import KIND_FOR_ENDPOINT
-from sagellm_cli.gateway.routing import RouteInfo
+from sagellm_cli.gateway.routing import InvalidPrompt, RouteInfo
 from sagellm_cli.gateway.scheduling import (
     BODY_DEADLINE,
     BODY_PRIORITY,
@@ -218,7 +218,7 @@ class Proxy:
             return
         try:
             body = _loads(raw)
-        except (_DecodeError, ValueError, TypeError):
+        except (_DecodeError, ValueError, TypeError, RecursionError):
             await _send_simple(
                 send, 400, error_body(400, "request body is not valid JSON", code="invalid_json")
             )
@@ -246,6 +246,12 @@ class Proxy:
                     session = value.decode("latin-1")
                     break
         info = RouteInfo(body, session)
+        if group.strategy.uses_prompt:
+            try:
+                info.prompt_text()
+            except InvalidPrompt as exc:
+                await _send_simple(send, 400, error_body(400, str(exc), code="invalid_messages"))
+                return
         ticket = None
         first = None
         if self.scheduler is not None:
@@ -293,7 +299,18 @@ class Proxy:
             payload = raw
             if payload is None or body.get("model") != backend.served_model_name:
                 body["model"] = backend.served_model_name
-                payload = _dumps(body)
+                try:
+                    payload = _dumps(body)
+                except (TypeError, ValueError, RecursionError):
+                    # orjson refuses more than 255 levels: a body nobody needs.
+                    await _send_simple(
+                        send,
+                        400,
+                        error_body(
+                            400, "the request body nests JSON too deeply", code="invalid_json"
+                        ),
+                    )
+                    return
             backend.inflight += 1
             backend.requests += 1
             status = 0

@@ -52,23 +52,40 @@ class RouteInfo:
         return self.prompt_text()[:n]
 
 
+class InvalidPrompt(ValueError):
+    """The request's `messages` or `prompt` can't be read (the proxy answers 400)."""
+
+
 def _prompt_text(body: dict[str, Any], limit: int) -> str:
     prompt = body.get("prompt")
     if prompt is not None:
         if isinstance(prompt, list):
             prompt = prompt[0] if prompt else ""
         return prompt[:limit] if isinstance(prompt, str) else str(prompt)[:limit]
+    messages = body.get("messages")
+    if messages is None:
+        return ""
+    if not isinstance(messages, list):
+        raise InvalidPrompt("'messages' must be a list of message objects")
     parts: list[str] = []
     size = 0
-    for message in body.get("messages") or ():
+    for message in messages:
         if not isinstance(message, dict):
-            continue
+            raise InvalidPrompt("each entry of 'messages' must be an object")
         content = message.get("content")
         if isinstance(content, list):
-            content = "".join(
-                p.get("text", "") for p in content if isinstance(p, dict) and "text" in p
-            )
-        if isinstance(content, str):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict):
+                    raise InvalidPrompt("each content part must be an object")
+                text = part.get("text")
+                if text is not None and not isinstance(text, str):
+                    raise InvalidPrompt("a content part's 'text' must be a string")
+                texts.append(text or "")
+            content = "".join(texts)
+        elif content is not None and not isinstance(content, str):
+            raise InvalidPrompt("a message's 'content' must be a string or a list of parts")
+        if content:
             parts.append(content)
             size += len(content)
             if size >= limit:
@@ -80,6 +97,8 @@ class Strategy(Protocol):
     """Pick one of `backends` (non-empty, all healthy) for a request."""
 
     name: str
+    # True if `choose` reads the prompt (the proxy validates it first, answering 400).
+    uses_prompt: bool
 
     def choose(self, backends: list[Backend], info: RouteInfo) -> Backend: ...
 
@@ -88,6 +107,7 @@ class RoundRobin:
     """Each replica in turn."""
 
     name = "round_robin"
+    uses_prompt = False
 
     def __init__(self) -> None:
         self._next = 0
@@ -101,6 +121,7 @@ class LeastLoaded:
     """Fewest requests in flight; ties are broken in turn so idle replicas share work."""
 
     name = "least_loaded"
+    uses_prompt = False
 
     def __init__(self) -> None:
         self._next = 0
@@ -123,6 +144,7 @@ class Random:
     """A uniformly random replica."""
 
     name = "random"
+    uses_prompt = False
 
     def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
         return backends[random.randrange(len(backends))] if len(backends) > 1 else backends[0]
@@ -132,6 +154,7 @@ class PowerOfTwo:
     """Two random replicas; the less loaded one wins."""
 
     name = "power_of_two"
+    uses_prompt = False
 
     def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
         n = len(backends)
@@ -160,6 +183,7 @@ class Affinity:
     """The same `user` / `X-Session-Id` always lands on the same replica (while it is healthy)."""
 
     name = "affinity"
+    uses_prompt = False
 
     def __init__(self) -> None:
         self._fallback = LeastLoaded()
@@ -181,6 +205,7 @@ class Prefix:
     """
 
     name = "prefix"
+    uses_prompt = True
 
     def __init__(self, chars: int = 256, load_factor: float = 1.25) -> None:
         self.chars = chars
@@ -213,6 +238,7 @@ class Length:
     """
 
     name = "length"
+    uses_prompt = True
 
     def __init__(self, threshold_chars: int = 2048) -> None:
         self.threshold = threshold_chars

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sagellm_cli.core import paths, ports
+from sagellm_cli.core.credentials import redact_argv, redact_env
 from sagellm_cli.core.errors import BadInput, SageError
-from sagellm_cli.core.models import EngineRecord, EngineSpec
+from sagellm_cli.core.models import EngineRecord, EngineSpec, option_fields
 from sagellm_cli.core.presets.loader import LoadedPreset
 from sagellm_cli.core.presets.schema import EngineConfig
 from sagellm_cli.core.state import State
@@ -140,11 +141,11 @@ class PlannedEngine:
             "action": self.action,
             "existing_id": self.existing_id,
             "existing_status": self.existing_status,
-            "command": self.argv,
-            "command_line": shlex.join(self.argv),
-            "env": self.env,
+            "command": redact_argv(self.argv),
+            "command_line": shlex.join(redact_argv(self.argv)),
+            "env": redact_env(self.env),
             "notes": self.notes,
-            "spec": self.spec.to_dict(),
+            "spec": self.spec.public_dict(),
         }
 
 
@@ -201,30 +202,16 @@ def _same_spec(recorded: dict[str, Any], wanted: EngineSpec) -> bool:
 
 
 def _spec_for(cfg: EngineConfig, preset: str, replica: int, model: ModelInfo) -> EngineSpec:
-    return EngineSpec(
+    # Every option maps one to one (the preset schema is derived from EngineSpec);
+    # only what depends on the replica or the resolved model is filled in here.
+    options = cfg.model_dump(include=set(option_fields()))
+    options.update(
         model=model.argument,
-        kind=cfg.kind,
-        runtime=cfg.runtime,
-        use_gpu=cfg.use_gpu,
-        tensor_parallel=cfg.tensor_parallel,
-        pipeline_parallel=cfg.pipeline_parallel,
         port=cfg.engine_port(replica),
-        host=cfg.host,
         label=cfg.engine_label(preset, replica),
         served_model_name=cfg.served_model_name or cfg.model,
-        max_model_len=cfg.max_model_len,
-        kv_cache_gb=cfg.kv_cache_gb,
-        gpu_memory_gb=cfg.gpu_memory_gb,
-        gpus=list(cfg.gpus) if cfg.gpus is not None else None,
-        placement=cfg.placement,
-        extra_args=list(cfg.extra_args),
-        env=dict(cfg.env),
-        preset=preset,
-        preset_engine=cfg.name,
-        role=cfg.role,
-        cost_per_1k_tokens=cfg.cost_per_1k_tokens,
-        max_inflight=cfg.max_inflight,
     )
+    return EngineSpec(**options, preset=preset, preset_engine=cfg.name)
 
 
 def _check_model(model: ModelInfo, kind: str, label: str) -> list[str]:

@@ -16,47 +16,29 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sagellm_cli.core.errors import BadInput
+from sagellm_cli.core.models import NAME_PATTERN
+from sagellm_cli.core.spec_schema import STRICT, engine_options_model, error_message
+from sagellm_cli.core.spec_schema import key_path as spec_key
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 MAX_REPLICAS = 64
 
 
 # --------------------------------------------------------------------------- models
 
 
-class EngineConfig(BaseModel):
-    """One `engines:` entry. `replicas: N` expands to N identical engines."""
+class EngineConfig(engine_options_model()):
+    """One `engines:` entry: EngineSpec's options plus a name and `replicas: N`
+    (N identical engines)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = STRICT
 
     name: str = Field(pattern=NAME_PATTERN)
-    kind: Literal["llm", "embedding"]
-    model: str = Field(min_length=1)
-    runtime: Literal["vllm", "sentence-transformers"] | None = None
-    tensor_parallel: int = Field(1, ge=1)
-    pipeline_parallel: int = Field(1, ge=1)
-    port: int | None = Field(None, ge=1, le=65535)
-    host: str = "127.0.0.1"
-    label: str | None = Field(None, pattern=NAME_PATTERN)
-    served_model_name: str | None = Field(None, min_length=1)
-    # null: llm on a GPU when there is one, embedding on CPU (seed 003's rule).
-    use_gpu: bool | None = None
-    gpu_memory_gb: float | None = Field(None, gt=0)
-    gpus: list[int] | None = None
-    placement: Literal["pack", "spread"] = "pack"
-    max_model_len: int | None = Field(None, ge=1)
-    kv_cache_gb: float | None = Field(None, gt=0)
     replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
-    role: Literal["general", "prefill", "decode"] = "general"
-    cost_per_1k_tokens: float | None = Field(None, ge=0)
-    max_inflight: int | None = Field(None, ge=1)
-    extra_args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("env", mode="before")
     @classmethod
     def _numbers_as_strings(cls, value: Any) -> Any:
-        # `OMP_NUM_THREADS: 2` is what people write; environment values are strings anyway.
+        # `OMP_NUM_THREADS: 2` is what people write in YAML; environment values are strings.
         if isinstance(value, dict):
             return {
                 k: (str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
@@ -162,8 +144,65 @@ class _DuplicateKey(Exception):
         self.key, self.line, self.first = key, line, first
 
 
+# A real preset has a few dozen nodes, a handful of levels and few aliases. Aliases are
+# shared when composed but copied when validated, so a 400-byte "billion laughs" file
+# expands to gigabytes: the composed graph is measured before anything is constructed.
+MAX_YAML_NODES = 100_000
+MAX_YAML_ALIASES = 100
+MAX_YAML_DEPTH = 32
+
+
+class _TooComplex(Exception):
+    def __init__(self, what: str):
+        self.what = what
+
+
+def _measure(node: yaml.Node) -> None:
+    """Raise _TooComplex if `node`, with aliases expanded, is too big, deep or aliased."""
+    seen: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, height)
+    aliases = 0
+
+    def walk(current: yaml.Node, depth: int) -> tuple[int, int]:
+        nonlocal aliases
+        if depth > MAX_YAML_DEPTH:
+            raise _TooComplex(f"nested more than {MAX_YAML_DEPTH} levels deep")
+        known = seen.get(id(current))
+        if known is not None:
+            # Each edge is walked once, so a node met again is one alias use.
+            aliases += 1
+            if aliases > MAX_YAML_ALIASES:
+                raise _TooComplex(f"more than {MAX_YAML_ALIASES} aliases")
+            if known[1] + depth > MAX_YAML_DEPTH:
+                raise _TooComplex(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return known
+        children: list[yaml.Node] = []
+        if isinstance(current, yaml.SequenceNode):
+            children = list(current.value)
+        elif isinstance(current, yaml.MappingNode):
+            children = [n for pair in current.value for n in pair]
+        size, height = 1, 0
+        for child in children:
+            child_size, child_height = walk(child, depth + 1)
+            size += child_size
+            height = max(height, child_height + 1)
+            if size > MAX_YAML_NODES:
+                raise _TooComplex(f"more than {MAX_YAML_NODES} values once aliases are expanded")
+        seen[id(current)] = (size, height)
+        return size, height
+
+    walk(node, 0)
+
+
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader whose mappings and lists carry line numbers, and that rejects duplicate keys."""
+    """SafeLoader whose mappings and lists carry line numbers, and that rejects duplicate keys,
+    alias bombs and absurd nesting."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        """Compose the document, then refuse it if it is too big to construct safely."""
+        node = super().get_single_node()
+        if node is not None:
+            _measure(node)
+        return node
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
@@ -222,6 +261,13 @@ def load_yaml(text: str, file: str) -> Any:
                 )
             ]
         ) from None
+    except _TooComplex as exc:
+        raise PresetInvalid([Problem(file, None, f"YAML is too complex: {exc.what}")]) from None
+    except RecursionError:
+        # The composer recurses once per level; `[[[[...` thousands deep ends here.
+        raise PresetInvalid(
+            [Problem(file, None, f"YAML is too complex: nested more than {MAX_YAML_DEPTH} levels")]
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -265,8 +311,7 @@ def _describe_error(err: dict[str, Any], raw: Any, file: str) -> Problem:
     line, engine = _locate(raw, loc)
     in_engine = len(loc) >= 2 and loc[0] == "engines" and isinstance(loc[1], int)
     key_path = loc[2:] if in_engine else loc
-    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in key_path).lstrip(".")
-    key = key or None
+    key = spec_key(key_path)
     kind = err["type"]
     if kind == "extra_forbidden":
         name = key_path[-1] if key_path else loc[-1]
@@ -283,13 +328,10 @@ def _describe_error(err: dict[str, Any], raw: Any, file: str) -> Problem:
         # The line of the mapping that lacks the key.
         parent_line, _ = _locate(raw, loc[:-1])
         return Problem(file, parent_line, f"missing required key {key!r}", engine=engine, key=key)
-    message = err["msg"]
     if kind == "literal_error" and key == "version":
         message = f"unsupported version {_short(err.get('input'))}; this sagellm reads version 1"
-    elif "input" in err and kind not in ("model_type", "dict_type", "list_type"):
-        message = f"{message} (got {_short(err['input'])})"
-    prefix = f"key {key!r}: " if key else ""
-    return Problem(file, line, prefix + message, engine=engine, key=key)
+        return Problem(file, line, message, engine=engine, key=key)
+    return Problem(file, line, error_message(err, key), engine=engine, key=key)
 
 
 def _semantic_problems(preset: PresetConfig, raw: Any, file: str) -> list[Problem]:
