@@ -2,7 +2,8 @@
 
 Binding the socket ourselves turns "port in use" into a clean exit 4 instead of
 a uvicorn log line, and lets the state-file record be written only once the
-gateway really listens.
+gateway really listens. Connection-level limits (connection cap, request-head size
+and deadline) live in transport.py; the open-file limit is raised here at start.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import errno
 import importlib.util
 import logging
+import resource
 import socket
 import sys
 from collections.abc import Callable
@@ -17,6 +19,14 @@ from collections.abc import Callable
 from sagellm_cli.core import ports
 from sagellm_cli.core.errors import BadInput, ResourceUnavailable
 from sagellm_cli.gateway.config import GatewayConfig
+
+log = logging.getLogger("sagellm.gateway")
+
+# The soft RLIMIT_NOFILE is raised to the hard limit, but no further than this.
+NOFILE_TARGET = 65536
+# File descriptors kept out of the connection cap: logs, the state file, listeners, ...
+# The rest is split between client connections and upstream ones (one per request at most).
+FD_RESERVE = 128
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -37,8 +47,56 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_server(app, config: GatewayConfig, on_started, on_stopped):
+def raise_nofile_limit(target: int = NOFILE_TARGET) -> int:
+    """Raise the soft open-file limit towards the hard one (never lower it); the new soft limit.
+
+    The default soft limit (often 1024) is what let ~1,000 idle connections lock
+    everyone out; raising it costs nothing until the descriptors are used.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = target if hard == resource.RLIM_INFINITY else min(hard, target)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError) as exc:  # e.g. a sandbox that forbids it
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, want, exc)
+    return soft
+
+
+def connection_cap(config: GatewayConfig, nofile: int) -> int:
+    """config.max_connections, lowered to what the open-file limit can actually serve."""
+    if nofile == resource.RLIM_INFINITY:
+        return config.max_connections
+    fits = max(16, (nofile - FD_RESERVE) // 2)
+    if config.max_connections > fits:
+        log.warning(
+            "open-file limit %d allows %d client connections, not %d: raise `ulimit -Hn`",
+            nofile,
+            fits,
+            config.max_connections,
+        )
+        return fits
+    return config.max_connections
+
+
+def _uvicorn_server(app, config: GatewayConfig, on_started, on_stopped, max_connections=None):
     import uvicorn
+
+    guard = None
+    if importlib.util.find_spec("httptools"):
+        from sagellm_cli.gateway import transport
+
+        guard = transport.ConnectionGuard(
+            max_connections=max_connections or config.max_connections,
+            max_header_bytes=config.max_header_bytes,
+            header_timeout_s=config.header_timeout_s,
+            body_timeout_s=config.body_timeout_s,
+        )
+        http = transport.protocol_class(guard)
+    else:  # uvicorn[standard] installs httptools; h11 bounds only the head size
+        http = "h11"
+        log.warning("httptools is not installed: no connection cap or request deadlines")
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
@@ -50,13 +108,17 @@ def _uvicorn_server(app, config: GatewayConfig, on_started, on_stopped):
             try:
                 await super().shutdown(sockets)
             finally:
+                if guard is not None:
+                    guard.stop()
                 if on_stopped:
                     on_stopped()
 
     uv_config = uvicorn.Config(
         app,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=http,
+        timeout_keep_alive=config.keep_alive_timeout_s,
+        h11_max_incomplete_event_size=config.max_header_bytes,
         lifespan="on",
         log_level="warning",
         access_log=False,
@@ -75,18 +137,18 @@ def serve(
     on_started: Callable[[], None] | None = None,
     on_stopped: Callable[[], None] | None = None,
 ) -> None:
-    """Validate, bind, and serve until SIGINT/SIGTERM."""
+    """Bind and serve a validated config until SIGINT/SIGTERM."""
     from sagellm_cli.gateway.app import create_app
 
-    config.validate()
     sock = bind_socket(config.host, config.port)
     if config.port == 0:
         config.port = sock.getsockname()[1]
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"
     )
+    cap = connection_cap(config, raise_nofile_limit())
     gateway = create_app(config)
-    server = _uvicorn_server(gateway, config, on_started, on_stopped)
+    server = _uvicorn_server(gateway, config, on_started, on_stopped, max_connections=cap)
     try:
         server.run(sockets=[sock])
     finally:
