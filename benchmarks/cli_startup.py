@@ -32,7 +32,7 @@ def _time(cmd: list[str], env: dict[str, str]) -> float:
 def _seed_state(home: Path, count: int) -> list[subprocess.Popen]:
     import psutil
 
-    from sagellm_cli.core.models import EngineRecord
+    from sagellm_cli.core.records import EngineRecord
 
     sleepers, engines = [], {}
     for i in range(count * 2):

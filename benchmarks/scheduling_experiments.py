@@ -177,7 +177,7 @@ def gateway(home: Path, *args: str):
 def bench(home: Path, url: str, out: Path, *args: str, model: str = "tiny") -> dict:
     """One `sage llm bench run`; returns its summary."""
     sage(home, "llm", "bench", "run", "--url", url, "--model", model,
-         "--tokenizer", str(TINY), "--quiet", "--json", str(out), *args)  # fmt: skip
+         "--tokenizer", str(TINY), "--quiet", "--output", str(out), *args)  # fmt: skip
     return json.loads(out.read_text())["summary"]
 
 
@@ -472,7 +472,7 @@ def exp4_fake(rounds: int, seconds: float) -> str:
     import psutil
     from gateway_overhead import measure, spawn, wait_http
 
-    from sagellm_cli.core.models import EngineRecord
+    from sagellm_cli.core.records import EngineRecord
     from sagellm_cli.core.state import StateStore
 
     work = Path(tempfile.mkdtemp(prefix="sched-cost-"))

@@ -79,6 +79,8 @@ def engine_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     """A tiny random Qwen2 chat model with a locally trained tokenizer."""
+    for module in ("transformers", "tokenizers"):
+        pytest.importorskip(module, reason=f"{module} is not installed (the cpu extra)")
     from tinymodel import build_tiny_qwen2
 
     return build_tiny_qwen2(MODEL_CACHE / "tiny-qwen2")
@@ -87,9 +89,26 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def broken_model() -> Path:
     """A tiny model whose config vLLM rejects while loading."""
+    pytest.importorskip("transformers", reason="transformers is not installed (the cpu extra)")
     from tinymodel import build_tiny_qwen2
 
     return build_tiny_qwen2(MODEL_CACHE / "tiny-qwen2-broken", broken=True)
+
+
+_runner = None
+
+
+def invoke(*args: str):
+    """`sage ARGS` in-process through Typer's CliRunner (stdout and stderr kept apart)."""
+    global _runner
+    from typer.testing import CliRunner
+
+    from sagellm_cli.cli.app import app
+
+    if _runner is None:
+        mixes = "mix_stderr" in CliRunner.__init__.__code__.co_varnames
+        _runner = CliRunner(mix_stderr=False) if mixes else CliRunner()
+    return _runner.invoke(app, list(args))
 
 
 def sage(*args: str, home: Path, timeout: float = 300, check: bool = False, env=None):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from typer.testing import CliRunner
+from conftest import invoke as sage_cli
 
 from sagellm_cli.bench.compare import compare, labels_for
 from sagellm_cli.bench.load import BenchRunner, LoadConfig, arrival_offsets, base_url
@@ -37,14 +37,7 @@ from sagellm_cli.bench.workload import (
     parse_mix,
     parse_slo,
 )
-from sagellm_cli.cli.app import app
 from sagellm_cli.core.errors import BadInput
-
-runner = (
-    CliRunner(mix_stderr=False)
-    if "mix_stderr" in CliRunner.__init__.__code__.co_varnames
-    else CliRunner()
-)
 
 TTFT = 0.050  # seconds the fake waits before its first chunk
 ITL = 0.010  # seconds between its chunks
@@ -392,6 +385,7 @@ def test_mix_and_slo_parsing():
 
 def _word_tokenizer(dest: Path) -> Path:
     """A small BPE tokenizer trained on the bench's own word list (no download)."""
+    pytest.importorskip("tokenizers", reason="tokenizers is not installed (the cpu extra)")
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     from sagellm_cli.bench import workload
@@ -492,16 +486,16 @@ def test_metric_helpers():
 
 
 def invoke(*args: str):
-    return runner.invoke(app, ["llm", "bench", *args])
+    return sage_cli("llm", "bench", *args)
 
 
 def test_cli_run_json_and_compare(fake, tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     common = ["--url", fake.url + "/v1/", "--input-len", "16", "--output-len", "4", "-n", "8"]
-    res = invoke("run", *common, "-c", "1", "--json", str(a))  # with the progress bar
+    res = invoke("run", *common, "-c", "1", "--output", str(a))  # with the progress bar
     assert res.exit_code == 0, res.output
     assert "TTFT" in res.stdout and "fake-model" in res.stdout  # model found on /v1/models
-    res = invoke("run", *common, "-c", "4", "--json", str(b), "--quiet")
+    res = invoke("run", *common, "-c", "4", "-o", str(b), "--quiet")
     assert res.exit_code == 0, res.output
     data = json.loads(a.read_text())
     assert data["summary"]["all"]["requests"] == 8 and len(data["records"]) == 8
@@ -528,7 +522,6 @@ def test_cli_json_to_stdout(fake):
         "--output-len",
         "2",
         "--json",
-        "-",
         "-q",
     )
     assert res.exit_code == 0, res.output
@@ -545,7 +538,7 @@ def test_cli_json_to_stdout(fake):
         (["-n", "3", "--duration", "2"], "both given"),
         (["--request-rate", "0"], "must be > 0"),
         (["--dataset", "/nonexistent.jsonl"], "is not a file"),
-        (["--json", __file__ + "/x.json"], "is not writable"),  # under a file
+        (["--output", __file__ + "/x.json"], "is not writable"),  # under a file
     ],
 )
 def test_cli_bad_input_exits_2(args, needle):

@@ -6,19 +6,7 @@ import json
 import socket
 
 import pytest
-from typer.testing import CliRunner
-
-from sagellm_cli.cli.app import app
-
-runner = (
-    CliRunner(mix_stderr=False)
-    if "mix_stderr" in CliRunner.__init__.__code__.co_varnames
-    else CliRunner()
-)
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args))
+from conftest import invoke
 
 
 def test_version():

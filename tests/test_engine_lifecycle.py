@@ -1,7 +1,7 @@
 """Real engines through `sage` subprocesses: vLLM on the tiny model, MiniLM embeddings.
 
-The llm and embedding engines are started once per module and shared; the
-destructive tests (kill -9) run last on them.
+The llm and embedding engines are started once per module and shared by tests that only
+read them; a destructive test (kill -9) starts its own engine, so order never matters.
 """
 
 from __future__ import annotations
@@ -11,15 +11,18 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 
 import httpx
 import psutil
 import pytest
 from conftest import needs_st, needs_vllm, sage, sage_json
+from test_gateway_support import running_gateway
 
 from sagellm_cli.core import process
 from sagellm_cli.core.paths import scratch_dir
+from sagellm_cli.core.state import StateStore
 
 pytestmark = pytest.mark.engines
 
@@ -210,8 +213,41 @@ def test_missing_model_fails_with_log_tail(home):
     assert not _group_alive(records[0])
 
 
-def test_stop_is_idempotent_and_unknown_is_3(engine_home):
-    assert sage("llm", "engine", "stop", "does-not-exist", home=engine_home).returncode == 3
+def test_stop_is_idempotent_and_unknown_is_3(home):
+    """A second stop is a no-op that succeeds (the record keeps its first stop time), and
+    `--json` is a list either way. A sleeping process group stands in for an engine."""
+    home.mkdir(parents=True, exist_ok=True)
+    record = _stand_in_engine(home, "idem0001", "import time; time.sleep(600)")
+    first = sage("llm", "engine", "stop", "idem0001", "--json", home=home)
+    assert first.returncode == 0, first.stderr
+    [stopped] = json.loads(first.stdout)
+    assert stopped["status"] == "stopped" and not _group_alive(record.to_dict())
+    again = sage("llm", "engine", "stop", "idem0001", "--json", home=home)
+    assert again.returncode == 0
+    [still] = json.loads(again.stdout)
+    assert still["status"] == "stopped" and still["stopped_at"] == stopped["stopped_at"]
+    plain = sage("llm", "engine", "stop", "idem0001", home=home)
+    assert plain.returncode == 0 and "already stopped" in plain.stderr
+    assert sage("llm", "engine", "stop", "does-not-exist", home=home).returncode == 3
+
+
+def _stand_in_engine(home, engine_id: str, code: str, **fields):
+    """A real process group recorded as a ready engine, for lifecycle paths that need no
+    model: `code` runs under the local launcher exactly as an engine would."""
+    from sagellm_cli.core.launcher import launcher_for
+    from sagellm_cli.core.records import EngineRecord
+
+    handle = launcher_for("local").spawn(engine_id, [sys.executable, "-c", code],
+                                         dict(os.environ), home / f"{engine_id}.log")  # fmt: skip
+    record = EngineRecord(
+        id=engine_id, kind="llm", runtime="vllm", model="m", served_model_name="m",
+        host="127.0.0.1", port=1, status="ready", pid=handle.pid, pgid=handle.pgid,
+        pid_create_time=handle.create_time, started_at=time.time() - 5,
+        created_at=time.time() - 5, **fields,
+    )  # fmt: skip
+    with StateStore(home / "state.json").transaction() as state:
+        state.engines[engine_id] = record
+    return record
 
 
 def test_corrupted_state_file_is_a_clear_error(home):
@@ -225,29 +261,67 @@ def test_corrupted_state_file_is_a_clear_error(home):
 
 
 @needs_vllm
-def test_kill_9_marks_failed_and_stop_leaves_no_orphans(llm_engine, engine_home):
-    rec = llm_engine
-    os.kill(rec["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 20
-    status = None
-    while time.monotonic() < deadline:
-        status = sage_json("llm", "engine", "show", rec["id"], home=engine_home)
-        if status["status"] == "failed":
-            break
-        time.sleep(0.5)
-    assert status["status"] == "failed"
-    assert status["exit_code"] == 137
+def test_kill_9_of_the_api_server_reaps_its_engine_core_without_any_command(home, tiny_model):
+    """vLLM with its engine core in a separate process (as on a GPU): kill -9 of the API
+    server must not orphan the core. A running gateway reaps it within 10 s, unasked."""
+    with running_gateway(home, "--health-interval", "1"):
+        rec = sage_json(
+            "llm", "engine", "start", str(tiny_model), "--max-model-len", "256",
+            "--kv-cache-gb", "0.0625", "--env", "VLLM_ENABLE_V1_MULTIPROCESSING=1",
+            "--timeout", "300", home=home, timeout=400,
+        )  # fmt: skip
+        helpers = [p for p in _group_alive(rec) if p.pid != rec["pid"]]
+        assert any("EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
+                   for p in helpers), [p.name() for p in helpers]  # fmt: skip
+        store = StateStore(home / "state.json")
+
+        def reaped() -> bool:  # the file read directly: no command reconciles, the gateway does
+            record = store.read().engines[rec["id"]]
+            return not _group_alive(rec) and record.status == "failed" and not record.orphans
+
+        os.kill(rec["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        while not reaped() and time.monotonic() - killed < 15:
+            time.sleep(0.2)
+        took = time.monotonic() - killed
+        assert not _group_alive(rec), "the engine core outlived its API server"
+        assert reaped() and took < 10, f"reaped after {took:.1f}s"
+        assert store.read().engines[rec["id"]].exit_code == 137
     assert not scratch_dir(rec["id"]).exists()  # vLLM's TMPDIR leftovers are cleaned up
-    assert rec["id"] not in {r["id"] for r in sage_json("llm", "engine", "list", home=engine_home)}
-    stopped = sage("llm", "engine", "stop", rec["id"], home=engine_home)
-    assert stopped.returncode == 0
-    assert not _group_alive(rec)
-    assert _port_free(rec["port"])
-    pruned = sage_json("llm", "engine", "prune", home=engine_home)
-    assert rec["id"] in pruned
-    assert not os.path.exists(rec["log_path"])
-    again = sage("llm", "engine", "stop", rec["id"], home=engine_home)
-    assert again.returncode == 3
+    stopped = sage("llm", "engine", "stop", rec["id"], home=home)
+    assert stopped.returncode == 0 and _port_free(rec["port"])
+    pruned = sage_json("llm", "engine", "prune", home=home)
+    assert rec["id"] in pruned and not os.path.exists(rec["log_path"])
+    assert sage("llm", "engine", "stop", rec["id"], home=home).returncode == 3
+
+
+def test_reconcile_stops_a_dead_engines_helpers_before_releasing_its_gpus(home, monkeypatch):
+    """The same promise on the CLI's path, with a stand-in process tree (a parent and a
+    helper child in one group) so that it runs without vLLM: the next reconcile reaps."""
+    from sagellm_cli.core.launcher import launcher_for
+    from sagellm_cli.core.records import GpuReservation
+
+    monkeypatch.setenv("SAGELLM_MOCK_GPUS", "1x80")
+    home.mkdir(parents=True, exist_ok=True)
+    # A parent and a helper child in one group, both sleeping.
+    _stand_in_engine(home, "deadbeef", "import os, time\nos.fork()\ntime.sleep(600)", gpus=[0])
+    store = StateStore(home / "state.json")
+    with store.transaction() as state:
+        state.reservations["deadbeef"] = GpuReservation("deadbeef", [0], 20.0, mock=True)
+    record = store.read().engines["deadbeef"]
+    try:
+        deadline = time.monotonic() + 5
+        while len(_group_alive(record.to_dict())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        helper = [p for p in _group_alive(record.to_dict()) if p.pid != record.pid]
+        assert helper, "the stand-in helper did not start"
+        os.kill(record.pid, signal.SIGKILL)
+        listed = sage_json("llm", "engine", "list", "--all", home=home)
+        assert [(r["status"], r["orphans"]) for r in listed] == [("failed", False)]
+        assert not _group_alive(record.to_dict())
+        assert store.read().reservations == {}
+    finally:
+        launcher_for("local").terminate(record, timeout=1)
 
 
 @needs_st

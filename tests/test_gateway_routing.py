@@ -5,10 +5,11 @@ from __future__ import annotations
 import collections
 import time
 
-from sagellm_cli.core.models import EngineRecord
+from sagellm_cli.core.records import EngineRecord
 from sagellm_cli.core.state import State
+from sagellm_cli.gateway.backend import Backend
 from sagellm_cli.gateway.config import GatewayConfig
-from sagellm_cli.gateway.registry import Backend, Registry
+from sagellm_cli.gateway.registry import Registry
 from sagellm_cli.gateway.routing import (
     STRATEGIES,
     Affinity,
@@ -137,10 +138,13 @@ def test_length_splits_by_role_and_falls_back():
     assert Length(10).choose([prefill, decode], RouteInfo({"prompt": "x" * 11}, None)) is prefill
 
 
-def test_make_strategy_uses_config():
-    cfg = GatewayConfig(prefix_chars=7, length_threshold_chars=9)
-    assert make_strategy("prefix", cfg).chars == 7
-    assert make_strategy("length", cfg).threshold == 9
+def test_the_registry_builds_strategies_from_the_config():
+    cfg = GatewayConfig(routing="prefix", prefix_chars=7, model_routing={"long": "length"},
+                        length_threshold_chars=9)  # fmt: skip
+    reg = Registry(cfg)
+    assert reg._strategy_for("llm", "m").chars == 7
+    assert reg._strategy_for("llm", "long").threshold == 9
+    assert make_strategy("length", length_threshold_chars=9).threshold == 9
 
 
 def test_registry_groups_names_kinds_and_keeps_counters():

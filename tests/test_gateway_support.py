@@ -140,7 +140,7 @@ def add_engine_record(
     status: str = "ready",
 ) -> None:
     """Write an engine record for a process we started, as `engine start` would."""
-    from sagellm_cli.core.models import EngineRecord
+    from sagellm_cli.core.records import EngineRecord
     from sagellm_cli.core.state import StateStore
 
     with StateStore(home / "state.json").transaction() as state:

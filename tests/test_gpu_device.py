@@ -335,7 +335,7 @@ def test_stop_frees_gpu_memory_and_reservation(gpu_home):
 def test_vllm_command_line_carries_the_placement(gpu_home, tmp_path, monkeypatch):
     from sagellm_cli.core.errors import ResourceUnavailable
     from sagellm_cli.core.gpu import plan_gpu
-    from sagellm_cli.core.models import EngineSpec
+    from sagellm_cli.core.records import EngineSpec
     from sagellm_cli.core.runtimes import build_launch
 
     for key, value in GPU_ENV.items():

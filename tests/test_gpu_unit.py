@@ -34,7 +34,7 @@ from sagellm_cli.core.gpu.inventory import (
     nvml_inventory,
 )
 from sagellm_cli.core.gpu.placement import HEADROOM_GIB, gpu_memory_utilization
-from sagellm_cli.core.models import EngineRecord, EngineSpec, GpuReservation
+from sagellm_cli.core.records import EngineRecord, EngineSpec, GpuReservation
 from sagellm_cli.core.state import State, StateStore
 
 GIB = 1024**3

@@ -226,7 +226,7 @@ def test_engine_start_rejects_non_finite_sizes(home, busy_port, option, value):
 
 def test_validate_spec_rejects_non_finite_sizes():
     from sagellm_cli.core.engines import validate_spec
-    from sagellm_cli.core.models import EngineSpec
+    from sagellm_cli.core.records import EngineSpec
 
     for value in (math.nan, math.inf, -1.0):
         with pytest.raises(BadInput, match="finite positive"):

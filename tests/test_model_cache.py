@@ -13,21 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import invoke
 
-from sagellm_cli.cli.app import app
 from sagellm_cli.core import model_cache
 from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
-
-runner = (
-    CliRunner(mix_stderr=False)
-    if "mix_stderr" in CliRunner.__init__.__code__.co_varnames
-    else CliRunner()
-)
-
-
-def invoke(*args: str):
-    return runner.invoke(app, list(args))
 
 
 def fake_entry(home: Path, key: str, *, meta: dict | None = None, complete: bool = True) -> Path:

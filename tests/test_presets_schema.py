@@ -16,15 +16,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from typer.testing import CliRunner
-
-from sagellm_cli.cli.app import app
-
-runner = (
-    CliRunner(mix_stderr=False)
-    if "mix_stderr" in CliRunner.__init__.__code__.co_varnames
-    else CliRunner()
-)
+from conftest import invoke as sage_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_003_ENGINES = [
@@ -38,7 +30,7 @@ SEED_003_ENGINES = [
 
 
 def invoke(*args: str):
-    return runner.invoke(app, ["llm", "preset", *args])
+    return sage_cli("llm", "preset", *args)
 
 
 def write(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:
@@ -201,7 +193,7 @@ def _dry_run(path: Path, *extra: str):
 
 def test_dry_run_changes_nothing(home, tmp_path, tiny_model):
     # A state file with content: the dry run must leave it byte-for-byte as it was.
-    assert runner.invoke(app, ["llm", "engine", "list", "--json"]).exit_code == 0
+    assert sage_cli("llm", "engine", "list", "--json").exit_code == 0
     state = home / "state.json"
     state.write_text(state.read_text().replace('"presets": {}', '"presets": {"x": {}}'))
     before, mtime = state.read_bytes(), state.stat().st_mtime_ns
@@ -321,7 +313,7 @@ def test_replicas_expand_with_labels(home, tmp_path, tiny_model):
 
 def test_removed_engines_need_yes(home, tmp_path, tiny_model):
     """An engine of the preset that left the file is only stopped with --yes."""
-    from sagellm_cli.core.models import EngineRecord
+    from sagellm_cli.core.records import EngineRecord
     from sagellm_cli.core.state import StateStore
 
     sleeper = subprocess.Popen(["sleep", "120"], start_new_session=True)
@@ -346,3 +338,19 @@ def test_removed_engines_need_yes(home, tmp_path, tiny_model):
     finally:
         os.killpg(sleeper.pid, signal.SIGKILL)
         sleeper.wait()
+
+
+@pytest.mark.parametrize("name", ["local-demo", "qwen-lite", "qwen-mini-with-embeddings"])
+def test_every_builtin_preset_plans_offline_on_a_mock_gpu(home, monkeypatch, name):
+    """The headline commands plan on any GPU box, even before a model is downloaded."""
+    monkeypatch.setenv("SAGELLM_MOCK_GPUS", "1x80")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("apply", "-n", name, "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    for engine in plan["engines"]:
+        if engine["gpus"]:
+            assert engine["gib_per_gpu"] > 0
+    unknown = [e for e in plan["engines"] if any("conservative" in n for n in e["notes"])]
+    for engine in unknown:  # a model of unknown size is planned with a stated default
+        assert engine["placement"]["estimate"]["params_source"] == "unknown"

@@ -8,7 +8,7 @@ import pytest
 
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.gpu import Placement
-from sagellm_cli.core.models import EngineSpec
+from sagellm_cli.core.records import EngineSpec
 from sagellm_cli.core.runtimes import build_launch, resolve_runtime
 
 

@@ -22,13 +22,14 @@ import httpx
 import pytest
 
 from sagellm_cli.core.errors import BadInput
-from sagellm_cli.core.models import EngineRecord
+from sagellm_cli.core.records import EngineRecord, EngineSpec
 from sagellm_cli.core.state import State, StateStore
 from sagellm_cli.gateway.config import GatewayConfig
 from sagellm_cli.gateway.policies import adaptive_choice, order_key
 from sagellm_cli.gateway.registry import Registry
+from sagellm_cli.gateway.request import strip_gateway_fields
 from sagellm_cli.gateway.routing import RouteInfo
-from sagellm_cli.gateway.scheduling import AdmissionScheduler, Rejected, strip_gateway_fields
+from sagellm_cli.gateway.scheduling import AdmissionScheduler, Rejected
 
 
 class Clock:
@@ -40,11 +41,7 @@ class Clock:
 
 
 def _record(i, *, name="m", role="general", max_inflight=None, cost=None, port=None):
-    spec = {}
-    if max_inflight is not None:
-        spec["max_inflight"] = max_inflight
-    if cost is not None:
-        spec["cost_per_1k_tokens"] = cost
+    spec = EngineSpec(model=f"/models/{name}", max_inflight=max_inflight, cost_per_1k_tokens=cost)
     return EngineRecord(
         id=f"e{i:07d}",
         kind="llm",

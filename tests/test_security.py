@@ -87,7 +87,7 @@ def test_foreign_host_never_reads_records(home):
     with running_gateway(home) as gw, fake_upstream() as (port, proc):
         add_engine_record(home, "fake0001", port, proc.pid)
         with StateStore(home / "state.json").transaction() as state:
-            state.engines["fake0001"].spec = {"model": "m", "env": {"HF_TOKEN": "hf_secret"}}
+            state.engines["fake0001"].spec.env = {"HF_TOKEN": "hf_secret"}
         foreign = {**gw.admin, "Host": "attacker.example"}
         r = httpx.get(gw.v1 + ENGINES, headers=foreign)
         assert r.status_code == 403 and "hf_secret" not in r.text

@@ -10,7 +10,7 @@ import stat
 import pytest
 
 from sagellm_cli.core.errors import StateCorrupted
-from sagellm_cli.core.models import EngineRecord
+from sagellm_cli.core.records import AppliedPreset, EngineRecord
 from sagellm_cli.core.state import StateStore
 
 
@@ -88,7 +88,7 @@ def test_concurrent_writers_lose_nothing(home):
 def test_in_place_edits_of_nested_sections_are_written(home):
     store = StateStore()
     with store.transaction() as state:
-        state.presets["demo"] = {"engines": {}}
+        state.presets["demo"] = AppliedPreset()
     with store.transaction() as state:
-        state.presets["demo"]["engines"]["chat"] = "abc123"
-    assert store.read().presets["demo"]["engines"] == {"chat": "abc123"}
+        state.presets["demo"].engines["chat"] = "abc123"
+    assert store.read().presets["demo"].engines == {"chat": "abc123"}

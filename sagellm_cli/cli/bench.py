@@ -123,8 +123,11 @@ def run(
         "--priority-body",
         help="Also send the class as body field `priority` (for the gateway; vLLM rejects it).",
     ),
-    json_out: str | None = typer.Option(
-        None, "--json", help="Write records and summary to FILE (`-`: stdout, tables to stderr)."
+    output: str | None = typer.Option(
+        None, "--output", "-o", help="Write records and summary as JSON to FILE."
+    ),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print records and summary as JSON on stdout (tables to stderr)."
     ),
     plot_out: str | None = typer.Option(None, "--plot", help="Write a latency/throughput PNG."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -152,8 +155,8 @@ def run(
     if plot_out:
         check_plot_available()
         check_writable(plot_out, "--plot")
-    if json_out:
-        check_writable(json_out, "--json")
+    if output:
+        check_writable(output, "--output")
     if request_rate is not None and math.isnan(request_rate):
         raise BadInput("--request-rate is not a number")
     workload_cfg = WorkloadConfig(
@@ -196,9 +199,11 @@ def run(
         with progress:
             result = runner.run()
     data = result.to_dict()
+    if output:
+        write_json(data, output)
     if json_out:
-        write_json(data, json_out)
-    render_summary(data, err if json_out == "-" else stdout_console())
+        emit_json(data)
+    render_summary(data, err if json_out else stdout_console())
     if plot_out:
         plot(data, plot_out)
     summary = data["summary"]["all"]
@@ -211,7 +216,7 @@ def run(
 
 @app.command("compare")
 def compare_cmd(
-    files: list[str] = typer.Argument(..., help="Result files from `bench run --json`."),
+    files: list[str] = typer.Argument(..., help="Result files from `bench run --output`."),
     cls: str = typer.Option("all", "--class", help="Compare one priority class (default all)."),
     json_out: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
 ) -> None:

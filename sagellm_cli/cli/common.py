@@ -57,7 +57,7 @@ class PlainProgress:
         if previous and previous[0] == status and now - previous[1] < self.interval:
             return
         self.last[subject] = (status, now)
-        info(f"[{elapsed:5.0f}s] {subject} {status}" + (f": {line[-120:]}" if line else ""))
+        info(f"[{elapsed:5.0f}s] {subject} {status}" + (f": {line}" if line else ""))
 
 
 def stderr_is_terminal() -> bool:

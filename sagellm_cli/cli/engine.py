@@ -20,6 +20,7 @@ from sagellm_cli.cli.common import (
     uptime,
 )
 from sagellm_cli.core.errors import BadInput, ExitCode
+from sagellm_cli.core.records import spec_default
 
 app = typer.Typer(help="Start, stop and inspect engines.", no_args_is_help=True)
 
@@ -37,7 +38,7 @@ def _spinner_progress(console):
     status = console.status("")
 
     def update(progress) -> None:
-        line = progress.last_log_line[-100:]
+        line = progress.last_log_line
         status.update(
             f"[bold]{progress.engine_id}[/] {progress.status} "
             f"[cyan]{progress.elapsed:5.0f}s[/]  [dim]{escape(line)}[/]"
@@ -61,25 +62,41 @@ def wait_with_spinner(wait_fn, *, quiet: bool):
 @app.command("start")
 def start(
     model: str = typer.Argument(..., help="Model path or Hugging Face id."),
-    engine_kind: str = typer.Option("llm", "--engine-kind", "-k", help="llm or embedding."),
+    engine_kind: str = typer.Option(
+        spec_default("kind"), "--engine-kind", "-k", help="llm or embedding."
+    ),
     runtime: str | None = typer.Option(
         None, help="vllm (llm, embedding) or sentence-transformers (embedding, default)."
     ),
     use_gpu: bool | None = typer.Option(
         None, "--use-gpu/--no-gpu", help="Default: llm on a GPU when one exists, embedding on CPU."
     ),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", "-tp", min=1),
-    pipeline_parallel: int = typer.Option(1, "--pipeline-parallel", "-pp", min=1),
+    tensor_parallel: int = typer.Option(
+        spec_default("tensor_parallel"), "--tensor-parallel", "-tp", min=1
+    ),
+    pipeline_parallel: int = typer.Option(
+        spec_default("pipeline_parallel"), "--pipeline-parallel", "-pp", min=1
+    ),
     port: int | None = typer.Option(None, help="Default: a free port."),
-    host: str = typer.Option("127.0.0.1", help="Address the engine binds."),
+    host: str = typer.Option(spec_default("host"), help="Address the engine binds."),
     label: str | None = typer.Option(None, help="A name to refer to the engine by."),
     served_model_name: str | None = typer.Option(None, help="Default: MODEL as given."),
     max_model_len: int | None = typer.Option(None, min=1),
     kv_cache_gb: float | None = typer.Option(None, help="KV-cache bound in GiB (CPU default 1)."),
     gpu_memory_gb: float | None = typer.Option(None, help="Override the GPU memory estimate."),
     gpus: str | None = typer.Option(None, help="Pin NVML GPU indices, e.g. 0,1."),
-    placement: str = typer.Option("pack", help="GPU placement: pack (best fit) or spread."),
-    role: str = typer.Option("general", help="general, prefill or decode (length routing)."),
+    placement: str = typer.Option(
+        spec_default("placement"), help="GPU placement: pack (best fit) or spread."
+    ),
+    role: str = typer.Option(
+        spec_default("role"), help="general, prefill or decode (length routing)."
+    ),
+    max_inflight: int | None = typer.Option(
+        None, min=1, help="Gateway scheduling: requests in flight at once on this engine."
+    ),
+    cost_per_1k_tokens: float | None = typer.Option(
+        None, min=0, help="Gateway `cost` scheduling: this engine's price per 1k tokens."
+    ),
     extra_arg: list[str] | None = typer.Option(
         None, "--extra-arg", help="Passed to the runtime verbatim (repeatable)."
     ),
@@ -89,7 +106,7 @@ def start(
     json_out: bool = typer.Option(False, "--json", help="Print the record as JSON."),
 ) -> None:
     """Start an engine and wait until it serves requests."""
-    from sagellm_cli.core.models import EngineSpec
+    from sagellm_cli.core.records import EngineSpec
 
     check_timeout(timeout)
     if engine_kind not in ("llm", "embedding"):
@@ -113,6 +130,8 @@ def start(
         gpus=parse_index_list(gpus, "--gpus"),
         placement=placement,
         role=role,
+        max_inflight=max_inflight,
+        cost_per_1k_tokens=cost_per_1k_tokens,
         extra_args=list(extra_arg or []),
         env=parse_env(env),
     )
@@ -155,7 +174,7 @@ def stop(
         manager.stop_all(timeout=timeout) if all_engines else [manager.stop(ref, timeout=timeout)]
     )
     if json_out:
-        emit_json([r.to_dict() for r in records] if all_engines else records[0].to_dict())
+        emit_json([r.to_dict() for r in records])  # always a list, one engine or --all
         return
     if not records:
         info("no running engines")
@@ -225,9 +244,32 @@ def show(
     if json_out:
         emit_json(record.to_dict())
         return
-    from rich.pretty import Pretty
+    _render_record(record)
 
-    stdout_console().print(Pretty(record.to_dict()))
+
+def _render_record(record) -> None:
+    """`engine show`: the record as aligned `field  value` lines, like `gh pr view`."""
+    import shlex
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    data = record.to_dict()  # secrets masked
+    spec = data.pop("spec") or {}
+    command = data.pop("command")
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in data.items():
+        if value in (None, [], ""):
+            continue
+        table.add_row(
+            key, escape(", ".join(map(str, value)) if isinstance(value, list) else str(value))
+        )
+    table.add_row("command", escape(shlex.join(command)) if command else "-")
+    options = {k: v for k, v in spec.items() if v not in (None, [], {}, "")}
+    table.add_row("spec", escape(" ".join(f"{k}={v}" for k, v in options.items())))
+    stdout_console().print(table)
 
 
 @app.command("logs")

@@ -144,7 +144,7 @@ class _LiveTable:
                 color = self.COLORS.get(status, "white")
                 table.add_row(
                     escape(label), f"[{color}]{status}[/]", f"{elapsed:5.0f}s",
-                    f"[dim]{escape(line[-120:])}[/]",
+                    f"[dim]{escape(line)}[/]",
                 )  # fmt: skip
         return table
 
@@ -189,32 +189,9 @@ def list_presets(json_out: bool = typer.Option(False, "--json")) -> None:
     from sagellm_cli.core import presets
     from sagellm_cli.core.state import StateStore
 
-    applied = StateStore().read().presets
-    rows = [
-        {
-            "name": p.name,
-            "description": p.config.description,
-            "engines": sum(e.replicas for e in p.config.engines),
-            "file": str(p.path),
-            "applied": p.name in applied,
-        }
-        for p in presets.list_builtin()
-    ]
-    # Presets applied from files show up too, so that `down` targets are discoverable.
-    builtin = {row["name"] for row in rows}
-    rows += [
-        {
-            "name": name,
-            "description": entry.get("description", ""),
-            "engines": len(entry.get("engines") or {}),
-            "file": entry.get("file"),
-            "applied": True,
-        }
-        for name, entry in sorted(applied.items())
-        if name not in builtin and isinstance(entry, dict)
-    ]
+    rows = presets.summaries(StateStore().read().presets)
     if json_out:
-        emit_json(rows)
+        emit_json([row.to_dict() for row in rows])
         return
     from rich.table import Table
 
@@ -222,8 +199,7 @@ def list_presets(json_out: bool = typer.Option(False, "--json")) -> None:
     for column in ("NAME", "ENGINES", "APPLIED", "DESCRIPTION"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(row["name"], str(row["engines"]), "yes" if row["applied"] else "-",
-                      row["description"])  # fmt: skip
+        table.add_row(row.name, str(row.engines), "yes" if row.applied else "-", row.description)
     stdout_console().print(table)
 
 
@@ -312,6 +288,7 @@ def apply(
         else:
             _print_plan(plan)
         return
+    plan.check_startable()
     confirm = yes
     if plan.remove and not yes and not json_out and sys.stdin.isatty():
         names = ", ".join(f"{r.label} ({r.id})" for r in plan.remove)

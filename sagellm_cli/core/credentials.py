@@ -47,6 +47,8 @@ SAFE_ENV_KEYS = frozenset(
         "VLLM_DISABLE_COMPILE_CACHE",
     }
 )
+# What sagellm itself sets for an engine: shown in output although the API can't set it.
+SAGELLM_SET_ENV = frozenset({"TMPDIR", "VLLM_CACHE_ROOT", "PYTHONUNBUFFERED", "SAGELLM_ENGINE_ID"})
 _SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.I)
 
 
@@ -61,11 +63,13 @@ def env_allowed_remotely(name: str) -> bool:
 
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:
-    """Values shown only for allow-listed, non-secret names; `***` otherwise."""
+    """Values shown only for allow-listed (or sagellm's own), non-secret names; `***`
+    otherwise."""
     return {
-        k: (v if env_allowed_remotely(k) and not is_secret_name(k) else MASK)
+        k: (v if (env_allowed_remotely(k) or k in SAGELLM_SET_ENV) and not is_secret_name(k)
+            else MASK)
         for k, v in env.items()
-    }
+    }  # fmt: skip
 
 
 def redact_argv(argv: list[str]) -> list[str]:

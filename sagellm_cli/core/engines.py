@@ -7,9 +7,9 @@ outside it so that other shells are never blocked behind one engine.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sagellm_cli.core import logs, paths
-from sagellm_cli.core.cpu_placement import pick_cores
 from sagellm_cli.core.credentials import engine_environ, redact_argv
-from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed, ResourceUnavailable
-from sagellm_cli.core.launcher import launcher_for
-from sagellm_cli.core.models import ROLES, EngineRecord, EngineSpec
-from sagellm_cli.core.process import read_exit_code
+from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
+from sagellm_cli.core.launcher import launcher_for, launcher_for_spec
+from sagellm_cli.core.records import ROLES, EngineRecord, EngineSpec
 from sagellm_cli.core.state import State, StateStore
 
 if TYPE_CHECKING:
@@ -31,6 +29,8 @@ if TYPE_CHECKING:
 LOG_TAIL_ON_FAILURE = 20
 # A record without a pid is a spawn in progress; after this long it never happened.
 SPAWN_GRACE_S = 120.0
+# How long a dead engine's helpers get to exit on SIGTERM before SIGKILL.
+REAP_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -44,11 +44,6 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
-
-
-def exit_file(engine_id: str) -> Path:
-    """Where the engine's wrapper writes its exit code."""
-    return paths.run_dir() / engine_id / "exit"
 
 
 def validate_spec(spec: EngineSpec) -> str:
@@ -113,13 +108,15 @@ class EngineManager:
                 self._mark_dead(state, record, None)
 
     def _refresh(self, *, probe_health: bool) -> State:
-        """Reconcile under the lock, then probe readiness outside it and record the results.
+        """Reconcile under the lock, reap orphans and probe readiness outside it.
 
         Probes can take up to their timeout each; holding the lock meanwhile would stall
         every other command and the gateway's reads.
         """
         with self.store.transaction() as state:
             self.reconcile(state)
+        if any(r.orphans for r in state.engines.values()):
+            state = self.reap(state)
         due = [
             r
             for r in state.engines.values()
@@ -143,8 +140,30 @@ class EngineManager:
                     record.status = "unhealthy"
         return state
 
+    def reap(self, state: State) -> State:
+        """Stop the helpers of dead engines (outside the lock), then release what they held.
+
+        A killed API server leaves vLLM's EngineCore running with its memory; until it is
+        gone the engine's reservation stays, so the memory is never counted as free.
+        """
+        orphaned = [r for r in state.engines.values() if r.orphans]
+        for record in orphaned:
+            launcher_for(record.node).terminate(record, timeout=REAP_TIMEOUT_S)
+        with self.store.transaction() as state:
+            for record in orphaned:
+                current = state.engines.get(record.id)
+                if current is None or not current.orphans:
+                    continue
+                launcher = launcher_for(current.node)
+                if not launcher.has_leftovers(current):
+                    current.orphans = False
+                    state.release(current.id)
+                    launcher.cleanup(current)
+        return state
+
     def _mark_dead(self, state: State, record: EngineRecord, reason: str | None) -> None:
-        record.exit_code = read_exit_code(exit_file(record.id))
+        launcher = launcher_for(record.node)
+        record.exit_code = launcher.exit_code(record)
         if record.status == "stopping":
             record.status = "stopped"
         else:
@@ -156,8 +175,11 @@ class EngineManager:
             else:
                 record.error = "engine process is gone"
         record.stopped_at = record.stopped_at or time.time()
+        if launcher.has_leftovers(record):
+            record.orphans = True  # reap() stops them and then releases the reservation
+            return
         state.release(record.id)
-        _remove_scratch(record.id)
+        launcher.cleanup(record)
 
     def list(self, *, include_all: bool = False, probe_health: bool = False) -> list[EngineRecord]:
         """Engines, reconciled with reality; stopped and failed ones only with `include_all`."""
@@ -189,6 +211,7 @@ class EngineManager:
         with self.store.transaction() as state:
             self.reconcile(state)
             record, placement = self._reserve(state, spec, runtime, reuse_id)
+            launcher = launcher_for(record.node)
             launch = build_launch(
                 spec,
                 runtime=runtime,
@@ -197,7 +220,7 @@ class EngineManager:
                 # Mock GPUs exist for placement tests: the process itself runs on CPU.
                 placement=None if placement is None or placement.mock else placement,
                 cpu_cores=record.cpu_cores,
-                scratch_dir=paths.ensure_private_dir(paths.scratch_dir(record.id)),
+                scratch_dir=launcher.scratch_dir(record.id),
                 cache_dir=paths.ensure_private_dir(paths.state_dir() / "cache" / "vllm"),
             )
             record.command = launch.argv
@@ -206,7 +229,6 @@ class EngineManager:
         env.setdefault("PYTHONUNBUFFERED", "1")
         log_path = Path(record.log_path)
         paths.ensure_private_dir(log_path.parent)
-        paths.ensure_private_dir(exit_file(record.id).parent)
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(
                 f"\n[sagellm] {time.strftime('%Y-%m-%d %H:%M:%S')} starting engine "
@@ -215,9 +237,7 @@ class EngineManager:
         try:
             # Taken before the spawn: every process of the engine is younger (see group_members).
             spawned_at = time.time()
-            handle = launcher_for(record.node).spawn(
-                launch.argv, env, log_path, exit_file(record.id)
-            )
+            handle = launcher.spawn(record.id, launch.argv, env, log_path)
         except OSError as exc:
             with self.store.transaction() as state:
                 failed = state.engines.get(record.id)
@@ -235,31 +255,26 @@ class EngineManager:
         # Stopped or pruned while the process was being spawned: don't leave it behind.
         record.pid, record.pgid = handle.pid, handle.pgid
         record.pid_create_time, record.started_at = handle.create_time, spawned_at
-        launcher_for(record.node).terminate(record, timeout=10.0)
+        launcher.terminate(record, timeout=10.0)
         raise OperationFailed(f"engine {record.id} was stopped while starting")
 
     def _reserve(
         self, state: State, spec: EngineSpec, runtime: str, reuse_id: str | None
     ) -> tuple[EngineRecord, Placement | None]:
-        from sagellm_cli.core.gpu import plan_gpu
-
         live = [r for r in state.engines.values() if r.is_live and r.id != reuse_id]
-        taken = {r.port for r in live}
-        if state.gateway and state.gateway.get("port"):
-            taken.add(int(state.gateway["port"]))
+        taken = state.taken_ports(exclude={reuse_id} if reuse_id else set())
         if spec.label and any(r.label == spec.label for r in live):
             raise BadInput(
                 f"label {spec.label!r} is already used by a running engine",
                 hint="choose another --label or stop that engine first",
             )
-        from sagellm_cli.core import ports
-
+        launcher = launcher_for_spec(spec)
         if spec.port is not None:
-            ports.check_requested_port(spec.host, spec.port, taken)
+            launcher.check_port(spec.host, spec.port, taken)
             port = spec.port
         else:
-            port = ports.allocate_port(spec.host, taken)
-        placement = plan_gpu(spec, state)
+            port = launcher.allocate_port(spec.host, taken)
+        placement, cpu_cores = launcher.place(spec, runtime, state, live)
         engine_id = reuse_id or _new_id(state)
         now = time.time()
         record = EngineRecord(
@@ -278,10 +293,10 @@ class EngineManager:
             log_path=str(paths.logs_dir() / f"{engine_id}.log"),
             preset=spec.preset,
             role=spec.role,
-            spec=spec.to_dict(),
+            node=launcher.node,
+            cpu_cores=cpu_cores,
+            spec=spec,
         )
-        if (placement is None or placement.mock) and _binds_cpu_threads(spec, runtime):
-            record.cpu_cores = pick_cores(r.cpu_cores for r in live)
         state.engines[engine_id] = record
         if placement:
             state.reservations[engine_id] = placement.reservation(engine_id)
@@ -397,10 +412,11 @@ class EngineManager:
                 record.stopped_at = time.time()
                 if error:
                     record.error = error
-            record.exit_code = read_exit_code(exit_file(engine_id))
+            record.exit_code = launcher.exit_code(record)
+            record.orphans = False
             state.release(engine_id)
-        _remove_scratch(engine_id)
-        _wait_port_free(record.host, record.port)
+        launcher.cleanup(record)
+        launcher.wait_port_free(record)
         return record
 
     def restart(
@@ -414,8 +430,7 @@ class EngineManager:
     ) -> EngineRecord:
         """Stop and start again with the same id, port and options."""
         record = self.stop(ref, timeout=stop_timeout)
-        spec = EngineSpec.from_dict(record.spec)
-        spec.port = record.port
+        spec = dataclasses.replace(record.spec, port=record.port)
         fresh = self.spawn(spec, reuse_id=record.id)
         if not wait:
             return fresh
@@ -437,8 +452,7 @@ class EngineManager:
                 state.release(record.id)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(record.log_path)
-                shutil.rmtree(paths.run_dir() / record.id, ignore_errors=True)
-                _remove_scratch(record.id)
+                launcher_for(record.node).cleanup(record, forget=True)
         return dead
 
 
@@ -450,8 +464,9 @@ def resolve_ref(state: State, ref: str) -> EngineRecord:
     live_by_label = [r for r in by_label if r.is_live]
     if len(live_by_label) == 1:
         return live_by_label[0]
-    if len(by_label) == 1:
-        return by_label[0]
+    if by_label and not live_by_label:
+        # Labels are unique among live engines only: of old records, the newest is meant.
+        return max(by_label, key=lambda r: r.created_at)
     by_prefix = [r for r in state.engines.values() if len(ref) >= 3 and r.id.startswith(ref)]
     if len(by_prefix) == 1:
         return by_prefix[0]
@@ -462,15 +477,6 @@ def resolve_ref(state: State, ref: str) -> EngineRecord:
     raise NotFound(f"no engine {ref!r}", hint="see `sage llm engine list --all`")
 
 
-def _binds_cpu_threads(spec: EngineSpec, runtime: str) -> bool:
-    # vLLM's bind list takes one core set per rank; the user's own binding wins.
-    return (
-        runtime == "vllm"
-        and spec.tensor_parallel * spec.pipeline_parallel == 1
-        and "VLLM_CPU_OMP_THREADS_BIND" not in spec.env
-    )
-
-
 def _new_id(state: State) -> str:
     while True:
         candidate = os.urandom(4).hex()
@@ -478,27 +484,7 @@ def _new_id(state: State) -> str:
             return candidate
 
 
-def _remove_scratch(engine_id: str) -> None:
-    # vLLM leaves dist-init files and inductor folders in its TMPDIR on every start. Only
-    # verified private roots are cleaned: a root that is a symlink could point anywhere.
-    for scratch in paths.scratch_dirs(engine_id):
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
 def _probe_ready(record: EngineRecord, timeout: float = 2.0) -> bool:
     from sagellm_cli.core import probe  # http.client costs start-up time: only when a probe is due
 
     return probe.is_ready(record.url, record.kind, record.served_model_name, timeout=timeout)
-
-
-def _wait_port_free(host: str, port: int, timeout: float = 5.0) -> None:
-    from sagellm_cli.core import ports
-
-    deadline = time.monotonic() + timeout
-    while not ports.is_port_free(host, port):
-        if time.monotonic() > deadline:
-            raise ResourceUnavailable(
-                f"port {port} is still bound after the engine stopped",
-                hint="another process may hold it; check with `ss -ltnp`",
-            )
-        time.sleep(0.1)

@@ -1,13 +1,27 @@
-"""Where engines run. One interface, so that a Ray launcher can join the local one."""
+"""Where engines run. One interface, so that a Ray launcher can join the local one.
+
+`EngineManager` and the gateway's health checks go through a `Launcher` for everything
+that depends on where the engine runs: ports, scratch space, spawning, liveness,
+stopping, exit codes and clean-up. Only `LocalLauncher` knows that an engine is a
+process group on this machine.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from sagellm_cli.core import process
-from sagellm_cli.core.models import EngineRecord
+from sagellm_cli.core import paths, process
+from sagellm_cli.core.errors import ResourceUnavailable
 from sagellm_cli.core.process import ProcessHandle
+from sagellm_cli.core.records import EngineRecord, EngineSpec
+
+if TYPE_CHECKING:
+    from sagellm_cli.core.gpu import Placement
+    from sagellm_cli.core.state import State
+
+LOCAL = "local"
 
 
 class Launcher(Protocol):
@@ -15,10 +29,29 @@ class Launcher(Protocol):
 
     node: str
 
+    def allocate_port(self, host: str, taken: Iterable[int]) -> int:
+        """A free port on the node that no record holds."""
+        ...
+
+    def check_port(self, host: str, port: int, taken: Iterable[int]) -> None:
+        """Raise ResourceUnavailable (exit 4) if a requested port is recorded or bound."""
+        ...
+
+    def place(
+        self, spec: EngineSpec, runtime: str, state: State, live: list[EngineRecord]
+    ) -> tuple[Placement | None, list[int]]:
+        """GPUs (a placement whose reservation goes into the ledger, or None for CPU) and
+        the CPU cores the engine may use; called under the state lock."""
+        ...
+
+    def scratch_dir(self, engine_id: str) -> Path:
+        """The engine's private TMPDIR on the node (created)."""
+        ...
+
     def spawn(
-        self, argv: list[str], env: dict[str, str], log_path: Path, exit_file: Path
+        self, engine_id: str, argv: list[str], env: dict[str, str], log_path: Path
     ) -> ProcessHandle:
-        """Start the engine and return its identity."""
+        """Start the engine detached from the caller and return its identity."""
         ...
 
     def is_alive(self, record: EngineRecord) -> bool:
@@ -26,23 +59,66 @@ class Launcher(Protocol):
         ...
 
     def has_leftovers(self, record: EngineRecord) -> bool:
-        """True if any process of the engine's group or tree still runs."""
+        """True if any process of the engine (its helpers included) still runs."""
         ...
 
     def terminate(self, record: EngineRecord, timeout: float) -> int:
         """Stop every process of the engine; return how many needed SIGKILL."""
         ...
 
+    def exit_code(self, record: EngineRecord) -> int | None:
+        """The engine's exit code once it has exited (128+N for signal N), else None."""
+        ...
+
+    def wait_port_free(self, record: EngineRecord, timeout: float = 5.0) -> None:
+        """Return once the stopped engine's port is free (ResourceUnavailable if not)."""
+        ...
+
+    def cleanup(self, record: EngineRecord, *, forget: bool = False) -> None:
+        """Remove the engine's scratch space; with `forget`, also its run files."""
+        ...
+
 
 class LocalLauncher:
-    """Runs engines as process groups on this machine."""
+    """Runs engines as detached process groups on this machine."""
 
-    node = "local"
+    node = LOCAL
+
+    def allocate_port(self, host: str, taken: Iterable[int]) -> int:
+        """A port the OS reports free and no record holds."""
+        from sagellm_cli.core import ports  # spawn path only: keeps `engine list` start-up small
+
+        return ports.allocate_port(host, taken)
+
+    def check_port(self, host: str, port: int, taken: Iterable[int]) -> None:
+        """Exit 4 if the port is recorded or bound."""
+        from sagellm_cli.core import ports
+
+        ports.check_requested_port(host, port, taken)
+
+    def place(
+        self, spec: EngineSpec, runtime: str, state: State, live: list[EngineRecord]
+    ) -> tuple[Placement | None, list[int]]:
+        """NVML and the ledger choose GPUs; CPU engines get their own share of the cores."""
+        from sagellm_cli.core.cpu_placement import pick_cores
+        from sagellm_cli.core.gpu import plan_gpu
+
+        placement = plan_gpu(spec, state)
+        cores: list[int] = []
+        if (placement is None or placement.mock) and _binds_cpu_threads(spec, runtime):
+            cores = pick_cores(r.cpu_cores for r in live)
+        return placement, cores
+
+    def scratch_dir(self, engine_id: str) -> Path:
+        """A private folder under the system temp dir (or the state dir), short for sockets."""
+        return paths.ensure_private_dir(paths.scratch_dir(engine_id))
 
     def spawn(
-        self, argv: list[str], env: dict[str, str], log_path: Path, exit_file: Path
+        self, engine_id: str, argv: list[str], env: dict[str, str], log_path: Path
     ) -> ProcessHandle:
         """Start `argv` in its own session with output appended to `log_path`."""
+        exit_file = _exit_file(engine_id)
+        paths.ensure_private_dir(exit_file.parent)
         return process.spawn_group(argv, env, log_path, exit_file)
 
     def is_alive(self, record: EngineRecord) -> bool:
@@ -57,14 +133,65 @@ class LocalLauncher:
         """SIGTERM the group, then SIGKILL after `timeout`."""
         return process.terminate_group(_own_pid(record), record.pgid, record.started_at, timeout)
 
+    def exit_code(self, record: EngineRecord) -> int | None:
+        """What the engine's wrapper shell wrote when the engine exited."""
+        return process.read_exit_code(_exit_file(record.id))
+
+    def wait_port_free(self, record: EngineRecord, timeout: float = 5.0) -> None:
+        """Poll a bind of the port until it succeeds."""
+        import time
+
+        from sagellm_cli.core import ports
+
+        deadline = time.monotonic() + timeout
+        while not ports.is_port_free(record.host, record.port):
+            if time.monotonic() > deadline:
+                raise ResourceUnavailable(
+                    f"port {record.port} is still bound after the engine stopped",
+                    hint="another process may hold it; check with `ss -ltnp`",
+                )
+            time.sleep(0.1)
+
+    def cleanup(self, record: EngineRecord, *, forget: bool = False) -> None:
+        """vLLM leaves dist-init files and inductor folders in its TMPDIR on every start."""
+        import shutil
+
+        # Only verified private roots are cleaned: a root that is a symlink could point anywhere.
+        for scratch in paths.scratch_dirs(record.id):
+            shutil.rmtree(scratch, ignore_errors=True)
+        if forget:
+            shutil.rmtree(paths.run_dir() / record.id, ignore_errors=True)
+
+
+def _binds_cpu_threads(spec: EngineSpec, runtime: str) -> bool:
+    # vLLM's bind list takes one core set per rank; the user's own binding wins.
+    return (
+        runtime == "vllm"
+        and spec.tensor_parallel * spec.pipeline_parallel == 1
+        and "VLLM_CPU_OMP_THREADS_BIND" not in spec.env
+    )
+
+
+def _exit_file(engine_id: str) -> Path:
+    return paths.run_dir() / engine_id / "exit"
+
 
 def _own_pid(record: EngineRecord) -> int | None:
     # A reused pid belongs to someone else: never walk or signal its tree.
     return record.pid if process.is_alive(record.pid, record.pid_create_time) else None
 
 
+_LAUNCHERS: dict[str, Launcher] = {LOCAL: LocalLauncher()}
+
+
+def launcher_for_spec(spec: EngineSpec) -> Launcher:
+    """Where a new engine runs: on this machine (the only launcher so far)."""
+    return _LAUNCHERS[LOCAL]
+
+
 def launcher_for(node: str) -> Launcher:
     """The launcher of a node; only `local` exists so far."""
-    if node != "local":
+    launcher = _LAUNCHERS.get(node)
+    if launcher is None:
         raise NotImplementedError(f"no launcher for node {node!r}")
-    return LocalLauncher()
+    return launcher

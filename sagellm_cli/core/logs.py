@@ -9,6 +9,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# vLLM's prefix: `(EngineCore_DP0 pid=12) INFO 11-29 22:51:46 [core.py:93] ` (the process
+# tag is optional); what a person wants to see is the message after it.
+_VLLM_PREFIX = re.compile(
+    r"^(?:\([^)]*\)\s+)?(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+"
+    r"\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?\s+(?:\[[^\]]*\]\s+)?"
+)
 _TAIL_CHUNK = 64 * 1024
 
 
@@ -33,11 +39,13 @@ def tail_lines(path: str | Path, n: int) -> list[str]:
     return [_ANSI.sub("", line) for line in lines[-n:]]
 
 
-def last_line(path: str | Path) -> str:
-    """The last non-empty log line, for progress displays."""
+def last_line(path: str | Path, width: int = 100) -> str:
+    """The last non-empty log line for progress displays: vLLM's timestamp prefix dropped,
+    cut on the right to `width` characters (the start of a message says the most)."""
     for line in reversed(tail_lines(path, 5)):
-        if line.strip():
-            return line.strip()
+        text = _VLLM_PREFIX.sub("", line.strip())
+        if text:
+            return text if len(text) <= width else text[: width - 1] + "…"
     return ""
 
 

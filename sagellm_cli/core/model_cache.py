@@ -29,7 +29,7 @@ from sagellm_cli.core.embedding_models import (
     resolve_embedding_model,
 )
 from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
-from sagellm_cli.core.paths import ensure_private_dir, models_dir
+from sagellm_cli.core.paths import engine_python, ensure_private_dir, models_dir
 
 ModelSource = Literal["local-path", "cache", "packaged", "hf-cache", "remote"]
 
@@ -287,13 +287,6 @@ def _check_free(name: str, replace: bool) -> None:
 # ---------------------------------------------------------------- GGUF import
 
 
-def _engine_python() -> str:
-    # The interpreter that has torch/transformers: the one engines run with.
-    from sagellm_cli.core.runtimes import engine_python
-
-    return engine_python()
-
-
 def _keep_log(log_path: Path, name: str) -> Path | None:
     """Copy a failed conversion's log out of the temp folder (which is deleted)."""
     from sagellm_cli.core.paths import logs_dir
@@ -310,7 +303,7 @@ def _run_converter(
     gguf: Path, out: Path, log_path: Path, name: str, on_progress: ProgressFn | None
 ) -> dict:
     """Run `convert_gguf` in a subprocess; return its final JSON facts or raise OperationFailed."""
-    argv = [_engine_python(), "-m", "sagellm_cli.core.convert_gguf", "--gguf", str(gguf)]
+    argv = [engine_python(), "-m", "sagellm_cli.core.convert_gguf", "--gguf", str(gguf)]
     argv += ["--out", str(out)]
     env = dict(os.environ)
     # No downloads, no telemetry: everything the converter needs is in the GGUF.

@@ -7,6 +7,14 @@ import stat
 from pathlib import Path
 
 
+def engine_python() -> str:
+    """The interpreter that runs engines and model conversions (`SAGELLM_ENGINE_PYTHON`
+    overrides): the one that has torch, transformers and vLLM."""
+    import sys
+
+    return os.environ.get("SAGELLM_ENGINE_PYTHON") or sys.executable
+
+
 def state_dir() -> Path:
     """`$SAGELLM_HOME`, else `$XDG_STATE_HOME/sagellm`, else `~/.local/state/sagellm`."""
     home = os.environ.get("SAGELLM_HOME")

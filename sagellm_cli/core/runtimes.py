@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.model_cache import model_argument
+from sagellm_cli.core.paths import engine_python
 
 if TYPE_CHECKING:
     from sagellm_cli.core.gpu import Placement
-    from sagellm_cli.core.models import EngineSpec
+    from sagellm_cli.core.records import EngineSpec
 
 VLLM = "vllm"
 SENTENCE_TRANSFORMERS = "sentence-transformers"
@@ -46,11 +45,6 @@ def resolve_runtime(kind: str, runtime: str | None) -> str:
             f"runtime {chosen!r} can't serve {kind} engines", hint=f"use --runtime {allowed}"
         )
     return chosen
-
-
-def engine_python() -> str:
-    """The interpreter that runs engines (`SAGELLM_ENGINE_PYTHON` overrides)."""
-    return os.environ.get("SAGELLM_ENGINE_PYTHON") or sys.executable
 
 
 def local_max_position(model: str) -> int | None:
@@ -132,14 +126,20 @@ def _vllm(
         argv += ["--runner", "pooling"]
     env: dict[str, str] = {"TMPDIR": str(scratch_dir), "VLLM_CACHE_ROOT": str(cache_dir)}
     max_len = spec.max_model_len
+    if placement is None and spec.tensor_parallel * spec.pipeline_parallel > 1:
+        # vLLM's CPU build would start one process and silently ignore the split.
+        raise BadInput(
+            f"tensor_parallel {spec.tensor_parallel} x pipeline_parallel "
+            f"{spec.pipeline_parallel} needs GPUs; this engine runs on the CPU",
+            hint="drop --tensor-parallel/--pipeline-parallel, or run where NVML sees GPUs",
+        )
     if placement is None:
         if max_len is None and spec.kind == "llm":
             limit = local_max_position(model)
             max_len = min(CPU_DEFAULT_MAX_MODEL_LEN, limit) if limit else CPU_DEFAULT_MAX_MODEL_LEN
         kv_gb = spec.kv_cache_gb if spec.kv_cache_gb is not None else CPU_DEFAULT_KV_CACHE_GB
         argv += ["--enforce-eager", "--kv-cache-memory-bytes", _bytes_arg(kv_gb)]
-        if spec.tensor_parallel * spec.pipeline_parallel == 1:
-            argv += ["--distributed-executor-backend", "uni"]
+        argv += ["--distributed-executor-backend", "uni"]
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     else:
         argv += [

@@ -1,6 +1,6 @@
 """The strict pydantic model of an engine's options, derived from `EngineSpec`.
 
-`EngineSpec` (core/models.py) is the one definition of the fields; this module turns
+`EngineSpec` (core/records.py) is the one definition of the fields; this module turns
 its string annotations into a pydantic model, so that presets, the management API and
 `sage llm engine start` reject the same bad values with the same messages. pydantic is
 imported here only, never on `engine list`'s path.
@@ -15,9 +15,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from sagellm_cli.core import models
+from sagellm_cli.core import records
 from sagellm_cli.core.errors import BadInput
-from sagellm_cli.core.models import EngineSpec
+from sagellm_cli.core.records import EngineSpec
 
 # Strict: "2" is not an int, 1 is not a string; finite numbers only; unknown keys are errors.
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -27,7 +27,7 @@ STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 def engine_options_model() -> type[BaseModel]:
     """The pydantic model of the user-settable EngineSpec fields (cached)."""
     hints = typing.get_type_hints(
-        EngineSpec, globalns=vars(models), localns={"Field": Field}, include_extras=True
+        EngineSpec, globalns=vars(records), localns={"Field": Field}, include_extras=True
     )
     fields: dict[str, Any] = {}
     for spec_field in dataclasses.fields(EngineSpec):
@@ -80,7 +80,7 @@ def parse_engine_options(data: Any, *, what: str = "engine spec") -> EngineSpec:
         loc = tuple(first["loc"])
         if first["type"] == "extra_forbidden":
             message = f"unknown field {str(loc[-1])!r}"
-            hint = "accepted: " + ", ".join(models.option_fields())
+            hint = "accepted: " + ", ".join(records.option_fields())
         elif first["type"] == "missing":
             message, hint = f"{key_path(loc)!r} is required", None
         else:
@@ -92,5 +92,5 @@ def parse_engine_options(data: Any, *, what: str = "engine spec") -> EngineSpec:
 
 def check_spec(spec: EngineSpec) -> None:
     """Validate an EngineSpec built in code (the CLI's options) against the same model."""
-    data = {k: v for k, v in spec.to_dict().items() if k in models.option_fields()}
+    data = {k: v for k, v in spec.to_dict().items() if k in records.option_fields()}
     parse_engine_options(data)

@@ -8,11 +8,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
 import os
 import re
-import types
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +17,13 @@ from typing import Any
 
 from sagellm_cli.core import paths
 from sagellm_cli.core.errors import StateCorrupted
-from sagellm_cli.core.models import EngineRecord, GpuReservation
+from sagellm_cli.core.records import (
+    AppliedPreset,
+    EngineRecord,
+    GatewayRecord,
+    GpuReservation,
+    decode,
+)
 
 STATE_VERSION = 1
 
@@ -31,8 +34,8 @@ class State:
 
     engines: dict[str, EngineRecord] = field(default_factory=dict)
     reservations: dict[str, GpuReservation] = field(default_factory=dict)
-    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
-    gateway: dict[str, Any] | None = None
+    presets: dict[str, AppliedPreset] = field(default_factory=dict)
+    gateway: GatewayRecord | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document written to disk."""
@@ -40,13 +43,20 @@ class State:
             "version": STATE_VERSION,
             "engines": {k: v.to_state() for k, v in self.engines.items()},
             "reservations": {k: v.to_dict() for k, v in self.reservations.items()},
-            "presets": self.presets,
-            "gateway": self.gateway,
+            "presets": {k: v.to_dict() for k, v in self.presets.items()},
+            "gateway": self.gateway.to_dict() if self.gateway else None,
         }
 
     def release(self, engine_id: str) -> None:
         """Drop the GPU reservation of one engine, if any."""
         self.reservations.pop(engine_id, None)
+
+    def taken_ports(self, *, exclude: set[str] = frozenset()) -> set[int]:
+        """Ports held by live engines (except `exclude`) and by the gateway."""
+        taken = {r.port for r in self.engines.values() if r.is_live and r.id not in exclude}
+        if self.gateway:
+            taken.add(self.gateway.port)
+        return taken
 
 
 def _corrupt(path: Path, why: str) -> StateCorrupted:
@@ -56,70 +66,9 @@ def _corrupt(path: Path, why: str) -> StateCorrupted:
     )
 
 
-# Bounds for numbers read back from the file: a pid is handed to kill(2), where -1 or 0
-# would signal every process or our own group, and a huge int overflows C calls.
-_PID_RANGE = (1, 2**31 - 1)
-_PORT_RANGE = (1, 65535)
-_INDEX_RANGE = (0, 2**20)
-_INT_RANGE = (-(2**63), 2**63 - 1)
-_FLOAT_LIMIT = 1e18
-_RANGES: dict[str, tuple[int, int]] = {
-    "pid": _PID_RANGE,
-    "pgid": _PID_RANGE,
-    "port": _PORT_RANGE,
-    "gpus": _INDEX_RANGE,
-    "cpu_cores": _INDEX_RANGE,
-}
-
-
-def _type_ok(value: Any, hint: Any, bounds: tuple[int, int] = _INT_RANGE) -> bool:
-    """True if a decoded JSON value fits a dataclass field type (unknown types pass)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg, bounds) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if isinstance(value, bool):
-        return hint is Any  # JSON true/false is never a number or a string here
-    if hint is int:
-        return isinstance(value, int) and bounds[0] <= value <= bounds[1]
-    if hint is float:
-        if isinstance(value, int):
-            return abs(value) <= _FLOAT_LIMIT
-        return isinstance(value, float) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is list:
-        (item,) = typing.get_args(hint) or (Any,)
-        return isinstance(value, list) and all(_type_ok(v, item, bounds) for v in value)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return True  # Any, or a type added later: from_dict decides
-
-
-def _check_fields(hints: dict[str, Any], value: Any) -> None:
-    """Raise ValueError naming the first known field of `value` whose value doesn't fit."""
-    if not isinstance(value, dict):
-        raise ValueError("not an object")
-    for name, item in value.items():
-        if name in hints and not _type_ok(item, hints[name], _RANGES.get(name, _INT_RANGE)):
-            raise ValueError(f"field {name!r} has a bad value {_short(item)}")
-
-
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-# The gateway record's fields that are used for signals and binds.
-_GATEWAY_FIELDS: dict[str, Any] = {
-    "pid": int | None,
-    "pgid": int | None,
-    "port": int | None,
-    "create_time": float | None,
-}
 
 
 # Ids name files and folders that are removed (logs, run dirs, scratch): no path parts.
@@ -140,31 +89,6 @@ def _too_deep(value: Any) -> bool:
         elif isinstance(item, list):
             stack.extend((v, depth + 1) for v in item)
     return False
-
-
-# The JSON types of EngineRecord's and GpuReservation's fields, spelt out here rather than
-# read from models.py's annotations (which are strings and may carry pydantic constraints).
-# A field missing here is left to from_dict.
-_STR, _OPT_STR, _OPT_INT, _OPT_FLOAT = str, str | None, int | None, float | None
-_RECORD_FIELDS: dict[str, Any] = {
-    **dict.fromkeys(("id", "kind", "runtime", "model", "served_model_name", "host"), _STR),
-    **dict.fromkeys(("status", "log_path", "role", "node"), _STR),
-    **dict.fromkeys(("label", "error", "preset"), _OPT_STR),
-    **dict.fromkeys(("pid", "pgid", "exit_code"), _OPT_INT),
-    "port": int,
-    **dict.fromkeys(("pid_create_time", "gpu_memory_gb"), _OPT_FLOAT),
-    **dict.fromkeys(("started_at", "ready_at", "stopped_at"), _OPT_FLOAT),
-    "created_at": float,
-    **dict.fromkeys(("gpus", "cpu_cores"), list[int]),
-    "command": list[str],
-    "spec": dict,
-}
-_RESERVATION_FIELDS: dict[str, Any] = {
-    "engine_id": str,
-    "gpus": list[int],
-    "gib_per_gpu": float,
-    "mock": bool,
-}
 
 
 def decode_state(text: str, path: Path) -> State:
@@ -197,30 +121,31 @@ def decode_state(text: str, path: Path) -> State:
     presets = raw.get("presets", {})
     if not isinstance(engines, dict) or not isinstance(reservations, dict):
         raise _corrupt(path, "'engines' and 'reservations' must be objects")
-    if not isinstance(presets, dict) or not all(isinstance(v, dict) for v in presets.values()):
-        raise _corrupt(path, "'presets' must be an object of objects")
+    if not isinstance(presets, dict):
+        raise _corrupt(path, "'presets' must be an object")
     for key, value in engines.items():
         try:
-            _check_fields(_RECORD_FIELDS, value)
-            if not _ENGINE_ID.fullmatch(value.get("id", "")):
-                raise ValueError(f"bad engine id {_short(value.get('id'))}")
+            engine_id = value.get("id") if isinstance(value, dict) else None
+            if not isinstance(engine_id, str) or not _ENGINE_ID.fullmatch(engine_id):
+                raise ValueError(f"bad engine id {_short(engine_id)}")
             state.engines[key] = EngineRecord.from_dict(value)
-        except (KeyError, TypeError, ValueError) as exc:
+        except ValueError as exc:
             raise _corrupt(path, f"engine record {_short(key)} is malformed ({exc})") from None
-    for key, value in reservations.items():
-        try:
-            _check_fields(_RESERVATION_FIELDS, value)
-            state.reservations[key] = GpuReservation.from_dict(value)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _corrupt(path, f"GPU reservation {_short(key)} is malformed ({exc})") from None
-    state.presets = presets
+    for what, table, cls, target in (
+        ("GPU reservation", reservations, GpuReservation, state.reservations),
+        ("preset", presets, AppliedPreset, state.presets),
+    ):
+        for key, value in table.items():
+            try:
+                target[key] = decode(cls, value)
+            except ValueError as exc:
+                raise _corrupt(path, f"{what} {_short(key)} is malformed ({exc})") from None
     gateway = raw.get("gateway")
-    try:
-        if isinstance(gateway, dict):  # anything else means "no gateway"
-            _check_fields(_GATEWAY_FIELDS, gateway)
-    except ValueError as exc:
-        raise _corrupt(path, f"the gateway record is malformed ({exc})") from None
-    state.gateway = gateway if isinstance(gateway, dict) else None
+    if isinstance(gateway, dict):  # anything else means "no gateway"
+        try:
+            state.gateway = decode(GatewayRecord, gateway)
+        except ValueError as exc:
+            raise _corrupt(path, f"the gateway record is malformed ({exc})") from None
     return state
 
 

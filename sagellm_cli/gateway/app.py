@@ -19,26 +19,23 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from sagellm_cli.core.credentials import ensure_admin_token
 from sagellm_cli.core.state import StateStore
 from sagellm_cli.gateway.auth import RequestGuard, TokenCheck
+from sagellm_cli.gateway.endpoints import BY_PATH
 from sagellm_cli.gateway.errors import error_body, internal_error
 from sagellm_cli.gateway.health import HealthChecker
+from sagellm_cli.gateway.management import Management
 from sagellm_cli.gateway.metrics import CONTENT_TYPE, Metrics
 from sagellm_cli.gateway.proxy import Proxy
 from sagellm_cli.gateway.registry import Registry
+from sagellm_cli.gateway.scheduling import Scheduler, make_scheduler
 from sagellm_cli.gateway.upstream import make_upstream
 
 if TYPE_CHECKING:
     from sagellm_cli.gateway.config import GatewayConfig
-    from sagellm_cli.gateway.scheduling import Scheduler
 
 log = logging.getLogger("sagellm.gateway")
-
-HOT_PATHS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "completions",
-    "/v1/embeddings": "embeddings",
-}
 
 
 def _json(data, status: int = 200) -> Response:
@@ -68,15 +65,11 @@ class Gateway:
         self.upstream = make_upstream(config.upstream_client, config.connect_timeout_s)
         self.metrics = Metrics(self.registry)
         if scheduler is None:
-            from sagellm_cli.gateway.scheduling import make_scheduler
-
             scheduler = make_scheduler(config, self.registry, self.metrics.registry)
         self.scheduler = scheduler
         self.api_check = TokenCheck(config.api_key)
         # The management API always needs the admin token; the API key never opens it.
         if not config.admin_token:
-            from sagellm_cli.core.credentials import ensure_admin_token
-
             config.admin_token = ensure_admin_token()
         self.admin_check = TokenCheck(config.admin_token)
         self.guard = RequestGuard(config.host, config.allowed_hosts, config.allowed_origins)
@@ -87,9 +80,7 @@ class Gateway:
             self.registry, self.upstream, config.health_interval_s, config.health_timeout_s
         )
         self._tasks: list[asyncio.Task] = []
-        from sagellm_cli.gateway.management import Management
-
-        self.management = Management(self)
+        self.management = Management(config, self.registry, self.admin_check, self.counters)
         self.app = Starlette(
             routes=[
                 Route("/health", self.health_endpoint, methods=["GET"]),
@@ -114,7 +105,21 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(self.registry.watch(), name="state-watch"),
             asyncio.create_task(self.health.run(), name="health"),
+            asyncio.create_task(self.reconcile_loop(), name="reconcile"),
         ]
+
+    async def reconcile_loop(self) -> None:
+        """While the gateway runs, dead engines are found (and their helpers stopped, their
+        GPU memory released) within a health interval, without any command."""
+        manager = self.management.manager
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await asyncio.to_thread(manager.list, probe_health=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bad state file must not kill the gateway
+                log.warning("could not reconcile engines: %s", exc)
 
     async def shutdown(self) -> None:
         """Stop the loops and close the upstream pool."""
@@ -145,7 +150,7 @@ class Gateway:
             await _send_error(send, status, error_body(status, message, code="forbidden"))
             return
         try:
-            endpoint = HOT_PATHS.get(scope["path"])
+            endpoint = BY_PATH.get(scope["path"])
             if endpoint is None:
                 await self.app(scope, receive, send)
             elif scope["method"] == "POST":
@@ -204,13 +209,12 @@ class Gateway:
             "errors": sum(b.errors for b in backends),
             "health_rounds": self.health.rounds,
             "state_generation": self.registry.generation,
-            "scheduling": self.scheduler.status()
-            if hasattr(self.scheduler, "status")
-            else {"policy": "none"},
+            "scheduling": (
+                self.scheduler.status() if self.scheduler is not None else {"policy": "none"}
+            ),
         }
 
 
 def create_app(config: GatewayConfig, store: StateStore | None = None) -> Gateway:
-    """The ASGI app (a Gateway instance is itself the ASGI callable)."""
-    config.validate()
+    """The ASGI app (a Gateway instance is itself the ASGI callable) for a validated config."""
     return Gateway(config, store)

@@ -2,74 +2,195 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from sagellm_cli.core.errors import BadInput
+from sagellm_cli.gateway.policies import POLICIES
+from sagellm_cli.gateway.routing import STRATEGIES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8889
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """How one GatewayConfig field appears on `sage llm serve`.
+
+    `to_field` turns the option's value into the field's where they differ (MiB vs bytes,
+    repeated MODEL=STRATEGY pairs vs a dict); `cli_default` is then the option's default.
+    """
+
+    flags: str
+    help: str
+    envvar: str | None = None
+    hidden: bool = False
+    cli_type: Any = None
+    cli_default: Any = None
+    to_field: Callable[[Any], Any] | None = None
+
+
+def _option(default: Any, flags: str, help: str, *, factory: Any = None, **kw: Any) -> Any:
+    meta = {"cli": CliOption(flags, help, **kw)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _pairs(values: list[str] | None) -> dict[str, str]:
+    """Repeated `--model-routing MODEL=STRATEGY` options as a dict."""
+    routing: dict[str, str] = {}
+    for pair in values or []:
+        model, sep, strategy = pair.rpartition("=")
+        if not sep or not model or not strategy:
+            raise BadInput(
+                f"--model-routing {pair!r} is not MODEL=STRATEGY",
+                hint="e.g. --model-routing tiny=affinity",
+            )
+        routing[model] = strategy
+    return routing
+
+
+def _mib_to_bytes(mib: float) -> int:
+    return int(mib * MIB)
+
+
+_LIST = {"cli_type": list[str] | None, "cli_default": None, "to_field": lambda v: list(v or [])}
 
 
 @dataclass
 class GatewayConfig:
-    """Everything the gateway needs to know at start-up."""
+    """Everything the gateway needs to know at start-up: the one definition of its options.
 
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_PORT
-    routing: str = "round_robin"
+    `sage llm serve`'s options are built from these fields (see `cli_options`); the
+    background gateway gets them as JSON.
+    """
+
+    host: str = _option(DEFAULT_HOST, "--host", "Address to bind (loopback by default).")
+    port: int = _option(DEFAULT_PORT, "--port", "Port to listen on.")
+    routing: str = _option(
+        "round_robin",
+        "--routing",
+        "round_robin, least_loaded, random, power_of_two, affinity, prefix or length.",
+    )
     # Per-model strategy overrides: served name (or label / model id) -> strategy.
-    model_routing: dict[str, str] = field(default_factory=dict)
-    api_key: str | None = None
-    admin_token: str | None = None
-    max_body_bytes: int = 8 * 1024 * 1024
+    model_routing: dict[str, str] = _option(
+        None, "--model-routing", "MODEL=STRATEGY: a strategy for one model (repeatable).",
+        factory=dict, cli_type=list[str] | None, cli_default=None, to_field=_pairs,
+    )  # fmt: skip
+    api_key: str | None = _option(
+        None, "--api-key", "Require `Authorization: Bearer KEY` on inference endpoints.",
+        envvar="SAGELLM_API_KEY",
+    )  # fmt: skip
+    admin_token: str | None = _option(
+        None, "--admin-token",
+        "Token for /v1/management (default: the one in $SAGELLM_HOME/admin-token, created at "
+        "first start).",
+        envvar="SAGELLM_ADMIN_TOKEN",
+    )  # fmt: skip
+    max_body_bytes: int = _option(
+        8 * MIB, "--max-body-mb", "Largest request body accepted, in MiB (every route).",
+        cli_type=float, cli_default=8.0, to_field=_mib_to_bytes,
+    )  # fmt: skip
     # Connection limits (gateway/transport.py). Past max_connections a new connection evicts
     # those waiting longest on a slow or idle client (503 only when none is); lowered at
     # start to what the open-file limit allows.
-    max_connections: int = 2048
-    # Request line + headers larger than this -> 431 and the connection is closed.
-    max_header_bytes: int = 64 * 1024
-    # A connection must send a complete request head within this many seconds of being
-    # opened (or of its previous response), else it is closed: silent and slowloris clients.
-    header_timeout_s: float = 10.0
-    # A request body must have arrived in full this many seconds after its head, else the
-    # connection is closed: slow-POST trickles (0 = no limit).
-    body_timeout_s: float = 60.0
-    # Idle keep-alive connections are closed after this many seconds (uvicorn's keep-alive).
-    keep_alive_timeout_s: float = 5.0
-    # Active health checks and passive failure counting.
-    health_interval_s: float = 2.0
-    health_timeout_s: float = 1.0
-    failure_threshold: int = 3
-    # How often the state file's mtime is polled.
-    state_poll_s: float = 0.5
-    connect_timeout_s: float = 3.0
-    # `prefix` routing: how many characters of the prompt form the key, and the load bound.
-    prefix_chars: int = 256
-    prefix_load_factor: float = 1.25
-    # `length` routing: prompts longer than this many characters go to `role: prefill`.
-    length_threshold_chars: int = 2048
-    # "aiohttp" (default), "httpx", or the experimental "native" (native.py): see
-    # docs/benchmarks.md, "The native upstream client", for why it is not the default.
-    upstream_client: str = "aiohttp"
+    max_connections: int = _option(
+        2048, "--max-connections",
+        "Most client connections at once; past it the longest-waiting idle or slow clients are "
+        "closed (503 only when every connection is busy in the gateway). Lowered to what the "
+        "open-file limit allows.",
+    )  # fmt: skip
+    max_header_bytes: int = _option(
+        64 * 1024, "--max-header-kb", "Largest request line + headers, in KiB; larger gets 431.",
+        cli_type=int, cli_default=64, to_field=lambda kib: int(kib) * 1024,
+    )  # fmt: skip
+    header_timeout_s: float = _option(
+        10.0, "--header-timeout",
+        "Seconds a connection has to send a complete request head, after connecting or after "
+        "its previous response (slowloris).",
+    )  # fmt: skip
+    body_timeout_s: float = _option(
+        60.0, "--body-timeout",
+        "Seconds a request body may take to arrive in full after its head (0 = no limit).",
+    )  # fmt: skip
+    keep_alive_timeout_s: float = _option(
+        5.0, "--keep-alive-timeout", "Seconds an idle keep-alive connection stays open."
+    )
+    health_interval_s: float = _option(
+        2.0, "--health-interval", "Seconds between active health checks."
+    )
+    health_timeout_s: float = _option(
+        1.0, "--health-timeout", "Seconds an engine's /health may take to answer."
+    )
+    failure_threshold: int = _option(
+        3, "--failure-threshold", "Consecutive failures before an engine leaves rotation."
+    )
+    state_poll_s: float = _option(
+        0.5, "--state-poll", "Seconds between checks of the state file for new engines.",
+        hidden=True,
+    )  # fmt: skip
+    connect_timeout_s: float = _option(
+        3.0, "--connect-timeout", "Seconds to connect to an engine before trying another."
+    )
+    prefix_chars: int = _option(
+        256, "--prefix-chars", "`prefix` routing: prompt characters that form the hash key."
+    )
+    prefix_load_factor: float = _option(
+        1.25, "--prefix-load-factor",
+        "`prefix` routing: how far above the mean load a replica may go before the key moves.",
+    )  # fmt: skip
+    length_threshold_chars: int = _option(
+        2048, "--length-threshold", "`length` routing: prompts longer than this (chars) go to "
+        "prefill.",
+    )  # fmt: skip
+    # Not a field: one upstream client remains (native.py). Read only by gateway/app.py's
+    # older make_upstream call; delete together with that argument.
+    upstream_client = "native"
     # Admission control and queueing (scheduling.py): "none" installs no scheduler at all.
-    scheduling: str = "none"
-    max_queue: int = 1000  # per model; beyond it 429 + Retry-After (0 = unbounded)
-    queue_timeout_s: float = 0.0  # 0 = wait as long as it takes
-    max_inflight_per_engine: int = 16  # unless the engine's spec sets max_inflight; 0 = no limit
-    slo_reject: bool = False
-    # Defence in depth against DNS rebinding and CSRF (auth.RequestGuard): Host names
-    # accepted besides loopback and the bind address ("*": any), and Origins accepted
-    # besides the gateway's own.
-    allowed_hosts: list[str] = field(default_factory=list)
-    allowed_origins: list[str] = field(default_factory=list)
-    # Let management API requests set any engine env, bind engines off loopback and
-    # pass code-loading flags (--trust-remote-code ...). Off: the API can't run code.
-    allow_remote_engine_config: bool = False
+    scheduling: str = _option(
+        "none", "--scheduling",
+        "Admission control: none, fifo, priority, slo_aware, cost or adaptive "
+        "(docs/scheduling.md).",
+    )  # fmt: skip
+    max_queue: int = _option(
+        1000, "--max-queue", "Requests that may wait per model; beyond it 429 (0 = unbounded)."
+    )
+    queue_timeout_s: float = _option(
+        0.0, "--queue-timeout", "Seconds a request may wait in the queue before 503 (0 = no limit)."
+    )
+    max_inflight_per_engine: int = _option(
+        16, "--max-inflight-per-engine",
+        "In-flight limit per engine unless its spec sets max_inflight (0 = no limit).",
+    )  # fmt: skip
+    slo_reject: bool = _option(
+        False, "--slo-reject/--no-slo-reject",
+        "Reject (429) requests whose X-SLO-Deadline-Ms can no longer be met.",
+    )  # fmt: skip
+    # Defence in depth against DNS rebinding and CSRF (auth.RequestGuard).
+    allowed_hosts: list[str] = _option(
+        None, "--allowed-host",
+        "Accept requests with this Host besides loopback and the bind address (repeatable; "
+        "* for any). Guards against DNS rebinding.",
+        factory=list, **_LIST,
+    )  # fmt: skip
+    allowed_origins: list[str] = _option(
+        None, "--allowed-origin",
+        "Accept browser requests from this Origin, e.g. http://localhost:3000 (repeatable). "
+        "Other cross-site requests get 403.",
+        factory=list, **_LIST,
+    )  # fmt: skip
+    # Off: the management API can't ask for code execution (docs/security.md).
+    allow_remote_engine_config: bool = _option(
+        False, "--allow-remote-engine-config",
+        "Let management API requests set any engine env, bind engines off loopback and pass "
+        "code-loading flags. Off by default: docs/security.md.",
+    )  # fmt: skip
 
     def validate(self) -> None:
         """Reject unsafe or impossible settings before anything binds (exit 2)."""
-        from sagellm_cli.gateway.routing import STRATEGIES
-
         for name in [self.routing, *self.model_routing.values()]:
             if name not in STRATEGIES:
                 raise BadInput(
@@ -80,15 +201,19 @@ class GatewayConfig:
             raise BadInput(f"port {self.port} is out of range", hint="use 1-65535")
         if self.failure_threshold < 1:
             raise BadInput("--failure-threshold must be at least 1")
-        if self.upstream_client not in ("native", "aiohttp", "httpx"):
-            raise BadInput("upstream client must be native, aiohttp or httpx")
-        from sagellm_cli.gateway.policies import POLICIES
-
         if self.scheduling not in ("none", *POLICIES):
             raise BadInput(
                 f"unknown scheduling policy {self.scheduling!r}",
                 hint=f"use none or one of {', '.join(POLICIES)}",
             )
+        if self.max_connections < 1:
+            raise BadInput("--max-connections must be at least 1")
+        if self.max_header_bytes < 1024:
+            raise BadInput("--max-header-kb must be at least 1")
+        if self.header_timeout_s <= 0 or self.keep_alive_timeout_s <= 0:
+            raise BadInput("--header-timeout and --keep-alive-timeout must be > 0")
+        if self.body_timeout_s < 0:
+            raise BadInput("--body-timeout must be >= 0", hint="0 means no limit")
         if self.max_queue < 0 or self.queue_timeout_s < 0 or self.max_inflight_per_engine < 0:
             raise BadInput(
                 "--max-queue, --queue-timeout and --max-inflight-per-engine must be >= 0",
@@ -104,3 +229,8 @@ class GatewayConfig:
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.port}"
+
+
+def cli_options() -> dict[str, CliOption]:
+    """Each GatewayConfig field's `sage llm serve` option."""
+    return {f.name: f.metadata["cli"] for f in fields(GatewayConfig)}

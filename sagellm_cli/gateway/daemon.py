@@ -23,6 +23,7 @@ import psutil
 from sagellm_cli.core import logs, paths, process
 from sagellm_cli.core.credentials import ADMIN_TOKEN_ENV, API_KEY_ENV
 from sagellm_cli.core.errors import BadInput, OperationFailed, ResourceUnavailable
+from sagellm_cli.core.records import GatewayRecord
 from sagellm_cli.core.state import StateStore
 from sagellm_cli.gateway.config import GatewayConfig
 
@@ -34,14 +35,12 @@ def log_path():
     return paths.logs_dir() / "gateway.log"
 
 
-def is_alive(record: dict[str, Any] | None) -> bool:
+def is_alive(record: GatewayRecord | None) -> bool:
     """True if the recorded gateway process still runs (same pid and create time)."""
-    if not record:
-        return False
-    return process.is_alive(record.get("pid"), record.get("create_time"))
+    return record is not None and process.is_alive(record.pid, record.create_time)
 
 
-def current(store: StateStore | None = None) -> dict[str, Any] | None:
+def current(store: StateStore | None = None) -> GatewayRecord | None:
     """The live gateway record, reconciling a dead one away."""
     store = store or StateStore()
     record = store.read().gateway
@@ -58,7 +57,7 @@ def ensure_not_running(store: StateStore | None = None) -> None:
     record = current(store)
     if record is not None:
         raise ResourceUnavailable(
-            f"a gateway already runs at {record.get('url')} (pid {record.get('pid')})",
+            f"a gateway already runs at {record.url} (pid {record.pid})",
             hint="stop it with `sage llm serve --stop`",
         )
 
@@ -73,24 +72,22 @@ def record_self(config: GatewayConfig, store: StateStore | None = None) -> bool:
     me = psutil.Process()
     pgid = os.getpgid(0)
     with store.transaction() as state:
-        if state.gateway and state.gateway.get("pid") != me.pid and is_alive(state.gateway):
+        if state.gateway and state.gateway.pid != me.pid and is_alive(state.gateway):
             return False
-        state.gateway = {
-            "pid": me.pid,
-            # Only a group we lead is ours to signal: a foreground gateway shares its shell's.
-            "pgid": pgid if pgid == me.pid else None,
-            "create_time": me.create_time(),
-            "host": config.host,
-            "port": config.port,
-            "url": config.url,
-            "routing": config.routing,
-            "auth": bool(config.api_key),
-            "started_at": time.time(),
-            "background": os.environ.get("SAGELLM_GATEWAY_BACKGROUND") == "1",
-            "log_path": str(log_path())
-            if os.environ.get("SAGELLM_GATEWAY_BACKGROUND") == "1"
-            else None,
-        }
+        background = os.environ.get("SAGELLM_GATEWAY_BACKGROUND") == "1"
+        state.gateway = GatewayRecord(
+            pid=me.pid,
+            pgid=pgid if pgid == me.pid else None,
+            create_time=me.create_time(),
+            host=config.host,
+            port=config.port,
+            url=config.url,
+            routing=config.routing,
+            auth=bool(config.api_key),
+            started_at=time.time(),
+            background=background,
+            log_path=str(log_path()) if background else None,
+        )
     return True
 
 
@@ -98,7 +95,7 @@ def clear_self(store: StateStore | None = None) -> None:
     """Remove the gateway record if it is this process's."""
     store = store or StateStore()
     with contextlib.suppress(Exception), store.transaction() as state:
-        if state.gateway and state.gateway.get("pid") == os.getpid():
+        if state.gateway and state.gateway.pid == os.getpid():
             state.gateway = None
 
 
@@ -125,7 +122,9 @@ def read_config(path: str | Path) -> GatewayConfig:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     data["api_key"] = os.environ.get(API_KEY_ENV) or None
     data["admin_token"] = os.environ.get(ADMIN_TOKEN_ENV) or None
-    return GatewayConfig(**data)
+    config = GatewayConfig(**data)
+    config.validate()  # a new process: its one validation
+    return config
 
 
 def run(config: GatewayConfig, announce: Callable[[bool], None] | None = None) -> None:
@@ -149,9 +148,8 @@ def _health_ok(url: str) -> bool:
     return probe.health_ok(url)
 
 
-def start_background(config: GatewayConfig, timeout: float = 60.0) -> dict[str, Any]:
-    """Spawn a detached gateway and wait until it answers /health."""
-    config.validate()
+def start_background(config: GatewayConfig, timeout: float = 60.0) -> GatewayRecord:
+    """Spawn a detached gateway (for a validated config) and wait until it answers /health."""
     store = StateStore()
     ensure_not_running(store)
     from sagellm_cli.gateway.server import bind_socket
@@ -189,7 +187,7 @@ def start_background(config: GatewayConfig, timeout: float = 60.0) -> dict[str, 
                 details=tail,
             )
         record = store.read().gateway
-        if record and record.get("pid") == child.pid and _health_ok(config.url):
+        if record and record.pid == child.pid and _health_ok(config.url):
             return record
         if time.monotonic() > deadline:
             _terminate(child.pid, child.pid, None, 5.0)
@@ -208,15 +206,15 @@ def _terminate(pid: int, pgid: int | None, create_time: float | None, timeout: f
         process.terminate_group(pid, pgid, create_time, timeout)
 
 
-def stop(timeout: float = 10.0) -> dict[str, Any] | None:
+def stop(timeout: float = 10.0) -> GatewayRecord | None:
     """Stop the recorded gateway; a no-op (returning None) when none runs."""
     store = StateStore()
     record = current(store)
     if record is None:
         return None
-    _terminate(int(record["pid"]), record.get("pgid"), record.get("create_time"), timeout)
+    _terminate(record.pid, record.pgid, record.create_time, timeout)
     with store.transaction() as state:
-        if state.gateway and state.gateway.get("pid") == record["pid"]:
+        if state.gateway and state.gateway.pid == record.pid:
             state.gateway = None
     return record
 
@@ -226,7 +224,7 @@ def status() -> dict[str, Any]:
     record = current()
     if record is None:
         return {"running": False}
-    return {"running": True, "healthy": _health_ok(record["url"]), **record}
+    return {"running": True, "healthy": _health_ok(record.url), **record.to_dict()}
 
 
 def _main(argv: list[str]) -> int:

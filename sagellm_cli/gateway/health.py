@@ -11,10 +11,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from sagellm_cli.core import process
+from sagellm_cli.core.launcher import launcher_for
 
 if TYPE_CHECKING:
-    from sagellm_cli.gateway.registry import Backend, Registry
+    from sagellm_cli.gateway.backend import Backend
+    from sagellm_cli.gateway.registry import Registry
     from sagellm_cli.gateway.upstream import Upstream
 
 log = logging.getLogger("sagellm.gateway")
@@ -31,13 +32,9 @@ class HealthChecker:
         self.rounds = 0
 
     async def check(self, backend: Backend) -> bool:
-        """One probe. A dead local process counts as fatal at once (no need to wait K rounds)."""
+        """One probe. A dead engine process counts as fatal at once (no need to wait K rounds)."""
         record = backend.record
-        if (
-            record.node == "local"
-            and record.pid
-            and not process.is_alive(record.pid, record.pid_create_time)
-        ):
+        if record.pid and not launcher_for(record.node).is_alive(record):
             self.registry.mark_failure(backend, "engine process is gone", fatal=True)
             return False
         try:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -18,7 +19,7 @@ from starlette.routing import Route
 
 from sagellm_cli.core.credentials import env_allowed_remotely
 from sagellm_cli.core.errors import BadInput, ExitCode, SageError
-from sagellm_cli.core.models import EngineSpec
+from sagellm_cli.core.records import EngineSpec
 from sagellm_cli.gateway.auth import is_loopback
 from sagellm_cli.gateway.errors import (
     BodyTooLarge,
@@ -29,7 +30,9 @@ from sagellm_cli.gateway.errors import (
 )
 
 if TYPE_CHECKING:
-    from sagellm_cli.gateway.app import Gateway
+    from sagellm_cli.gateway.auth import TokenCheck
+    from sagellm_cli.gateway.config import GatewayConfig
+    from sagellm_cli.gateway.registry import Registry
 
 # The `engine start` option names the API accepts besides EngineSpec's own fields.
 _ALIASES = {"engine_kind": "kind", "tp": "tensor_parallel", "pp": "pipeline_parallel"}
@@ -115,11 +118,20 @@ def _query_bool(request: Request, name: str, default: bool) -> bool:
 class Management:
     """Starlette routes under /v1/management, guarded by the admin token."""
 
-    def __init__(self, gateway: Gateway):
-        self.gw = gateway
+    def __init__(
+        self,
+        config: GatewayConfig,
+        registry: Registry,
+        admin_check: TokenCheck,
+        counters: Callable[[], dict[str, Any]],
+    ):
         from sagellm_cli.core.engines import EngineManager
 
-        self.manager = EngineManager(gateway.registry.store)
+        self.config = config
+        self.registry = registry
+        self.admin_check = admin_check
+        self.counters = counters
+        self.manager = EngineManager(registry.store)
 
     def routes(self) -> list[Route]:
         """The management routes."""
@@ -144,7 +156,7 @@ class Management:
         """Admin token, JSON content type and body limit; SageErrors become JSON errors."""
 
         async def endpoint(request: Request) -> Response:
-            if not self.gw.admin_check.allows(request.headers.get("authorization")):
+            if not self.admin_check.allows(request.headers.get("authorization")):
                 return Response(
                     error_body(401, "invalid or missing admin token", code="invalid_admin_token"),
                     401,
@@ -177,7 +189,7 @@ class Management:
 
     async def _body(self, request: Request) -> Any:
         """The JSON body, read up to --max-body-mb (413 beyond), parsed safely (400)."""
-        limit = self.gw.config.max_body_bytes
+        limit = self.config.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge(f"request body exceeds {limit} bytes")
@@ -200,15 +212,15 @@ class Management:
 
     async def start_engine(self, request: Request) -> Response:
         body = await self._body(request)
-        spec = spec_from_body(body, allow_remote_config=self.gw.config.allow_remote_engine_config)
+        spec = spec_from_body(body, allow_remote_config=self.config.allow_remote_engine_config)
         wait = _query_bool(request, "wait", True)
         timeout = _query_float(request, "timeout", 600.0)
         record = await asyncio.to_thread(self.manager.spawn, spec)
         if not wait:
-            await self.gw.registry.refresh(force=True)
+            await self.registry.refresh(force=True)
             return _json(record.to_dict(), 202)
         record = await asyncio.to_thread(self.manager.wait_ready, record.id, timeout=timeout)
-        await self.gw.registry.refresh(force=True)
+        await self.registry.refresh(force=True)
         return _json(record.to_dict(), 201)
 
     async def stop_engine(self, request: Request) -> Response:
@@ -216,7 +228,7 @@ class Management:
         record = await asyncio.to_thread(
             self.manager.stop, request.path_params["engine_id"], timeout=timeout
         )
-        await self.gw.registry.refresh(force=True)
+        await self.registry.refresh(force=True)
         return _json(record.to_dict())
 
     async def gpu(self, request: Request) -> Response:
@@ -227,9 +239,9 @@ class Management:
         records = await asyncio.to_thread(self.manager.list, include_all=False, probe_health=False)
         return _json(
             {
-                "gateway": self.gw.counters(),
+                "gateway": self.counters(),
                 "engines": [r.to_dict() for r in records],
-                "routing": [b.to_dict() for b in self.gw.registry.backends.values()],
+                "routing": [b.to_dict() for b in self.registry.backends.values()],
                 "gpu": gpus,
             }
         )

@@ -1,13 +1,17 @@
 """Prometheus metrics on the gateway's own CollectorRegistry.
 
 Per-request cost is kept small: label children are cached in dicts, and the
-gauges (in-flight, health) are read from the registry at scrape time instead of
-being updated on every request.
+gauges (in-flight, health, queue depth) are read from the registry or the scheduler
+at scrape time instead of being updated on every request.
+
+`Metrics` is the gateway's; `SchedulerMetrics` adds the admission scheduler's
+(docs/scheduling.md) to the same registry when a scheduler is installed.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class _EngineCollector:
@@ -144,3 +149,94 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
+
+
+class QueueSource(Protocol):
+    """What the queue collector reads from a scheduler when scraped."""
+
+    policy: str
+    active: str
+
+    def queue_gauges(self) -> Iterable[tuple[str, int]]: ...
+
+    def engine_load(self) -> dict[str, int]: ...
+
+
+class SchedulerMetrics:
+    """Queue depth (read at scrape time), wait times, decisions and adaptive switches."""
+
+    def __init__(self, registry: CollectorRegistry, scheduler: QueueSource):
+        self.wait = Histogram(
+            "sagellm_gateway_queue_wait_seconds",
+            "Time from arrival to admission, per model and priority class (0 when not queued).",
+            ["model", "priority"],
+            buckets=_WAIT_BUCKETS,
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "sagellm_gateway_scheduler_decisions_total",
+            "Admission decisions by policy and outcome (admitted, queued, rejected_queue_full, "
+            "rejected_deadline, timeout, cancelled, no_engine).",
+            ["model", "policy", "outcome"],
+            registry=registry,
+        )
+        self.switches = Counter(
+            "sagellm_gateway_scheduler_policy_switches_total",
+            "adaptive: switches between sub-policies.",
+            ["from_policy", "to_policy"],
+            registry=registry,
+        )
+        registry.register(_QueueCollector(scheduler))
+        self._wait: dict[tuple, Any] = {}
+        self._decisions: dict[tuple, Any] = {}
+
+    def decided(self, model: str, cls: str, policy: str, outcome: str, wait: float | None) -> None:
+        """One admission decision for a request of `model` and priority class `cls`; `wait`
+        (seconds queued) is observed when not None."""
+        key = (model, policy, outcome)
+        child = self._decisions.get(key)
+        if child is None:
+            child = self._decisions[key] = self.decisions.labels(*key)
+        child.inc()
+        if wait is not None:
+            key2 = (model, cls)
+            hist = self._wait.get(key2)
+            if hist is None:
+                hist = self._wait[key2] = self.wait.labels(*key2)
+            hist.observe(wait)
+
+    def switched(self, old: str, new: str) -> None:
+        """adaptive switched from `old` to `new`."""
+        self.switches.labels(old, new).inc()
+
+
+class _QueueCollector:
+    """Queue depth, the policy in effect and per-engine admitted load, read when scraped."""
+
+    def __init__(self, scheduler: QueueSource):
+        self.scheduler = scheduler
+
+    def collect(self):
+        depth = GaugeMetricFamily(
+            "sagellm_gateway_queue_depth",
+            "Requests waiting in the gateway's queue, per model.",
+            labels=["model"],
+        )
+        for name, live in self.scheduler.queue_gauges():
+            depth.add_metric([name], live)
+        active = GaugeMetricFamily(
+            "sagellm_gateway_scheduler_active_policy",
+            "1 for the policy in effect (adaptive's current sub-policy).",
+            labels=["configured", "policy"],
+        )
+        active.add_metric([self.scheduler.policy, self.scheduler.active], 1)
+        slots = GaugeMetricFamily(
+            "sagellm_gateway_scheduler_engine_admitted",
+            "Requests admitted to each engine by the scheduler and not yet finished.",
+            labels=["engine"],
+        )
+        for engine, n in self.scheduler.engine_load().items():
+            slots.add_metric([engine], n)
+        yield depth
+        yield active
+        yield slots

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sagellm_cli.gateway.registry import Backend
+    from sagellm_cli.gateway.backend import Backend
 
 POLICIES = ("fifo", "priority", "slo_aware", "cost", "adaptive")
 # The policies `adaptive` switches between (it is never its own sub-policy).
@@ -62,11 +62,7 @@ def order_key(policy: str, seq: int, rank: int, deadline: float | None) -> tuple
 
 def engine_cost(backend: Backend) -> float:
     """`cost_per_1k_tokens` from the engine's spec (preset or engine metadata); unset = 0."""
-    cost = backend.record.spec.get("cost_per_1k_tokens") if backend.record.spec else None
-    try:
-        return float(cost) if cost is not None else 0.0
-    except (TypeError, ValueError):
-        return 0.0
+    return backend.record.spec.cost_per_1k_tokens or 0.0
 
 
 def cheapest(pool: list[Backend]) -> list[Backend]:

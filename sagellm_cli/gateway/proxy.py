@@ -17,15 +17,16 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sagellm_cli.gateway.auth import TokenCheck
+from sagellm_cli.gateway.endpoints import PATH_FOR_KIND, Endpoint
 from sagellm_cli.gateway.errors import error_body
-from sagellm_cli.gateway.registry import KIND_FOR_ENDPOINT
-from sagellm_cli.gateway.routing import InvalidPrompt, RouteInfo
-from sagellm_cli.gateway.scheduling import (
+from sagellm_cli.gateway.request import (
     BODY_DEADLINE,
     BODY_PRIORITY,
-    Rejected,
+    ProxyRequest,
     strip_gateway_fields,
 )
+from sagellm_cli.gateway.routing import InvalidPrompt, RouteInfo
+from sagellm_cli.gateway.scheduling import Rejected
 from sagellm_cli.gateway.upstream import UpstreamConnectError
 
 try:  # orjson is ~5x faster for the one parse we do; json is the fallback.
@@ -44,19 +45,15 @@ except ImportError:  # pragma: no cover - depends on the environment
     _DecodeError = ValueError
 
 if TYPE_CHECKING:
+    from sagellm_cli.gateway.backend import Backend
     from sagellm_cli.gateway.config import GatewayConfig
     from sagellm_cli.gateway.metrics import Metrics
-    from sagellm_cli.gateway.registry import Backend, ModelGroup, Registry
+    from sagellm_cli.gateway.registry import ModelGroup, Registry
     from sagellm_cli.gateway.scheduling import Scheduler
     from sagellm_cli.gateway.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("sagellm.gateway")
 
-UPSTREAM_PATHS = {
-    "chat": "/v1/chat/completions",
-    "completions": "/v1/completions",
-    "embeddings": "/v1/embeddings",
-}
 _JSON = b"application/json"
 _UPSTREAM_HEADERS = {"Content-Type": "application/json"}
 _STREAM_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
@@ -128,7 +125,9 @@ class Proxy:
                 except ValueError:
                     pass
                 break
-        body = b""
+        # One chunk is the common case; many are joined once (not re-copied per chunk).
+        chunks: list[bytes] = []
+        size = 0
         more = True
         while more:
             message = await receive()
@@ -136,11 +135,12 @@ class Proxy:
                 raise _ClientGone
             chunk = message.get("body", b"")
             if chunk:
-                body = body + chunk if body else chunk
-                if len(body) > self.max_body:
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > self.max_body:
                     return None
             more = message.get("more_body", False)
-        return body
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _resolve(self, kind: str, model: Any) -> tuple[ModelGroup | None, int, bytes]:
         """The model group, or an HTTP status and error body."""
@@ -166,7 +166,7 @@ class Proxy:
             return group, 0, b""
         other = registry.other_kind(kind, model)
         if other is not None:
-            where = "/v1/embeddings" if other == "embedding" else "/v1/chat/completions"
+            where = PATH_FOR_KIND[other]
             return (
                 None,
                 400,
@@ -191,7 +191,7 @@ class Proxy:
 
     # -- the handler ---------------------------------------------------------
 
-    async def handle(self, scope, receive, send, endpoint: str) -> None:
+    async def handle(self, scope, receive, send, endpoint: Endpoint) -> None:
         """Serve one inference request end to end."""
         started = time.perf_counter()
         headers = scope["headers"]
@@ -230,14 +230,13 @@ class Proxy:
                 error_body(400, "request body must be a JSON object", code="invalid_json"),
             )
             return
-        kind = KIND_FOR_ENDPOINT[endpoint]
-        group, status, err = self._resolve(kind, body.get("model"))
+        group, status, err = self._resolve(endpoint.kind, body.get("model"))
         if group is None:
             # Unknown names are not used as label values: clients could grow them without bound.
-            self.metrics.observe("", "", endpoint, status, time.perf_counter() - started)
+            self.metrics.observe("", "", endpoint.name, status, time.perf_counter() - started)
             await _send_simple(send, status, err)
             return
-        stream = body.get("stream") is True and endpoint != "embeddings"
+        stream = body.get("stream") is True and endpoint.streams
         session = body.get("user")
         if not isinstance(session, str):
             session = None
@@ -259,7 +258,9 @@ class Proxy:
                 ticket = await self.scheduler.admit(group, body, info, headers, receive)
             except Rejected as exc:
                 model = group.backends[0].served_model_name if group.backends else ""
-                self.metrics.observe(model, "", endpoint, exc.status, time.perf_counter() - started)
+                self.metrics.observe(
+                    model, "", endpoint.name, exc.status, time.perf_counter() - started
+                )
                 await _send_simple(
                     send, exc.status, error_body(exc.status, exc.message, exc.code), exc.headers()
                 )
@@ -267,19 +268,18 @@ class Proxy:
             first = getattr(ticket, "backend", None)
         if (BODY_PRIORITY in body or BODY_DEADLINE in body) and strip_gateway_fields(body):
             raw = None  # the gateway's own fields never reach the engine
+        req = ProxyRequest(send, receive, endpoint, group, body, raw, info, stream, started, first)
         try:
-            await self._forward(
-                send, receive, endpoint, group, body, raw, info, stream, started, first
-            )
+            await self._forward(req)
         finally:
             if self.scheduler is not None:
                 self.scheduler.release(ticket)
 
-    async def _forward(
-        self, send, receive, endpoint, group, body, raw, info, stream, started, first=None
-    ):
+    async def _forward(self, req: ProxyRequest) -> None:
+        """Send `req` to an engine; retry once elsewhere if it fails before any byte is sent."""
+        send, group, body, info = req.send, req.group, req.body, req.info
+        first = req.first
         model = group.name
-        path = UPSTREAM_PATHS[endpoint]
         tried: Backend | None = None
         last: _Failure | None = None
         for attempt in (0, 1):
@@ -296,7 +296,7 @@ class Proxy:
             label = backend.served_model_name
             if attempt:
                 self.metrics.retry(label)
-            payload = raw
+            payload = req.raw
             if payload is None or body.get("model") != backend.served_model_name:
                 body["model"] = backend.served_model_name
                 try:
@@ -315,12 +315,10 @@ class Proxy:
             backend.requests += 1
             status = 0
             try:
-                if stream:
-                    status = await self._stream(
-                        send, receive, endpoint, backend, path, payload, started, label
-                    )
+                if req.stream:
+                    status = await self._stream(req, backend, payload, label)
                 else:
-                    status = await self._unary(send, backend, path, payload, label)
+                    status = await self._unary(send, backend, req.endpoint.path, payload, label)
                 return
             except _Failure as failure:
                 status = failure.status
@@ -331,7 +329,7 @@ class Proxy:
             finally:
                 backend.inflight -= 1
                 self.metrics.observe(
-                    label, backend.id, endpoint, status, time.perf_counter() - started
+                    label, backend.id, req.endpoint.name, status, time.perf_counter() - req.started
                 )
         if last is not None and last.body is not None:
             # The engine answered 5xx on every try: pass its own error through.
@@ -397,8 +395,9 @@ class Proxy:
         await send({"type": "http.response.body", "body": data})
         return status
 
-    async def _stream(self, send, receive, endpoint, backend, path, payload, started, model) -> int:
-        resp = await self._open(backend, path, payload, True)
+    async def _stream(self, req: ProxyRequest, backend: Backend, payload: bytes, model: str) -> int:
+        send = req.send
+        resp = await self._open(backend, req.endpoint.path, payload, True)
         status = resp.status
         if status != 200 or not resp.content_type.startswith("text/event-stream"):
             # An error (or a non-stream answer): treat it like a unary response.
@@ -414,8 +413,10 @@ class Proxy:
             return status
         self.registry.mark_success(backend)
         # From here on bytes reach the client: no retry, errors become an SSE error event.
-        pump = asyncio.ensure_future(self._pump(send, resp, backend, started, model, endpoint))
-        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        pump = asyncio.ensure_future(
+            self._pump(send, resp, backend, req.started, model, req.endpoint.name)
+        )
+        watcher = asyncio.ensure_future(_wait_disconnect(req.receive))
         try:
             done, _ = await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if pump not in done:

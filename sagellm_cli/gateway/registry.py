@@ -14,82 +14,15 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sagellm_cli.core.models import LIVE_STATUSES, EngineRecord
+from sagellm_cli.core.records import LIVE_STATUSES
 from sagellm_cli.core.state import State, StateStore
-from sagellm_cli.gateway.routing import Strategy, make_strategy, stable_hash
+from sagellm_cli.gateway.backend import Backend
+from sagellm_cli.gateway.routing import Strategy, make_strategy
 
 if TYPE_CHECKING:
     from sagellm_cli.gateway.config import GatewayConfig
 
 log = logging.getLogger("sagellm.gateway")
-
-KIND_FOR_ENDPOINT = {"chat": "llm", "completions": "llm", "embeddings": "embedding"}
-
-
-class Backend:
-    """One engine as the gateway routes to it."""
-
-    __slots__ = (
-        "id",
-        "kind",
-        "url",
-        "served_model_name",
-        "names",
-        "role",
-        "record",
-        "healthy",
-        "failures",
-        "inflight",
-        "requests",
-        "errors",
-        "hash_id",
-        "last_check",
-        "last_error",
-    )
-
-    def __init__(self, record: EngineRecord):
-        self.id = record.id
-        self.kind = record.kind
-        self.url = record.url
-        self.served_model_name = record.served_model_name
-        # Every name a request's `model` may use to reach this engine.
-        self.names = tuple(
-            dict.fromkeys(n for n in (record.served_model_name, record.label, record.model) if n)
-        )
-        self.role = record.role
-        self.record = record
-        # A record the lifecycle already saw ready starts healthy; a starting
-        # one waits for the first successful active check.
-        self.healthy = record.status == "ready"
-        self.failures = 0
-        self.inflight = 0
-        self.requests = 0
-        self.errors = 0
-        self.hash_id = stable_hash(record.id)
-        self.last_check = 0.0
-        self.last_error: str | None = None
-
-    def same_process(self, record: EngineRecord) -> bool:
-        """True if `record` still describes the process this backend talks to."""
-        return record.url == self.url and record.pid == self.record.pid
-
-    def to_dict(self) -> dict:
-        """Runtime view for the management API."""
-        return {
-            "id": self.id,
-            "kind": self.kind,
-            "url": self.url,
-            "model": self.served_model_name,
-            "names": list(self.names),
-            "role": self.role,
-            "status": self.record.status,
-            "healthy": self.healthy,
-            "consecutive_failures": self.failures,
-            "inflight": self.inflight,
-            "requests": self.requests,
-            "errors": self.errors,
-            "last_error": self.last_error,
-        }
 
 
 @dataclass
@@ -167,8 +100,12 @@ class Registry:
         key = (kind, name)
         strategy = self._strategies.get(key)
         if strategy is None:
+            config = self.config
             strategy = make_strategy(
-                self.config.model_routing.get(name, self.config.routing), self.config
+                config.model_routing.get(name, config.routing),
+                prefix_chars=config.prefix_chars,
+                prefix_load_factor=config.prefix_load_factor,
+                length_threshold_chars=config.length_threshold_chars,
             )
             self._strategies[key] = strategy
         return strategy

@@ -7,21 +7,13 @@ nothing on the common path, and keep their own small state (a counter).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from sagellm_cli.gateway.config import GatewayConfig
-    from sagellm_cli.gateway.registry import Backend
+from sagellm_cli.gateway.backend import Backend, stable_hash
 
 _MASK = (1 << 64) - 1
-
-
-def stable_hash(text: str) -> int:
-    """A 64-bit hash that is the same in every process (unlike `hash()`)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
 def _mix(x: int) -> int:
@@ -99,11 +91,28 @@ class Strategy(Protocol):
     name: str
     # True if `choose` reads the prompt (the proxy validates it first, answering 400).
     uses_prompt: bool
+    # True if `eligible` may differ between requests (the scheduler then lets a waiter
+    # whose engines have room pass one whose engines are full).
+    eligible_varies: bool
+
+    def eligible(self, backends: list[Backend], info: RouteInfo) -> list[Backend]:
+        """The replicas of `backends` the request may wait for (the scheduler's admission)."""
+        ...
 
     def choose(self, backends: list[Backend], info: RouteInfo) -> Backend: ...
 
 
-class RoundRobin:
+class BaseStrategy:
+    """What most strategies share: every replica is eligible for every request."""
+
+    eligible_varies = False
+
+    def eligible(self, backends: list[Backend], info: RouteInfo) -> list[Backend]:
+        """All of `backends` (the same list, not a copy)."""
+        return backends
+
+
+class RoundRobin(BaseStrategy):
     """Each replica in turn."""
 
     name = "round_robin"
@@ -117,7 +126,7 @@ class RoundRobin:
         return backends[self._next % len(backends)]
 
 
-class LeastLoaded:
+class LeastLoaded(BaseStrategy):
     """Fewest requests in flight; ties are broken in turn so idle replicas share work."""
 
     name = "least_loaded"
@@ -140,7 +149,7 @@ class LeastLoaded:
         return best
 
 
-class Random:
+class Random(BaseStrategy):
     """A uniformly random replica."""
 
     name = "random"
@@ -150,7 +159,7 @@ class Random:
         return backends[random.randrange(len(backends))] if len(backends) > 1 else backends[0]
 
 
-class PowerOfTwo:
+class PowerOfTwo(BaseStrategy):
     """Two random replicas; the less loaded one wins."""
 
     name = "power_of_two"
@@ -179,7 +188,7 @@ def _rendezvous(backends: list[Backend], key_hash: int) -> Backend:
     return best
 
 
-class Affinity:
+class Affinity(BaseStrategy):
     """The same `user` / `X-Session-Id` always lands on the same replica (while it is healthy)."""
 
     name = "affinity"
@@ -196,7 +205,7 @@ class Affinity:
         return _rendezvous(backends, stable_hash(info.session))
 
 
-class Prefix:
+class Prefix(BaseStrategy):
     """Shared prompt prefixes go to the same replica (its prefix cache), within a load bound.
 
     Consistent hashing with bounded loads: replicas are tried in rendezvous order
@@ -229,7 +238,7 @@ class Prefix:
         return ranked[0]
 
 
-class Length:
+class Length(BaseStrategy):
     """Long prompts to `role: prefill` replicas, short ones to `role: decode`.
 
     This is seed 001/002's PD separation, honestly named: it routes whole
@@ -239,15 +248,23 @@ class Length:
 
     name = "length"
     uses_prompt = True
+    eligible_varies = True
 
     def __init__(self, threshold_chars: int = 2048) -> None:
         self.threshold = threshold_chars
         self._inner = LeastLoaded()
 
-    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+    def _pool(self, backends: list[Backend], info: RouteInfo) -> list[Backend]:
         role = "prefill" if len(info.prompt_text(self.threshold + 1)) > self.threshold else "decode"
-        pool = [b for b in backends if b.role == role] or backends
-        return self._inner.choose(pool, info)
+        return [b for b in backends if b.role == role] or backends
+
+    def eligible(self, backends: list[Backend], info: RouteInfo) -> list[Backend]:
+        """The replicas of the prompt's role, so that a request waits for its own role
+        rather than spilling onto the other; all of them if that role has none."""
+        return self._pool(backends, info) if len(backends) > 1 else backends
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+        return self._inner.choose(self._pool(backends, info), info)
 
 
 STRATEGIES = {
@@ -255,10 +272,16 @@ STRATEGIES = {
 }
 
 
-def make_strategy(name: str, config: GatewayConfig | None = None) -> Strategy:
+def make_strategy(
+    name: str,
+    *,
+    prefix_chars: int = 256,
+    prefix_load_factor: float = 1.25,
+    length_threshold_chars: int = 2048,
+) -> Strategy:
     """A fresh strategy instance (each model keeps its own counters)."""
-    if name == "prefix" and config is not None:
-        return Prefix(config.prefix_chars, config.prefix_load_factor)
-    if name == "length" and config is not None:
-        return Length(config.length_threshold_chars)
+    if name == "prefix":
+        return Prefix(prefix_chars, prefix_load_factor)
+    if name == "length":
+        return Length(length_threshold_chars)
     return STRATEGIES[name]()

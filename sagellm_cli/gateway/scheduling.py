@@ -8,7 +8,7 @@ hot path pays nothing.
 `AdmissionScheduler` (`--scheduling fifo|priority|slo_aware|cost|adaptive`):
 
 - **Admission.** Each engine takes at most `limit` requests at once: its
-  `record.spec["max_inflight"]` (preset or engine metadata), else
+  `record.spec.max_inflight` (preset or engine metadata), else
   `--max-inflight-per-engine` (0 = no limit). `admit` reserves a slot on one
   engine, picked by the model's routing strategy among the suitable engines that
   have room, and hands it to the proxy in `ticket.backend` for the first attempt.
@@ -23,10 +23,13 @@ hot path pays nothing.
   `--queue-timeout` -> 503 with `Retry-After`; `--slo-reject` -> 429 when the
   request's deadline can no longer be met, judged on arrival (estimated wait +
   service) and again when its turn comes (service estimate only). The service
-  estimate is an exponentially weighted mean of recent admitted-to-released times
-  for the model; until 3 requests have finished nothing is rejected.
-- **Metrics** (on the gateway's registry): queue depth, wait-time histogram by
-  priority class, decisions by policy and outcome, adaptive switches.
+  estimate is `estimator.ServiceEstimator`'s; until 3 requests have finished
+  nothing is rejected.
+- **adaptive** re-picks the sub-policy via `adaptive.AdaptiveSwitcher`.
+- **Metrics** (`metrics.SchedulerMetrics`, on the gateway's registry): queue depth,
+  wait-time histogram by priority class, decisions by policy and outcome, adaptive switches.
+
+The request's class and deadline come from `request.classify`.
 """
 
 from __future__ import annotations
@@ -39,42 +42,32 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sagellm_cli.gateway.adaptive import AdaptiveSwitcher
+from sagellm_cli.gateway.estimator import ServiceEstimator
+from sagellm_cli.gateway.metrics import SchedulerMetrics
 from sagellm_cli.gateway.policies import (
-    DEFAULT_CLASS,
     POLICIES,
     PRIORITY_CLASSES,
     PRIORITY_RANK,
-    adaptive_choice,
     cheapest,
     costs_differ,
-    deadline_ms,
     order_key,
-    priority_class,
 )
-from sagellm_cli.gateway.routing import Length
+from sagellm_cli.gateway.request import classify
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from sagellm_cli.gateway.backend import Backend
     from sagellm_cli.gateway.config import GatewayConfig
-    from sagellm_cli.gateway.registry import Backend, ModelGroup, Registry
+    from sagellm_cli.gateway.registry import ModelGroup, Registry
     from sagellm_cli.gateway.routing import RouteInfo
 
 log = logging.getLogger("sagellm.gateway")
 
-# Body fields that belong to the gateway, not the engine (vLLM's `priority` is an int).
-BODY_PRIORITY = "priority"
-BODY_DEADLINE = "slo_deadline_ms"
-_H_PRIORITY = b"x-priority"
-_H_DEADLINE = b"x-slo-deadline-ms"
-
 # Dispatch is event-driven (releases); this tick only catches health and engine-table
 # changes while requests wait, and ends when nothing waits.
 _TICK_S = 0.25
-# adaptive: the least time between two switches (no flapping on every request).
-ADAPTIVE_DWELL_S = 1.0
-_EWMA_ALPHA = 0.2
-_MIN_SAMPLES = 3
 
 _WAITING, _ADMITTED, _GONE = 0, 1, 2
 
@@ -124,22 +117,9 @@ class Scheduler(Protocol):
         """The request admitted with `ticket` finished."""
         ...
 
-
-def strip_gateway_fields(body: dict[str, Any]) -> bool:
-    """Drop the gateway-only body fields before forwarding; True if the body changed.
-
-    A string `priority` is ours (critical|high|normal|low): vLLM's own `priority`
-    is an integer and rejects strings, so strings are removed and integers pass
-    through untouched. `slo_deadline_ms` is always ours.
-    """
-    changed = False
-    if isinstance(body.get(BODY_PRIORITY), str):
-        del body[BODY_PRIORITY]
-        changed = True
-    if BODY_DEADLINE in body:
-        del body[BODY_DEADLINE]
-        changed = True
-    return changed
+    def status(self) -> dict[str, Any]:
+        """The `scheduling` part of the management status document (`policy` at least)."""
+        ...
 
 
 class Ticket:
@@ -160,7 +140,16 @@ class Ticket:
         "state",
     )
 
-    def __init__(self, seq, qkey, model, cls, deadline, arrival, info):
+    def __init__(
+        self,
+        seq: int,
+        qkey: tuple[str, str],
+        model: str,
+        cls: str,
+        deadline: float | None,
+        arrival: float,
+        info: RouteInfo,
+    ):
         self.seq = seq
         self.qkey = qkey
         self.model = model
@@ -214,24 +203,21 @@ class AdmissionScheduler:
         self._class_waiting = [0] * len(PRIORITY_CLASSES)
         self._deadline_waiting = 0
         self._seq = 0
-        self._service: dict[tuple[str, str], list[float]] = {}  # key -> [ewma_s, samples]
-        self._switched_at = -math.inf
-        self.switches = 0
+        self._service = ServiceEstimator()
+        self._adaptive = AdaptiveSwitcher() if policy == "adaptive" else None
         self._ticker: asyncio.Task | None = None
-        self.metrics = _SchedulerMetrics(metrics_registry, self) if metrics_registry else None
+        self.metrics = SchedulerMetrics(metrics_registry, self) if metrics_registry else None
+
+    @property
+    def switches(self) -> int:
+        """adaptive: how often the sub-policy changed (0 under any other policy)."""
+        return self._adaptive.switches if self._adaptive is not None else 0
 
     # -- per-engine accounting ----------------------------------------------------
 
     def limit(self, backend: Backend) -> int:
         """The engine's in-flight limit (0 = none): its spec's `max_inflight`, else the default."""
-        spec = backend.record.spec
-        value = spec.get("max_inflight") if spec else None
-        if value:
-            try:
-                return max(1, int(value))
-            except (TypeError, ValueError):
-                pass
-        return self.default_limit
+        return backend.record.spec.max_inflight or self.default_limit
 
     def load(self, backend: Backend) -> int:
         """Requests admitted to `backend` and not yet released."""
@@ -242,15 +228,9 @@ class AdmissionScheduler:
         return not limit or self._load.get(backend.id, 0) < limit
 
     def _suitable(self, group: ModelGroup, info: RouteInfo) -> list[Backend]:
-        healthy = group.healthy
-        strategy = group.strategy
-        if isinstance(strategy, Length) and len(healthy) > 1:
-            # A long prompt waits for a prefill engine (and a short one for a decode
-            # engine) instead of spilling onto the other role when its own is full.
-            text = info.prompt_text(strategy.threshold + 1)
-            role = "prefill" if len(text) > strategy.threshold else "decode"
-            return [b for b in healthy if b.role == role] or healthy
-        return healthy
+        # Under `length` a long prompt waits for a prefill engine (and a short one for a
+        # decode engine) instead of spilling onto the other role when its own is full.
+        return group.strategy.eligible(group.healthy, info)
 
     def _place(self, group: ModelGroup, info: RouteInfo) -> Backend | None:
         """The engine that takes the request now (via the routing strategy), or None if full."""
@@ -280,10 +260,7 @@ class AdmissionScheduler:
 
     def service_estimate(self, qkey: tuple[str, str]) -> float | None:
         """Mean admitted-to-released seconds of recent requests of a model (None: too few)."""
-        entry = self._service.get(qkey)
-        if entry is None or entry[1] < _MIN_SAMPLES:
-            return None
-        return entry[0]
+        return self._service.estimate(qkey)
 
     def utilization(self) -> float:
         """Share of the limited engines' slots in use (0 when no engine is limited)."""
@@ -299,20 +276,6 @@ class AdmissionScheduler:
 
     # -- admission ----------------------------------------------------------------
 
-    def _classify(self, body: dict[str, Any], headers) -> tuple[str, float | None]:
-        cls = None
-        rel_ms = None
-        for name, value in headers:
-            if name == _H_PRIORITY:
-                cls = priority_class(value)
-            elif name == _H_DEADLINE:
-                rel_ms = deadline_ms(value)
-        if cls is None:
-            cls = priority_class(body.get(BODY_PRIORITY)) or DEFAULT_CLASS
-        if rel_ms is None and BODY_DEADLINE in body:
-            rel_ms = deadline_ms(body.get(BODY_DEADLINE))
-        return cls, rel_ms
-
     async def admit(
         self,
         group: ModelGroup,
@@ -323,14 +286,14 @@ class AdmissionScheduler:
     ) -> Ticket:
         """Reserve a slot now, or queue until one frees (see the module docstring)."""
         now = self.clock()
-        cls, rel_ms = self._classify(body, headers)
+        cls, rel_ms = classify(body, headers)
         self._seq += 1
         qkey = (group.kind, group.name)
         model = group.backends[0].served_model_name if group.backends else group.name
         deadline = now + rel_ms / 1000.0 if rel_ms is not None else None
         ticket = Ticket(self._seq, qkey, model, cls, deadline, now, info)
         queue = self._queues.get(qkey)
-        if self.policy == "adaptive" and (queue is None or not queue.live):
+        if self._adaptive is not None and (queue is None or not queue.live):
             self._adapt(now)  # (a request that will queue is judged once it is queued)
         if not group.healthy:
             # No engine to wait for: the proxy answers 503 no_ready_engine at once.
@@ -427,13 +390,7 @@ class AdmissionScheduler:
             self._load[backend.id] = left
         else:
             self._load.pop(backend.id, None)
-        took = self.clock() - ticket.dispatched
-        entry = self._service.get(ticket.qkey)
-        if entry is None:
-            self._service[ticket.qkey] = [took, 1]
-        else:
-            entry[0] += _EWMA_ALPHA * (took - entry[0])
-            entry[1] += 1
+        self._service.observe(ticket.qkey, self.clock() - ticket.dispatched)
         if self._waiting:
             self._dispatch()
 
@@ -449,7 +406,7 @@ class AdmissionScheduler:
         self._class_waiting[ticket.rank] += 1
         if ticket.deadline is not None:
             self._deadline_waiting += 1
-        if self.policy == "adaptive":
+        if self._adaptive is not None:
             self._adapt(self.clock())
 
     def _leave(self, queue: _Queue, ticket: Ticket) -> None:
@@ -513,7 +470,8 @@ class AdmissionScheduler:
                     self._decide(ticket, "no_engine")
                     ticket.future.set_result(None)
             return
-        role_split = isinstance(group.strategy, Length)
+        # Waiters may want different engines (`length`): a blocked one must not hold back the rest.
+        role_split = group.strategy.eligible_varies
         blocked: list[tuple[tuple, Ticket]] = []
         while queue.heap:
             entry = queue.heap[0]
@@ -558,7 +516,7 @@ class AdmissionScheduler:
             await asyncio.sleep(_TICK_S)
             try:
                 self._dispatch()
-                if self.policy == "adaptive":
+                if self._adaptive is not None:
                     self._adapt(self.clock())
             except Exception:  # noqa: BLE001 - a bug here must not strand the queue silently
                 log.exception("scheduler dispatch failed")
@@ -566,24 +524,24 @@ class AdmissionScheduler:
     # -- adaptive -----------------------------------------------------------------
 
     def _adapt(self, now: float) -> None:
-        if now - self._switched_at < ADAPTIVE_DWELL_S:
+        switcher = self._adaptive
+        if switcher is None:
             return
-        target, reason = adaptive_choice(
+        target = switcher.decide(
             self.active,
+            now,
             waiting=self._waiting,
-            classes=lambda: sum(1 for n in self._class_waiting if n),
+            class_waiting=self._class_waiting,
             with_deadline=self._deadline_waiting,
-            utilization=self.utilization(),
+            utilization=self.utilization,
             costs_vary=self._costs_vary,
         )
-        if target == self.active:
+        if target is None:
             return
-        log.info("scheduling: adaptive switched %s -> %s (%s)", self.active, target, reason)
         if self.metrics is not None:
             self.metrics.switched(self.active, target)
         self.active = target
-        self._switched_at = now
-        self.switches += 1
+        # The heaps were ordered by the old policy's key.
         for queue in self._queues.values():
             queue.heap = [(self._key(t), t) for _, t in queue.heap if t.state == _WAITING]
             heapq.heapify(queue.heap)
@@ -597,11 +555,19 @@ class AdmissionScheduler:
 
     def _decide(self, ticket: Ticket, outcome: str, wait: float | None = None) -> None:
         if self.metrics is not None:
-            self.metrics.decided(ticket, self.active, outcome, wait)
+            self.metrics.decided(ticket.model, ticket.cls, self.active, outcome, wait)
 
     def queue_depths(self) -> dict[str, int]:
         """Waiting requests per model name."""
         return {name: q.live for (_, name), q in self._queues.items() if q.live}
+
+    def queue_gauges(self) -> list[tuple[str, int]]:
+        """(model name, waiting) of every queue ever used, empty ones included (for /metrics)."""
+        return [(name, q.live) for (_, name), q in list(self._queues.items())]
+
+    def engine_load(self) -> dict[str, int]:
+        """Requests admitted per engine id and not yet released (a copy)."""
+        return dict(self._load)
 
     def status(self) -> dict[str, Any]:
         """For the management status document."""
@@ -611,7 +577,7 @@ class AdmissionScheduler:
             "switches": self.switches,
             "waiting": self._waiting,
             "queues": self.queue_depths(),
-            "engine_load": dict(self._load),
+            "engine_load": self.engine_load(),
             "max_queue": self.max_queue,
             "queue_timeout_s": self.queue_timeout,
             "max_inflight_per_engine": self.default_limit,
@@ -636,85 +602,3 @@ def make_scheduler(
     if not config.scheduling or config.scheduling == "none":
         return None
     return AdmissionScheduler(config, registry, metrics_registry)
-
-
-_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-
-
-class _SchedulerMetrics:
-    """Queue depth (read at scrape time), wait times, decisions and adaptive switches."""
-
-    def __init__(self, registry: CollectorRegistry, scheduler: AdmissionScheduler):
-        from prometheus_client import Counter, Histogram
-
-        self.wait = Histogram(
-            "sagellm_gateway_queue_wait_seconds",
-            "Time from arrival to admission, per model and priority class (0 when not queued).",
-            ["model", "priority"],
-            buckets=_WAIT_BUCKETS,
-            registry=registry,
-        )
-        self.decisions = Counter(
-            "sagellm_gateway_scheduler_decisions_total",
-            "Admission decisions by policy and outcome (admitted, queued, rejected_queue_full, "
-            "rejected_deadline, timeout, cancelled, no_engine).",
-            ["model", "policy", "outcome"],
-            registry=registry,
-        )
-        self.switches = Counter(
-            "sagellm_gateway_scheduler_policy_switches_total",
-            "adaptive: switches between sub-policies.",
-            ["from_policy", "to_policy"],
-            registry=registry,
-        )
-        registry.register(_QueueCollector(scheduler))
-        self._wait: dict[tuple, Any] = {}
-        self._decisions: dict[tuple, Any] = {}
-
-    def decided(self, ticket: Ticket, policy: str, outcome: str, wait: float | None) -> None:
-        key = (ticket.model, policy, outcome)
-        child = self._decisions.get(key)
-        if child is None:
-            child = self._decisions[key] = self.decisions.labels(*key)
-        child.inc()
-        if wait is not None:
-            key2 = (ticket.model, ticket.cls)
-            hist = self._wait.get(key2)
-            if hist is None:
-                hist = self._wait[key2] = self.wait.labels(*key2)
-            hist.observe(wait)
-
-    def switched(self, old: str, new: str) -> None:
-        self.switches.labels(old, new).inc()
-
-
-class _QueueCollector:
-    def __init__(self, scheduler: AdmissionScheduler):
-        self.scheduler = scheduler
-
-    def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
-
-        depth = GaugeMetricFamily(
-            "sagellm_gateway_queue_depth",
-            "Requests waiting in the gateway's queue, per model.",
-            labels=["model"],
-        )
-        for (_, name), queue in list(self.scheduler._queues.items()):
-            depth.add_metric([name], queue.live)
-        active = GaugeMetricFamily(
-            "sagellm_gateway_scheduler_active_policy",
-            "1 for the policy in effect (adaptive's current sub-policy).",
-            labels=["configured", "policy"],
-        )
-        active.add_metric([self.scheduler.policy, self.scheduler.active], 1)
-        slots = GaugeMetricFamily(
-            "sagellm_gateway_scheduler_engine_admitted",
-            "Requests admitted to each engine by the scheduler and not yet finished.",
-            labels=["engine"],
-        )
-        for engine, n in list(self.scheduler._load.items()):
-            slots.add_metric([engine], n)
-        yield depth
-        yield active
-        yield slots

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ KV_MIN_TOKENS = 16384
 # When the KV shape is unknown: a share of the weights, never under this.
 KV_FALLBACK_MIN_GIB = 1.0
 KV_FALLBACK_SHARE = 0.25
+# What a model of unknown size is planned with, per GPU (stated in the plan's notes).
+UNKNOWN_SIZE_GIB = {"llm": 24.0, "embedding": 4.0}
 # Activation room for embedding models (no KV cache).
 EMBEDDING_ACTIVATIONS_GIB = 0.5
 
@@ -247,6 +250,37 @@ def params_from_name(name: str) -> float | None:
     return best
 
 
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def params_from_hub(model: str, timeout: float = 5.0) -> float | None:
+    """The parameter count from the Hub's safetensors metadata (headers only, no weights).
+
+    None offline, for anything that is not a `org/name` id, or on any failure.
+    """
+    if _offline() or model.count("/") != 1 or model.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import constants, get_safetensors_metadata
+    except ImportError:
+        return None
+    previous = constants.HF_HUB_ETAG_TIMEOUT
+    try:
+        constants.HF_HUB_ETAG_TIMEOUT = timeout
+        meta = get_safetensors_metadata(model)
+        counts = getattr(meta, "parameter_count", None) or {}
+        total = sum(int(n) for n in counts.values())
+    except Exception:  # noqa: BLE001 - no network, gated repo, no safetensors: fall back
+        return None
+    finally:
+        constants.HF_HUB_ETAG_TIMEOUT = previous
+    return float(total) if total > 0 else None
+
+
 def _quant_bits(config: dict[str, Any] | None, model: str) -> float | None:
     qc = (config or {}).get("quantization_config")
     if isinstance(qc, dict):
@@ -298,6 +332,9 @@ def read_weights(model: str, kind: str = "llm") -> ModelWeights:
             params = params_from_config(config)
             if params:
                 return ModelWeights(model, params, "config", str(folder), None, config, bits)
+    hub = params_from_hub(model) if folder is None else None
+    if hub:
+        return ModelWeights(model, hub, "hub-metadata", None, None, config, bits)
     named = params_from_name(model)
     if named:
         return ModelWeights(
@@ -394,15 +431,23 @@ def estimate_memory(
     extra_args = list(extra_args or [])
     weights = weights or read_weights(model, kind)
     if not weights.params:
+        # Plan anyway, with a stated conservative figure: refusing would make a preset's
+        # dry run fail on every machine that has not downloaded the model yet.
         where = (
             f"no weights or config.json in {weights.model_dir}"
             if weights.model_dir
-            else ("no local copy (path, model cache or Hugging Face cache)")
+            else "no local copy, no Hub metadata (offline?)"
         )
-        raise BadInput(
-            f"cannot estimate GPU memory for {model!r}: {where} and no size (like 7B) in its name",
-            hint="pass --gpu-memory-gb GiB per GPU",
-        )
+        gib = UNKNOWN_SIZE_GIB[kind if kind in UNKNOWN_SIZE_GIB else "llm"]
+        return MemoryEstimate(
+            model=model, kind=kind, tensor_parallel=tp, pipeline_parallel=pp, params=None,
+            params_source="unknown", dtype="-", bytes_per_param=0.0, weights_gib=0.0,
+            weights_gib_per_gpu=0.0, kv_gib_per_gpu=0.0, overhead_gib_per_gpu=0.0,
+            gib_per_gpu=gib, notes=[
+                f"size of {model} unknown ({where}, no size like 7B in its name): planned "
+                f"with a conservative {gib:g} GiB per GPU; set gpu_memory_gb to choose",
+            ],
+        )  # fmt: skip
     notes: list[str] = []
     dtype, per_param = serve_dtype(kind, runtime, weights.config, extra_args)
     kv_elem = per_param  # the KV cache stays in the compute dtype even for quantized weights

@@ -19,7 +19,7 @@ from typing import Any
 
 from sagellm_cli.core.errors import BadInput, ResourceUnavailable
 from sagellm_cli.core.gpu.inventory import TOPOLOGY_RANK, Inventory
-from sagellm_cli.core.models import GpuReservation
+from sagellm_cli.core.records import GpuReservation
 
 # A new engine needs this much beyond its reservation at start: vLLM compares free
 # memory, after its own CUDA context exists, with utilization x total, and refuses

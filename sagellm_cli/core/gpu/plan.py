@@ -17,7 +17,7 @@ from sagellm_cli.core.gpu.estimate import (
     recommend_layouts,
 )
 from sagellm_cli.core.gpu.inventory import Inventory, engine_pid_map, read_inventory
-from sagellm_cli.core.models import EngineSpec, GpuReservation
+from sagellm_cli.core.records import EngineSpec, GpuReservation
 from sagellm_cli.core.state import State
 
 

@@ -5,7 +5,13 @@ computed without side effects), apply (start, wait, roll back; down).
 """
 
 from sagellm_cli.core.presets.apply import ApplyResult, EngineEvent, apply_plan, down
-from sagellm_cli.core.presets.loader import LoadedPreset, list_builtin, load
+from sagellm_cli.core.presets.loader import (
+    LoadedPreset,
+    PresetSummary,
+    list_builtin,
+    load,
+    summaries,
+)
 from sagellm_cli.core.presets.plan import PresetPlan, make_plan
 from sagellm_cli.core.presets.schema import PresetConfig, PresetInvalid, parse_preset
 
@@ -16,10 +22,12 @@ __all__ = [
     "PresetConfig",
     "PresetInvalid",
     "PresetPlan",
+    "PresetSummary",
     "apply_plan",
     "down",
     "list_builtin",
     "load",
     "make_plan",
     "parse_preset",
+    "summaries",
 ]

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sagellm_cli.core.errors import BadInput, ExitCode, OperationFailed, SageError
-from sagellm_cli.core.models import EngineRecord
 from sagellm_cli.core.presets.plan import KEEP, REPLACE, RESTART, PresetPlan
+from sagellm_cli.core.records import AppliedPreset, EngineRecord
 
 if TYPE_CHECKING:
     from sagellm_cli.core.engines import EngineManager
@@ -133,17 +133,15 @@ def _stop_many(manager: EngineManager, engine_ids: list[str]) -> list[str]:
 
 
 def _record_preset(manager: EngineManager, plan: PresetPlan, labels: dict[str, str], status: str):
-    entry = {
-        "file": plan.file,
-        "description": plan.description,
-        "applied_at": time.time(),
-        "status": status,
-        "engines": labels,
-    }
+    entry = AppliedPreset(
+        file=plan.file,
+        description=plan.description,
+        applied_at=time.time(),
+        status=status,
+        engines=labels,
+    )
     with manager.store.transaction() as state:
-        # A new dict, not an update in place: State.to_dict() shares `presets`, so an
-        # in-place change would not be seen as a change and never written.
-        state.presets = {**state.presets, plan.preset: entry}
+        state.presets[plan.preset] = entry
 
 
 def apply_plan(
@@ -160,155 +158,198 @@ def apply_plan(
     Raises BadInput when engines would be removed without `confirm_remove`,
     ApplyFailed (exit 1) when an engine fails, ApplyInterrupted (exit 130) on Ctrl-C.
     """
-    began = time.monotonic()
-    result = ApplyResult(preset=plan.preset)
-
-    def emit(label: str, status: str, line: str = "", engine_id: str | None = None, at=None):
-        if on_event is not None:
-            elapsed = time.monotonic() - (at if at is not None else began)
-            on_event(EngineEvent(label, status, elapsed, line, engine_id))
-
-    current = {r.id: r for r in manager.list(include_all=True, probe_health=False)}
-    for item in plan.engines:
-        if item.action == KEEP and item.existing_id in current:
-            result.kept.append(current[item.existing_id])
-            emit(item.label, "kept", engine_id=item.existing_id)
+    plan.check_startable()
+    run = _Apply(plan, manager, timeout=timeout, rollback=rollback, on_event=on_event)
+    run.note_kept()
     if plan.noop:
-        result.noop = True
-        result.elapsed = time.monotonic() - began
-        return result
+        return run.finish_noop()
     if plan.remove and not confirm_remove:
         names = ", ".join(f"{r.label} ({r.id})" for r in plan.remove)
         raise BadInput(
             f"applying {plan.preset!r} would stop engines no longer in the file: {names}",
             hint="confirm with --yes",
         )
+    run.stop_outgoing()
+    try:
+        run.start_all()
+        run.wait_all()
+    except _Abort:
+        pass
+    except KeyboardInterrupt:
+        run.result.interrupted = True
+    except Exception as exc:  # noqa: BLE001 - never leave half a preset behind
+        run.result.failures.append(EngineFailure("-", None, f"internal error: {exc!r}"))
+    if run.result.ok:
+        return run.finish_up()
+    raise run.roll_back()
 
-    # Engines leaving the preset (or changing) are stopped first: they free ports and GPUs.
-    for record in plan.remove:
-        emit(record.label or record.id, "stopping", engine_id=record.id)
-        manager.stop(record.id, timeout=STOP_TIMEOUT_S)
-        result.removed.append(record)
-    for item in plan.engines:
-        if item.action == REPLACE and item.existing_id:
-            emit(item.label, "stopping", engine_id=item.existing_id)
-            manager.stop(item.existing_id, timeout=STOP_TIMEOUT_S)
 
-    started: dict[str, str] = {}  # label -> engine id, in start order
-    ready: dict[str, EngineRecord] = {}
-    done: queue.Queue[tuple[str, EngineRecord | None, BaseException | None]] = queue.Queue()
-    waiters: list[threading.Thread] = []
+class _Apply:
+    """One apply in progress: what it started, what is ready, and how to undo it."""
 
-    def wait_one(label: str, engine_id: str, t0: float) -> None:
+    def __init__(self, plan, manager, *, timeout, rollback, on_event):
+        self.plan, self.manager = plan, manager
+        self.timeout, self.rollback, self.on_event = timeout, rollback, on_event
+        self.began = time.monotonic()
+        self.result = ApplyResult(preset=plan.preset)
+        self.started: dict[str, str] = {}  # label -> engine id, in start order
+        self.ready: dict[str, EngineRecord] = {}
+        self.done: queue.Queue[tuple[str, EngineRecord | None, BaseException | None]] = (
+            queue.Queue()
+        )
+        self.waiters: list[threading.Thread] = []
+
+    def emit(self, label, status, line="", engine_id=None, at=None) -> None:
+        if self.on_event is not None:
+            elapsed = time.monotonic() - (at if at is not None else self.began)
+            self.on_event(EngineEvent(label, status, elapsed, line, engine_id))
+
+    # -- steps -------------------------------------------------------------------
+
+    def note_kept(self) -> None:
+        """Engines of the plan that are already up as wanted."""
+        current = {r.id: r for r in self.manager.list(include_all=True, probe_health=False)}
+        for item in self.plan.engines:
+            if item.action == KEEP and item.existing_id in current:
+                self.result.kept.append(current[item.existing_id])
+                self.emit(item.label, "kept", engine_id=item.existing_id)
+
+    def stop_outgoing(self) -> None:
+        """Engines leaving the preset (or changing) stop first: they free ports and GPUs."""
+        for record in self.plan.remove:
+            self.emit(record.label or record.id, "stopping", engine_id=record.id)
+            self.manager.stop(record.id, timeout=STOP_TIMEOUT_S)
+            self.result.removed.append(record)
+        for item in self.plan.engines:
+            if item.action == REPLACE and item.existing_id:
+                self.emit(item.label, "stopping", engine_id=item.existing_id)
+                self.manager.stop(item.existing_id, timeout=STOP_TIMEOUT_S)
+
+    def start_all(self) -> None:
+        """Spawn every engine at once; one thread per engine waits for its readiness."""
+        for item in self.plan.to_start:
+            self.emit(item.label, "spawning")
+            spec = dataclasses.replace(item.spec, port=item.port)
+            reuse = item.existing_id if item.action == RESTART else None
+            t0 = time.monotonic()
+            try:
+                record = self.manager.spawn(spec, reuse_id=reuse)
+            except Exception as exc:  # noqa: BLE001 - any spawn error rolls back
+                self.fail(item.label, None, exc)
+                continue
+            self.started[item.label] = record.id
+            self.emit(item.label, "starting", "", record.id, at=t0)
+            thread = threading.Thread(
+                target=self._wait_one, args=(item.label, record.id, t0), daemon=True
+            )
+            thread.start()
+            self.waiters.append(thread)
+
+    def _wait_one(self, label: str, engine_id: str, t0: float) -> None:
         def progress(p) -> None:
-            emit(label, p.status, p.last_log_line, engine_id, at=t0)
+            self.emit(label, p.status, p.last_log_line, engine_id, at=t0)
 
         try:
-            record = manager.wait_ready(engine_id, timeout=timeout, on_progress=progress)
-            done.put((label, record, None))
+            record = self.manager.wait_ready(engine_id, timeout=self.timeout, on_progress=progress)
+            self.done.put((label, record, None))
         except BaseException as exc:  # noqa: BLE001 - reported to the main thread
-            done.put((label, None, exc))
+            self.done.put((label, None, exc))
 
-    def fail(label: str, engine_id: str | None, exc: BaseException) -> None:
+    def wait_all(self) -> None:
+        """Collect the waiters' outcomes as they come (Ctrl-C stays responsive)."""
+        pending = len(self.waiters)
+        while pending:
+            try:
+                label, record, exc = self.done.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            pending -= 1
+            if exc is not None:
+                self.fail(label, self.started.get(label), exc)
+            else:
+                self.ready[label] = record
+                self.emit(label, "ready", "", record.id)
+
+    def fail(self, label: str, engine_id: str | None, exc: BaseException) -> None:
+        """Record a failed engine; with rollback on, stop starting and waiting."""
         if isinstance(exc, SageError):
             failure = EngineFailure(label, engine_id, exc.message, exc.details)
         else:
             failure = EngineFailure(label, engine_id, f"{type(exc).__name__}: {exc}")
         if engine_id and not failure.log_tail:
-            failure.log_tail = "\n".join(manager.log_tail(engine_id)) or None
-        result.failures.append(failure)
-        emit(label, "failed", failure.message, engine_id)
-        if rollback:
+            failure.log_tail = "\n".join(self.manager.log_tail(engine_id)) or None
+        self.result.failures.append(failure)
+        self.emit(label, "failed", failure.message, engine_id)
+        if self.rollback:
             raise _Abort
 
-    try:
-        for item in plan.to_start:
-            emit(item.label, "spawning")
-            spec = dataclasses.replace(item.spec, port=item.port)
-            reuse = item.existing_id if item.action == RESTART else None
-            t0 = time.monotonic()
-            try:
-                record = manager.spawn(spec, reuse_id=reuse)
-            except Exception as exc:  # noqa: BLE001 - any spawn error rolls back
-                fail(item.label, None, exc)
-                continue
-            started[item.label] = record.id
-            emit(item.label, "starting", "", record.id, at=t0)
-            thread = threading.Thread(
-                target=wait_one, args=(item.label, record.id, t0), daemon=True
-            )
-            thread.start()
-            waiters.append(thread)
-        pending = len(waiters)
-        while pending:
-            try:
-                label, record, exc = done.get(timeout=0.25)
-            except queue.Empty:
-                continue
-            pending -= 1
-            if exc is not None:
-                fail(label, started.get(label), exc)
-            else:
-                ready[label] = record
-                emit(label, "ready", "", record.id)
-    except _Abort:
-        pass
-    except KeyboardInterrupt:
-        result.interrupted = True
-    except Exception as exc:  # noqa: BLE001 - never leave half a preset behind
-        result.failures.append(EngineFailure("-", None, f"internal error: {exc!r}"))
+    # -- endings -----------------------------------------------------------------
 
-    if result.ok:
-        result.started = [ready[label] for label in started]
+    def finish_noop(self) -> ApplyResult:
+        self.result.noop = True
+        self.result.elapsed = time.monotonic() - self.began
+        return self.result
+
+    def finish_up(self) -> ApplyResult:
+        result = self.result
+        result.started = [self.ready[label] for label in self.started]
         labels = {r.label: r.id for r in result.kept + result.started}
-        _record_preset(manager, plan, labels, "up")
-        result.elapsed = time.monotonic() - began
+        _record_preset(self.manager, self.plan, labels, "up")
+        result.elapsed = time.monotonic() - self.began
         return result
 
-    # Roll back: every engine this apply started, or with --no-rollback the unhealthy ones.
-    if rollback:
-        to_stop = list(started.values())
-    else:
-        to_stop = [i for label, i in started.items() if label not in ready]
-    failed_labels = {f.label for f in result.failures}
-    for label, engine_id in started.items():
-        if engine_id in to_stop and label not in failed_labels:
-            emit(label, "stopping", "", engine_id)
-    problems = _stop_many(manager, to_stop)
-    for thread in waiters:
-        thread.join(timeout=5.0)
-    for label, engine_id in started.items():
-        if engine_id in to_stop and label not in failed_labels:
-            emit(label, "stopped", "", engine_id)
-    result.rolled_back = [i for i in to_stop if rollback]
-    kept_up = {label: i for label, i in started.items() if i not in to_stop}
-    result.started = [ready[label] for label in kept_up]
-    if kept_up or result.kept:
-        labels = {r.label: r.id for r in result.kept} | kept_up
-        _record_preset(manager, plan, labels, "partial")
-    result.elapsed = time.monotonic() - began
-    cleanup = f"; could not stop: {'; '.join(problems)}" if problems else ""
-    if result.interrupted:
-        raise ApplyInterrupted(
-            f"interrupted: stopped {len(to_stop)} engine(s) this apply of "
-            f"{plan.preset!r} started{cleanup}"
+    def roll_back(self) -> SageError:
+        """Stop what this apply started (with --no-rollback, only the unhealthy); return the
+        ApplyFailed or ApplyInterrupted to raise."""
+        result = self.result
+        if self.rollback:
+            to_stop = list(self.started.values())
+        else:
+            to_stop = [i for label, i in self.started.items() if label not in self.ready]
+        failed = {f.label for f in result.failures}
+        quietly_stopped = [
+            (label, i) for label, i in self.started.items() if i in to_stop and label not in failed
+        ]
+        for label, engine_id in quietly_stopped:
+            self.emit(label, "stopping", "", engine_id)
+        problems = _stop_many(self.manager, to_stop)
+        for thread in self.waiters:
+            thread.join(timeout=5.0)
+        for label, engine_id in quietly_stopped:
+            self.emit(label, "stopped", "", engine_id)
+        result.rolled_back = to_stop if self.rollback else []
+        kept_up = {label: i for label, i in self.started.items() if i not in to_stop}
+        result.started = [self.ready[label] for label in kept_up]
+        if kept_up or result.kept:
+            labels = {r.label: r.id for r in result.kept} | kept_up
+            _record_preset(self.manager, self.plan, labels, "partial")
+        result.elapsed = time.monotonic() - self.began
+        return self._error(len(to_stop), len(kept_up), problems)
+
+    def _error(self, stopped: int, kept_up: int, problems: list[str]) -> SageError:
+        preset = self.plan.preset
+        cleanup = f"; could not stop: {'; '.join(problems)}" if problems else ""
+        if self.result.interrupted:
+            return ApplyInterrupted(
+                f"interrupted: stopped {stopped} engine(s) this apply of {preset!r} "
+                f"started{cleanup}"
+            )
+        first = self.result.failures[0]
+        what = (
+            f"rolled back {stopped} engine(s) this apply started"
+            if self.rollback
+            else f"kept {kept_up} healthy engine(s) (--no-rollback)"
         )
-    first = result.failures[0]
-    what = (
-        f"rolled back {len(to_stop)} engine(s) this apply started"
-        if rollback
-        else f"kept {len(kept_up)} healthy engine(s) (--no-rollback)"
-    )
-    details = None
-    if first.log_tail:
-        who = first.engine_id or first.label
-        details = f"--- last lines of the log of {who} ({first.label}) ---\n{first.log_tail}"
-    raise ApplyFailed(
-        f"preset {plan.preset!r}: engine {first.label!r} failed: {first.message}; {what}{cleanup}",
-        result,
-        hint=f"see `sage llm engine logs {first.engine_id}`" if first.engine_id else None,
-        details=details,
-    )
+        details = None
+        if first.log_tail:
+            who = first.engine_id or first.label
+            details = f"--- last lines of the log of {who} ({first.label}) ---\n{first.log_tail}"
+        return ApplyFailed(
+            f"preset {preset!r}: engine {first.label!r} failed: {first.message}; {what}{cleanup}",
+            self.result,
+            hint=f"see `sage llm engine logs {first.engine_id}`" if first.engine_id else None,
+            details=details,
+        )
 
 
 def down(preset: str, manager: EngineManager) -> list[EngineRecord]:
@@ -316,5 +357,5 @@ def down(preset: str, manager: EngineManager) -> list[EngineRecord]:
     stopped = manager.stop_all(timeout=STOP_TIMEOUT_S, preset=preset)
     if preset in manager.store.read().presets:
         with manager.store.transaction() as state:
-            state.presets = {k: v for k, v in state.presets.items() if k != preset}
+            state.presets.pop(preset, None)
     return stopped

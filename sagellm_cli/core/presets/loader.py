@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from sagellm_cli.core.errors import BadInput, NotFound
 from sagellm_cli.core.presets.schema import PresetConfig, read_preset_file
+from sagellm_cli.core.records import AppliedPreset
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent.parent  # sagellm_cli/
 
@@ -73,3 +75,39 @@ def load(name: str | None = None, file: str | Path | None = None) -> LoadedPrese
     if (name is None) == (file is None):
         raise BadInput("give a preset name or --file (not both)", hint="sage llm preset list")
     return load_builtin(name) if name is not None else load_file(file)
+
+
+@dataclass
+class PresetSummary:
+    """One row of `sage llm preset list`: a built-in preset, or one applied from a file."""
+
+    name: str
+    description: str
+    engines: int
+    file: str | None
+    applied: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict for JSON."""
+        return asdict(self)
+
+
+def summaries(applied: dict[str, AppliedPreset]) -> list[PresetSummary]:
+    """Every built-in preset, then presets applied from files (so `down` targets show up)."""
+    rows = [
+        PresetSummary(
+            p.name,
+            p.config.description,
+            sum(e.replicas for e in p.config.engines),
+            str(p.path),
+            p.name in applied,
+        )
+        for p in list_builtin()
+    ]
+    builtin = {row.name for row in rows}
+    rows += [
+        PresetSummary(name, entry.description, len(entry.engines), entry.file, True)
+        for name, entry in sorted(applied.items())
+        if name not in builtin
+    ]
+    return rows

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from sagellm_cli.core import paths, ports
 from sagellm_cli.core.credentials import redact_argv, redact_env
 from sagellm_cli.core.errors import BadInput, SageError
-from sagellm_cli.core.models import EngineRecord, EngineSpec, option_fields
 from sagellm_cli.core.presets.loader import LoadedPreset
-from sagellm_cli.core.presets.schema import EngineConfig
+from sagellm_cli.core.presets.schema import EngineConfig, PresetConfig
+from sagellm_cli.core.records import EngineRecord, EngineSpec, option_fields
 from sagellm_cli.core.state import State
 
 if TYPE_CHECKING:
@@ -120,6 +120,8 @@ class PlannedEngine:
     gpus: list[int] = field(default_factory=list)
     gib_per_gpu: float | None = None
     notes: list[str] = field(default_factory=list)
+    # Why this engine can't start yet (a model to prepare); the plan still shows it.
+    blocker: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         import shlex
@@ -145,6 +147,7 @@ class PlannedEngine:
             "command_line": shlex.join(redact_argv(self.argv)),
             "env": redact_env(self.env),
             "notes": self.notes,
+            "blocker": self.blocker,
             "spec": self.spec.public_dict(),
         }
 
@@ -162,6 +165,13 @@ class PresetPlan:
     @property
     def to_start(self) -> list[PlannedEngine]:
         return [e for e in self.engines if e.action in (START, RESTART, REPLACE)]
+
+    def check_startable(self) -> None:
+        """BadInput (exit 2) naming the first engine that can't start yet (a model to
+        prepare), before anything is stopped or started."""
+        blocked = [e for e in self.to_start if e.blocker]
+        if blocked:
+            raise BadInput(f"engine {blocked[0].label!r}: {blocked[0].blocker}")
 
     @property
     def noop(self) -> bool:
@@ -191,9 +201,8 @@ def _engine_error(exc: SageError, label: str) -> SageError:
     return type(exc)(f"engine {label!r}: {exc.message}", hint=exc.hint, details=exc.details)
 
 
-def _same_spec(recorded: dict[str, Any], wanted: EngineSpec) -> bool:
-    want = wanted.to_dict()
-    have = EngineSpec.from_dict(recorded).to_dict() if recorded else {}
+def _same_spec(recorded: EngineSpec, wanted: EngineSpec) -> bool:
+    want, have = wanted.to_dict(), recorded.to_dict()
     for key in _IGNORED_WHEN_COMPARING:
         if want.get(key) is None:
             want.pop(key, None)
@@ -214,24 +223,29 @@ def _spec_for(cfg: EngineConfig, preset: str, replica: int, model: ModelInfo) ->
     return EngineSpec(**options, preset=preset, preset_engine=cfg.name)
 
 
-def _check_model(model: ModelInfo, kind: str, label: str) -> list[str]:
-    """Fail (exit 2) for a model that can't possibly load; return notes for doubtful ones."""
+def _check_model(model: ModelInfo, kind: str, label: str) -> tuple[list[str], str | None]:
+    """Notes for a doubtful model, and what blocks a start (a model still to prepare).
+
+    A path that does not exist is a mistake in the file: BadInput (exit 2) at once.
+    """
     if model.exists_locally:
-        return []
+        return [], None
     if model.source == "local-path":
         raise BadInput(
             f"engine {label!r}: model path {model.name} does not exist",
             hint="fix `model:` in the preset, or prepare the model first",
         )
     if kind == "llm" and "/" not in model.name:
-        raise BadInput(
-            f"engine {label!r}: model {model.name!r} is not in the local model cache",
-            hint="prepare it first (`sage llm model prepare-demo` for gemma-3-270m), "
-            "or use a path or a Hugging Face id",
+        blocker = (
+            f"model {model.name!r} is not in the local model cache: prepare it first "
+            "(`sage llm model prepare-demo` for gemma-3-270m), or use a path or a Hugging Face id"
         )
+        return [f"cannot start yet: {blocker}"], blocker
     if _offline():
-        return [f"{model.name} is not available locally and downloads are off (HF_HUB_OFFLINE)"]
-    return [f"{model.name} is not available locally; the engine will download it"]
+        return [
+            f"{model.name} is not available locally and downloads are off (HF_HUB_OFFLINE)"
+        ], None
+    return [f"{model.name} is not available locally; the engine will download it"], None
 
 
 def make_plan(
@@ -245,36 +259,49 @@ def make_plan(
 
     Raises BadInput (exit 2) or ResourceUnavailable (exit 4) naming the engine at fault.
     """
-    from sagellm_cli.core.engines import validate_spec
-    from sagellm_cli.core.gpu import engine_pid_map, plan_gpu, read_inventory
-    from sagellm_cli.core.runtimes import build_launch
-
     config = preset.config
-    name = config.name
     state = state if state is not None else manager.snapshot()
+    planned, live = _decide_actions(config, state)
+    labels = {p.label for p in planned}
+    remove = [r for r in live.values() if r.label not in labels]
+    going = {p.existing_id for p in planned if p.action == REPLACE} | {r.id for r in remove}
+    _place(planned, state, going, inventory)
+    return PresetPlan(
+        preset=config.name,
+        file=str(preset.path),
+        description=config.description,
+        engines=planned,
+        remove=remove,
+    )
 
+
+def _decide_actions(
+    config: PresetConfig, state: State
+) -> tuple[list[PlannedEngine], dict[str, EngineRecord]]:
+    """Pass 1: every replica's model, spec and action (start, keep, replace, restart).
+
+    Also returns the preset's live engines by label (those missing from the file go).
+    """
+    from sagellm_cli.core.engines import validate_spec
+
+    name = config.name
     ours = [r for r in state.engines.values() if r.preset == name]
     live = {r.label: r for r in ours if r.is_live and r.label}
-    dead: dict[str, EngineRecord] = {}
-    for record in sorted(ours, key=lambda r: r.created_at):
-        if not record.is_live and record.label:
-            dead[record.label] = record
-    others_by_label = {
+    dead = {
+        r.label: r for r in sorted(ours, key=lambda r: r.created_at) if not r.is_live and r.label
+    }
+    others = {
         r.label: r for r in state.engines.values() if r.is_live and r.label and r.preset != name
     }
-
     models: dict[tuple[str, str], ModelInfo] = {}
     planned: list[PlannedEngine] = []
-    # Pass 1: models, specs and actions.
     for cfg in config.engines:
         key = (cfg.model, cfg.kind)
-        if key not in models:
-            models[key] = resolve_model(cfg.model, cfg.kind)
-        model = models[key]
+        model = models.get(key) or models.setdefault(key, resolve_model(cfg.model, cfg.kind))
         for replica in range(1, cfg.replicas + 1):
             label = cfg.engine_label(name, replica)
-            if label in others_by_label:
-                other = others_by_label[label]
+            if label in others:
+                other = others[label]
                 raise BadInput(
                     f"engine {label!r}: label is used by running engine {other.id}"
                     + (f" of preset {other.preset!r}" if other.preset else ""),
@@ -286,15 +313,13 @@ def make_plan(
             except SageError as exc:
                 raise _engine_error(exc, label) from None
             existing = live.get(label)
-            if existing is not None and _same_spec(existing.spec, spec):
-                action = KEEP
-            elif existing is not None:
-                action = REPLACE
+            if existing is not None:
+                action = KEEP if _same_spec(existing.spec, spec) else REPLACE
             elif label in dead:
                 action, existing = RESTART, dead[label]
             else:
                 action = START
-            notes = [] if action == KEEP else _check_model(model, cfg.kind, label)
+            kept = action == KEEP
             planned.append(
                 PlannedEngine(
                     engine=cfg.name,
@@ -304,30 +329,35 @@ def make_plan(
                     spec=spec,
                     runtime=runtime,
                     model=model,
-                    port=existing.port if action == KEEP else 0,
+                    port=existing.port if kept else 0,
                     action=action,
-                    argv=list(existing.command) if action == KEEP else [],
+                    argv=list(existing.command) if kept else [],
                     env={},
                     existing_id=existing.id if existing else None,
                     existing_status=existing.status if existing else None,
-                    gpus=list(existing.gpus) if action == KEEP else [],
-                    gib_per_gpu=existing.gpu_memory_gb if action == KEEP else None,
-                    notes=notes,
+                    gpus=list(existing.gpus) if kept else [],
+                    gib_per_gpu=existing.gpu_memory_gb if kept else None,
                 )
             )
+            if not kept:
+                planned[-1].notes, planned[-1].blocker = _check_model(model, cfg.kind, label)
+    return planned, live
 
-    labels = {p.label for p in planned}
-    remove = [r for r in live.values() if r.label not in labels]
-    going = {p.existing_id for p in planned if p.action == REPLACE} | {r.id for r in remove}
-    # Engines that apply stops free their port and GPU memory for the new ones.
+
+def _place(
+    planned: list[PlannedEngine], state: State, going: set[str], inventory: Inventory | None
+) -> None:
+    """Pass 2: ports, GPUs and command lines, cumulatively across the preset.
+
+    Engines that the apply stops (`going`) free their port and GPU memory for the new ones.
+    """
+    from sagellm_cli.core.gpu import engine_pid_map, plan_gpu, read_inventory
+    from sagellm_cli.core.runtimes import build_launch
+
     for engine_id in going:
         state.release(engine_id)
     freed_ports = {state.engines[i].port for i in going}
-    taken = {r.port for r in state.engines.values() if r.is_live and r.id not in going}
-    if state.gateway and state.gateway.get("port"):
-        taken.add(int(state.gateway["port"]))
-
-    # Pass 2: ports, GPUs and command lines, cumulatively across the preset.
+    taken = state.taken_ports(exclude=going)
     scratch = paths.scratch_dir(ENGINE_ID_PLACEHOLDER)
     cache = paths.state_dir() / "cache" / "vllm"
     for item in planned:
@@ -343,11 +373,8 @@ def make_plan(
             else:
                 port = ports.allocate_port(spec.host, taken | freed_ports)
             taken.add(port)
-            wants_gpu = not (
-                spec.use_gpu is False or (spec.kind == "embedding" and spec.use_gpu is None)
-            )
             placement = None
-            if wants_gpu:
+            if not (spec.use_gpu is False or (spec.kind == "embedding" and spec.use_gpu is None)):
                 if inventory is None:
                     inventory = read_inventory(engine_pid_map(state))
                 placement = plan_gpu(spec, state, inventory=inventory)
@@ -356,8 +383,10 @@ def make_plan(
         if placement is not None:
             state.reservations[f"planned:{item.label}"] = placement.reservation(item.label)
             item.gpus, item.gib_per_gpu = list(placement.gpus), placement.gib_per_gpu
-        item.placement = placement
-        item.port = port
+            estimate = placement.estimate
+            if estimate is not None and estimate.params_source == "unknown":
+                item.notes.extend(estimate.notes)  # the conservative default, said out loud
+        item.placement, item.port = placement, port
         launch = build_launch(
             spec,
             runtime=item.runtime,
@@ -369,10 +398,3 @@ def make_plan(
         )
         item.argv = launch.argv
         item.env = {**spec.env, **launch.env}
-    return PresetPlan(
-        preset=name,
-        file=str(preset.path),
-        description=config.description,
-        engines=planned,
-        remove=remove,
-    )

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sagellm_cli.core.errors import BadInput
-from sagellm_cli.core.models import NAME_PATTERN
+from sagellm_cli.core.records import NAME_PATTERN
 from sagellm_cli.core.spec_schema import STRICT, engine_options_model, error_message
 from sagellm_cli.core.spec_schema import key_path as spec_key
 

@@ -1,0 +1,325 @@
+"""Typed records kept in the state file: engines (with their spec), GPU reservations."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+
+from sagellm_cli.core.credentials import redact_argv, redact_env
+
+if TYPE_CHECKING:  # the annotations below are strings; pydantic resolves them on demand
+    from pydantic import Field
+
+_T = TypeVar("_T")
+
+# Statuses: starting -> ready (<-> unhealthy) -> stopping -> stopped; failed at any point.
+LIVE_STATUSES = frozenset({"starting", "ready", "unhealthy", "stopping"})
+ROLES: tuple[str, ...] = ("general", "prefill", "decode")
+
+
+# Engine and label names: letters, digits, `.`, `_` and `-`, starting with a letter or digit.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# Marks EngineSpec fields that sagellm fills in itself (never from a user, a file or the API).
+INTERNAL = {"internal": True}
+
+
+@dataclass
+class EngineSpec:
+    """What the user asked for: everything needed to (re)start an engine.
+
+    This is the one definition of an engine's options. The annotations are pydantic
+    constraints, kept as strings (never evaluated on import, so `engine list` stays
+    cheap); `core/spec_schema.py` turns them into the strict model that validates
+    presets, the management API and `engine start` alike.
+    """
+
+    model: Annotated[str, Field(min_length=1)]
+    kind: Literal["llm", "embedding"] = "llm"
+    runtime: Literal["vllm", "sentence-transformers"] | None = None
+    use_gpu: bool | None = None
+    tensor_parallel: Annotated[int, Field(ge=1)] = 1
+    pipeline_parallel: Annotated[int, Field(ge=1)] = 1
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    label: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
+    served_model_name: Annotated[str, Field(min_length=1)] | None = None
+    max_model_len: Annotated[int, Field(ge=1)] | None = None
+    kv_cache_gb: Annotated[float, Field(gt=0)] | None = None
+    gpu_memory_gb: Annotated[float, Field(gt=0)] | None = None
+    gpus: list[Annotated[int, Field(ge=0)]] | None = None
+    placement: Literal["pack", "spread"] = "pack"
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], str] = field(default_factory=dict)
+    role: Literal["general", "prefill", "decode"] = "general"
+    cost_per_1k_tokens: Annotated[float, Field(ge=0)] | None = None
+    max_inflight: Annotated[int, Field(ge=1)] | None = None
+    preset: str | None = field(default=None, metadata=INTERNAL)
+    preset_engine: str | None = field(default=None, metadata=INTERNAL)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict for JSON, secrets included (the state file, comparisons)."""
+        return dataclasses.asdict(self)
+
+    def public_dict(self) -> dict[str, Any]:
+        """`to_dict()` with secret env values and flag values masked, for output."""
+        return redact_spec(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineSpec:
+        """Build from a dict, ignoring keys this version does not know (ValueError if bad)."""
+        return decode(cls, data)
+
+
+def redact_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec dict with env values and secret flag values masked (see core/credentials.py)."""
+    if not spec:
+        return spec
+    out = dict(spec)
+    out["env"] = redact_env(spec.get("env") or {})
+    out["extra_args"] = redact_argv(list(spec.get("extra_args") or []))
+    return out
+
+
+def spec_default(name: str) -> Any:
+    """EngineSpec's default for a field (the CLI's option defaults come from here)."""
+    return EngineSpec.__dataclass_fields__[name].default
+
+
+def option_fields() -> tuple[str, ...]:
+    """The EngineSpec fields a user sets (CLI options, preset keys, API body fields)."""
+    return tuple(f.name for f in dataclasses.fields(EngineSpec) if not f.metadata.get("internal"))
+
+
+@dataclass
+class EngineRecord:
+    """One engine as the state file knows it. `url` is what the gateway routes to."""
+
+    id: str
+    kind: str
+    runtime: str
+    model: str
+    served_model_name: str
+    host: str
+    port: int
+    label: str | None = None
+    status: str = "starting"
+    pid: int | None = None
+    pgid: int | None = None
+    pid_create_time: float | None = None
+    gpus: list[int] = field(default_factory=list)
+    gpu_memory_gb: float | None = None
+    cpu_cores: list[int] = field(default_factory=list)
+    created_at: float = 0.0
+    started_at: float | None = None
+    ready_at: float | None = None
+    stopped_at: float | None = None
+    log_path: str = ""
+    exit_code: int | None = None
+    error: str | None = None
+    preset: str | None = None
+    role: str = "general"
+    node: str = "local"
+    command: list[str] = field(default_factory=list)
+    # The main process is gone but helpers (vLLM's EngineCore, workers) still run: the next
+    # reconcile stops them, and only then releases the engine's GPU reservation.
+    orphans: bool = False
+    # What was asked for; a record made without one gets the spec its own fields imply.
+    spec: EngineSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.spec is None:
+            self.spec = EngineSpec(
+                model=self.model, kind=self.kind, runtime=self.runtime, host=self.host,
+                port=self.port, label=self.label, served_model_name=self.served_model_name,
+                role=self.role, preset=self.preset,
+            )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        """The engine's routable base URL (no `/v1`)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def is_live(self) -> bool:
+        """True while the engine is meant to be running."""
+        return self.status in LIVE_STATUSES
+
+    def to_state(self) -> dict[str, Any]:
+        """The record as the state file keeps it (plus `url`), secrets included."""
+        data = dataclasses.asdict(self)
+        data["url"] = self.url
+        return data
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--json` and API shape: `to_state()` with secrets masked."""
+        data = self.to_state()
+        data["command"] = redact_argv(self.command)
+        data["spec"] = redact_spec(data["spec"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineRecord:
+        """Build from the state file, checking every field's type (ValueError if bad)."""
+        return decode(cls, data)
+
+
+@dataclass
+class GpuReservation:
+    """GPU memory held for one engine: the same GiB on each listed GPU."""
+
+    engine_id: str
+    gpus: list[int]
+    gib_per_gpu: float
+    mock: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict for JSON."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GpuReservation:
+        """Build from the state file, checking every field's type (ValueError if bad)."""
+        return decode(cls, data)
+
+
+@dataclass
+class GatewayRecord:
+    """The running gateway, as `sage llm serve` records itself once it listens."""
+
+    pid: int
+    create_time: float
+    host: str
+    port: int
+    url: str
+    # Only a group the gateway leads is ours to signal (a foreground one shares its shell's).
+    pgid: int | None = None
+    routing: str = "round_robin"
+    auth: bool = False
+    started_at: float = 0.0
+    background: bool = False
+    log_path: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict for JSON."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class AppliedPreset:
+    """A preset as `preset apply` left it: its engines by label, and how the apply ended."""
+
+    file: str | None = None
+    description: str = ""
+    applied_at: float = 0.0
+    status: str = "up"  # up | partial
+    engines: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict for JSON."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- decoding
+
+# Bounds for integers read back from the state file: a pid goes to kill(2), where -1 or 0
+# would signal every process or our own group, and a huge int overflows C calls.
+_PID_RANGE = (1, 2**31 - 1)
+_INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "pid": _PID_RANGE,
+    "pgid": _PID_RANGE,
+    "port": (1, 65535),
+    "gpus": (0, 2**20),
+    "cpu_cores": (0, 2**20),
+}
+_INT_RANGE = (-(2**63), 2**63 - 1)
+_FLOAT_LIMIT = 1e18
+
+
+def _unconstrained(*args: Any, **kwargs: Any) -> None:
+    """Stands in for pydantic's Field when the annotations are read without pydantic."""
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    # The same annotations pydantic reads, minus their constraints (include_extras=False).
+    return typing.get_type_hints(cls, localns={"Field": _unconstrained})
+
+
+def _fits(value: Any, hint: Any, bounds: tuple[int, int]) -> bool:
+    """True if a decoded JSON value fits a field type (nested dataclasses are decoded later)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg, bounds) for arg in typing.get_args(hint))
+    if origin is Literal:
+        return any(value == arg and type(value) is type(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return hint is Any  # JSON true/false is never a number or a string here
+    if hint is int:
+        return isinstance(value, int) and bounds[0] <= value <= bounds[1]
+    if hint is float:
+        if isinstance(value, int):
+            return abs(value) <= _FLOAT_LIMIT
+        return isinstance(value, float) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_fits(v, item, bounds) for v in value)
+    if origin is dict:
+        _, item = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _fits(v, item, bounds) for k, v in value.items()
+        )
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)
+    return True  # Any
+
+
+def _nested(hint: Any) -> type | None:
+    """The dataclass inside `X | None`, if the field holds one."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def decode(cls: type[_T], data: Any) -> _T:
+    """A dataclass from decoded JSON, every known field type-checked against its annotation.
+
+    Unknown keys are ignored (a newer sagellm may have written them); a missing required
+    field, a value of the wrong type or an out-of-range integer raise ValueError naming it.
+    """
+    if not isinstance(data, dict):
+        raise ValueError("not an object")
+    hints = _hints(cls)
+    values: dict[str, Any] = {}
+    for spec_field in dataclasses.fields(cls):
+        name = spec_field.name
+        if name not in data:
+            continue
+        value, hint = data[name], hints[name]
+        if not _fits(value, hint, _INT_BOUNDS.get(name, _INT_RANGE)):
+            text = repr(value)
+            raise ValueError(f"field {name!r} has a bad value {text[:40]}")
+        inner = _nested(hint)
+        values[name] = decode(inner, value) if inner and isinstance(value, dict) else value
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required field is missing
+        raise ValueError(str(exc)) from None

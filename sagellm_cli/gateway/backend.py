@@ -1,0 +1,78 @@
+"""One engine as the gateway routes to it: the record plus runtime counters."""
+
+from __future__ import annotations
+
+import hashlib
+
+from sagellm_cli.core.records import EngineRecord
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process (unlike `hash()`)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+class Backend:
+    """One engine as the gateway routes to it."""
+
+    __slots__ = (
+        "id",
+        "kind",
+        "url",
+        "served_model_name",
+        "names",
+        "role",
+        "record",
+        "healthy",
+        "failures",
+        "inflight",
+        "requests",
+        "errors",
+        "hash_id",
+        "last_check",
+        "last_error",
+    )
+
+    def __init__(self, record: EngineRecord):
+        self.id = record.id
+        self.kind = record.kind
+        self.url = record.url
+        self.served_model_name = record.served_model_name
+        # Every name a request's `model` may use to reach this engine.
+        self.names = tuple(
+            dict.fromkeys(n for n in (record.served_model_name, record.label, record.model) if n)
+        )
+        self.role = record.role
+        self.record = record
+        # A record the lifecycle already saw ready starts healthy; a starting
+        # one waits for the first successful active check.
+        self.healthy = record.status == "ready"
+        self.failures = 0
+        self.inflight = 0
+        self.requests = 0
+        self.errors = 0
+        self.hash_id = stable_hash(record.id)
+        self.last_check = 0.0
+        self.last_error: str | None = None
+
+    def same_process(self, record: EngineRecord) -> bool:
+        """True if `record` still describes the process this backend talks to."""
+        return record.url == self.url and record.pid == self.record.pid
+
+    def to_dict(self) -> dict:
+        """Runtime view for the management API."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "url": self.url,
+            "model": self.served_model_name,
+            "names": list(self.names),
+            "role": self.role,
+            "status": self.record.status,
+            "healthy": self.healthy,
+            "consecutive_failures": self.failures,
+            "inflight": self.inflight,
+            "requests": self.requests,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }

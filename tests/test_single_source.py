@@ -1,0 +1,172 @@
+"""One definition of each thing: these fail when a field is added in one place only.
+
+- EngineSpec's options must be settable from `sage llm engine start`, a preset file and
+  the management API, and reach the spec unchanged.
+- Every GatewayConfig field must be reachable from `sage llm serve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from conftest import invoke
+
+from sagellm_cli.core.records import EngineSpec, option_fields
+
+# A non-default value for every option, in the form each surface takes it.
+SAMPLES = {
+    "model": "org/model",
+    "kind": "embedding",
+    "runtime": "vllm",
+    "use_gpu": False,
+    "tensor_parallel": 2,
+    "pipeline_parallel": 3,
+    "port": 18123,
+    "host": "localhost",
+    "label": "lbl",
+    "served_model_name": "served",
+    "max_model_len": 77,
+    "kv_cache_gb": 0.5,
+    "gpu_memory_gb": 3.5,
+    "gpus": [0, 1],
+    "placement": "spread",
+    "extra_args": ["--seed", "1"],
+    "env": {"OMP_NUM_THREADS": "1"},
+    "role": "decode",
+    "cost_per_1k_tokens": 0.25,
+    "max_inflight": 4,
+}
+# Options whose CLI form is not `--field-name VALUE`.
+CLI_FORMS = {
+    "model": lambda v: [v],
+    "kind": lambda v: ["--engine-kind", v],
+    "use_gpu": lambda v: ["--use-gpu" if v else "--no-gpu"],
+    "gpus": lambda v: ["--gpus", ",".join(map(str, v))],
+    "extra_args": lambda v: [arg for a in v for arg in ("--extra-arg", a)],
+    "env": lambda v: [arg for k, x in v.items() for arg in ("--env", f"{k}={x}")],
+}
+
+
+def test_every_option_has_a_sample_that_differs_from_its_default():
+    assert set(SAMPLES) == set(option_fields()), "add the new EngineSpec field to SAMPLES"
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineSpec)}
+    for name in option_fields():
+        assert SAMPLES[name] != defaults[name], name
+
+
+def test_engine_start_reaches_every_spec_field(home, monkeypatch):
+    from sagellm_cli.core.engines import EngineManager
+
+    captured: list[EngineSpec] = []
+
+    class Captured(Exception):
+        pass
+
+    def spawn(self, spec, **kwargs):
+        captured.append(spec)
+        raise Captured
+
+    monkeypatch.setattr(EngineManager, "spawn", spawn)
+    args: list[str] = []
+    for name in option_fields():
+        value = SAMPLES[name]
+        form = CLI_FORMS.get(name, lambda v, n=name: ["--" + n.replace("_", "-"), str(v)])
+        args += form(value)
+    result = invoke("llm", "engine", "start", *args)
+    assert captured, result.output
+    spec = captured[0]
+    for name in option_fields():
+        assert getattr(spec, name) == SAMPLES[name], f"engine start does not set {name}"
+
+
+def test_preset_keys_are_the_spec_options_plus_name_and_replicas():
+    from sagellm_cli.core.presets.schema import ENGINE_KEYS
+
+    assert set(ENGINE_KEYS) == set(option_fields()) | {"name", "replicas"}
+
+
+def test_a_preset_entry_maps_onto_the_spec(home, tmp_path):
+    import yaml
+
+    from sagellm_cli.core.presets.plan import ModelInfo, _spec_for
+    from sagellm_cli.core.presets.schema import parse_preset
+
+    entry = {"name": "e", **{k: v for k, v in SAMPLES.items() if k != "port"}, "port": 18123}
+    text = yaml.safe_dump({"version": 1, "name": "p", "engines": [entry]})
+    config = parse_preset(text, "p.yaml").engines[0]
+    model = ModelInfo("org/model", "org/model", None, "hub", False)
+    spec = _spec_for(config, "p", 1, model)
+    for name in option_fields():
+        assert getattr(spec, name) == SAMPLES[name], f"presets do not carry {name}"
+    assert (spec.preset, spec.preset_engine) == ("p", "e")
+
+
+def test_the_management_api_validates_every_spec_field():
+    from sagellm_cli.core.spec_schema import parse_engine_options
+
+    spec = parse_engine_options(dict(SAMPLES))
+    for name in option_fields():
+        assert getattr(spec, name) == SAMPLES[name]
+
+
+# Gateway options whose sample can't be derived from the field's type and default.
+GATEWAY_SAMPLES = {
+    "host": ("localhost", "localhost"),
+    "routing": ("prefix", "prefix"),
+    "model_routing": ("m=affinity", {"m": "affinity"}),
+    "api_key": ("k", "k"),
+    "admin_token": ("a", "a"),
+    "max_body_bytes": ("2", 2 * 1024 * 1024),
+    "max_header_bytes": ("32", 32 * 1024),
+    "scheduling": ("fifo", "fifo"),
+    "upstream_client": ("native", "native"),
+}
+
+
+def _gateway_sample(name, option, default):
+    """(CLI args, expected field value) that set `name` to something else than its default."""
+    flag = option.flags.split("/")[0]
+    if name in GATEWAY_SAMPLES:
+        raw, value = GATEWAY_SAMPLES[name]
+        return [flag, raw], value
+    if isinstance(default, bool):
+        return [flag], True
+    if isinstance(default, int):
+        return [flag, str(default + 1)], default + 1
+    if isinstance(default, float):
+        return [flag, str(default + 1.5)], default + 1.5
+    if isinstance(default, list):
+        return [flag, "x.example"], ["x.example"]
+    raise AssertionError(f"add GatewayConfig.{name} to GATEWAY_SAMPLES")
+
+
+def test_every_gateway_option_is_reachable_from_serve(home, monkeypatch):
+    from sagellm_cli.gateway import daemon
+    from sagellm_cli.gateway.config import GatewayConfig, cli_options
+
+    captured: list[GatewayConfig] = []
+    monkeypatch.setattr(daemon, "run", lambda config, announce=None: captured.append(config))
+    defaults = GatewayConfig()
+    args: list[str] = []
+    expected = {}
+    for field in dataclasses.fields(GatewayConfig):
+        option = cli_options()[field.name]
+        field_args, expected[field.name] = _gateway_sample(
+            field.name, option, getattr(defaults, field.name)
+        )
+        args += field_args
+    result = invoke("llm", "serve", *args)
+    assert result.exit_code == 0 and captured, result.output
+    config = captured[0]
+    for name, value in expected.items():
+        assert getattr(config, name) == value, f"serve does not set {name}"
+        assert value != getattr(defaults, name), f"{name}: the sample is the default"
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(EngineSpec)])
+def test_spec_fields_round_trip_through_the_state_file(field):
+    from sagellm_cli.core.records import decode
+
+    spec = EngineSpec(**{k: v for k, v in SAMPLES.items() if k in option_fields()})
+    assert decode(EngineSpec, spec.to_dict()) == spec
