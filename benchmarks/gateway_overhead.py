@@ -2,16 +2,23 @@
 
 Every system forwards to the same fast fake OpenAI upstream
 (benchmarks/fake_upstream.py, the one place a fake belongs: it answers at once,
-so what is measured is the proxy's own cost). For each scenario (plain chat and
+so what is measured is the proxy's own cost). All systems are started first and
+then measured in turn, interleaved: for each round and scenario (plain chat and
 16-chunk SSE streaming, at concurrency 1 and 64) direct-to-upstream is measured
-right before each proxy, in the same run, and "added" is proxy minus direct.
+before and after the systems, whose order rotates from round to round. "added" is
+proxy minus direct (the mean of the two direct runs around it); CPU per request is
+the CPU time of the proxy's process tree during the measured window only.
 
-Systems: `sage llm serve` with each upstream client (native, the default; aiohttp
-and httpx for the comparison), and, where they are installed, the peers vllm-router and smg (Rust
-routers) and the LiteLLM proxy. Peers are looked up on PATH and in --peers-bin.
+Systems: our gateway (`--gateways CLIENT/SERVER,...`; by default the shipped
+client under uvicorn), run by this script with the gateway's own app and server
+code (`--serve-gateway`, below), and, where they are installed, the peers
+vllm-router and smg (Rust routers) and the LiteLLM proxy, looked up on PATH and in
+--peers-bin. `--candidates` adds every upstream client and server that was
+compared when the gateway's client was chosen (benchmarks/upstream_candidates.py;
+needs `pip install aiosonic pyreqwest granian`).
 
-    python benchmarks/gateway_overhead.py [--duration 2] [--rounds 1]
-        [--peers-bin /tmp/peers/bin] [--markdown docs/benchmarks.md]
+    python benchmarks/gateway_overhead.py [--duration 1] [--rounds 3]
+        [--peers-bin /tmp/peers/bin] [--candidates] [--gateways aiohttp/granian]
 """
 
 from __future__ import annotations
@@ -116,7 +123,9 @@ class Result:
         return self.cpu_s / self.requests * 1e6
 
 
-async def _load(url: str, body: bytes, stream: bool, concurrency: int, seconds: float) -> Result:
+async def _load(
+    url: str, body: bytes, stream: bool, concurrency: int, seconds: float, pid: int | None
+) -> Result:
     result = Result()
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     headers = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
@@ -147,9 +156,14 @@ async def _load(url: str, body: bytes, stream: bool, concurrency: int, seconds: 
         await asyncio.gather(*(worker(warm) for _ in range(concurrency)))
         result.latencies.clear()
         result.errors = 0
+        # CPU is read around the measured window only (the warm-up is left out).
+        before = _cpu(pid)
         start = time.perf_counter()
         await asyncio.gather(*(worker(start + seconds) for _ in range(concurrency)))
         result.seconds = time.perf_counter() - start
+        after = _cpu(pid)
+    if before is not None and after is not None:
+        result.cpu_s = after - before
     result.requests = len(result.latencies)
     return result
 
@@ -172,12 +186,76 @@ def _cpu(pid: int | None) -> float | None:
 
 def measure(url: str, scenario: str, concurrency: int, seconds: float, pid: int | None) -> Result:
     body, stream = (STREAM, True) if scenario == "stream" else (CHAT, False)
-    before = _cpu(pid)
-    result = asyncio.run(_load(url, body, stream, concurrency, seconds))
-    after = _cpu(pid)
-    if before is not None and after is not None:
-        result.cpu_s = after - before  # includes the warm-up, divided over measured requests
-    return result
+    return asyncio.run(_load(url, body, stream, concurrency, seconds, pid))
+
+
+# -- our gateway, run by this script ----------------------------------------------
+
+# What `--candidates` compares: upstream client / server. "native" is the gateway's own
+# client; the others are in upstream_candidates.py ("aiohttp" with its fast paths,
+# "aiohttp-plain" as the gateway used it before).
+CANDIDATE_GATEWAYS = [
+    "native/uvicorn",
+    "aiohttp/uvicorn",
+    "aiohttp-plain/uvicorn",
+    "aiosonic/uvicorn",
+    "pyreqwest/uvicorn",
+    "aiohttp/granian",
+    "native/granian",
+    "pyreqwest/granian",
+]
+
+
+def _upstream_factory(client: str) -> Callable:
+    """The upstream class for a client name: the gateway's own (native), else a candidate."""
+    if client == "native":
+        from sagellm_cli.gateway.native import NativeUpstream
+
+        return NativeUpstream
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from upstream_candidates import CANDIDATES
+
+    return CANDIDATES[client]
+
+
+def serve_gateway(client: str, server: str, port: int) -> None:
+    """Serve the gateway app (SAGELLM_HOME's engines) with this upstream client and server.
+
+    uvicorn: `gateway.server.serve`, exactly what `sage llm serve` runs in the foreground.
+    granian: the same ASGI app (lifespan included) under granian's embedded server.
+    """
+    from sagellm_cli.gateway import app as app_module
+    from sagellm_cli.gateway.config import GatewayConfig
+
+    factory = _upstream_factory(client)
+    config = GatewayConfig(host="127.0.0.1", port=port)
+    app_module.NativeUpstream = lambda connect_timeout: factory(connect_timeout)
+    if server == "uvicorn":
+        from sagellm_cli.gateway.server import serve
+
+        serve(config)
+        return
+    from granian.constants import HTTPModes, Interfaces
+    from granian.server.embed import Server
+
+    gateway = app_module.create_app(config)
+    granian = Server(
+        gateway,
+        address="127.0.0.1",
+        port=port,
+        interface=Interfaces.ASGI,
+        http=HTTPModes.http1,
+        websockets=False,
+        backlog=2048,
+        log_enabled=False,
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(granian.serve())
 
 
 # -- systems -------------------------------------------------------------------
@@ -189,12 +267,16 @@ class System:
     start: Callable[[int, Path], tuple[str, subprocess.Popen]]
 
 
-def _sagellm(upstream_client: str) -> Callable:
+def _sagellm(spec: str) -> Callable:
+    client, _, server = spec.partition("/")
+    server = server or "uvicorn"
+
     def start(upstream_port: int, work: Path) -> tuple[str, subprocess.Popen]:
-        from sagellm_cli.core.models import EngineRecord
+        from sagellm_cli.core.records import EngineRecord
         from sagellm_cli.core.state import StateStore
 
-        home = work / f"home-{upstream_client}"
+        tag = f"{client}-{server}"
+        home = work / f"home-{tag}"
         fake_pid = int((work / "upstream.pid").read_text())
         with StateStore(home / "state.json").transaction() as state:
             state.engines["fake0001"] = EngineRecord(
@@ -212,10 +294,10 @@ def _sagellm(upstream_client: str) -> Callable:
             )
         port = free_port()
         proc = spawn(
-            [sys.executable, "-m", "sagellm_cli", "llm", "serve", "--port", str(port),
-             "--upstream-client", upstream_client],
+            [sys.executable, str(Path(__file__).resolve()), "--serve-gateway",
+             "--client", client, "--server", server, "--port", str(port)],
             env={"SAGELLM_HOME": str(home), "PYTHONPATH": str(ROOT)},
-            log=work / f"sagellm-{upstream_client}.log",
+            log=work / f"sagellm-{tag}.log",
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{port}/ready", proc)
         return f"http://127.0.0.1:{port}", proc
@@ -270,22 +352,22 @@ def find(binary: str, peers_bin: str | None) -> str | None:
     return shutil.which(binary)
 
 
-def systems(peers_bin: str | None, skip_peers: bool) -> tuple[list[System], list[str]]:
-    found = [
-        System("sagellm (native upstream)", _sagellm("native")),
-        System("sagellm (aiohttp upstream)", _sagellm("aiohttp")),
-        System("sagellm (httpx upstream)", _sagellm("httpx")),
-    ]
+def systems(args) -> tuple[list[System], list[str]]:
+    specs = list(CANDIDATE_GATEWAYS) if args.candidates else []
+    for spec in (args.gateways or "native/uvicorn").split(","):
+        if spec and spec not in specs:
+            specs.append(spec)
+    found = [System(f"sagellm {spec.replace('/', ' + ')}", _sagellm(spec)) for spec in specs]
     missing = []
-    if skip_peers:
+    if args.skip_peers:
         return found, ["peers skipped"]
     for name, binary, extra in (("vllm-router", "vllm-router", []), ("smg", "smg", ["launch"])):
-        path = find(binary, peers_bin)
+        path = find(binary, args.peers_bin)
         if path:
             found.append(System(name, _rust_router(path, extra)))
         else:
             missing.append(f"{name}: not installed")
-    path = find("litellm", peers_bin)
+    path = find("litellm", args.peers_bin)
     if path:
         found.append(System("LiteLLM proxy (1 worker)", _litellm(path)))
     else:
@@ -294,6 +376,8 @@ def systems(peers_bin: str | None, skip_peers: bool) -> tuple[list[System], list
 
 
 # -- main ------------------------------------------------------------------------
+
+Rows = dict[tuple[str, str, int], list[tuple[float, Result]]]  # (direct p50 ms, proxied)
 
 
 def run(args) -> str:
@@ -309,83 +393,124 @@ def run(args) -> str:
         log=work / "upstream.log",
     )
     (work / "upstream.pid").write_text(str(upstream.pid))
-    direct_url = f"http://127.0.0.1:{upstream_port}"
-    rows: dict[tuple[str, str, int], list[tuple[Result, Result]]] = {}
-    chosen, missing = systems(args.peers_bin, args.skip_peers)
+    direct_url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
+    rows: Rows = {}
+    directs: dict[tuple[str, int], list[Result]] = {}
+    chosen, missing = systems(args)
     if args.only:
         chosen = [s for s in chosen if args.only in s.name]
+    running: list[tuple[System, str, subprocess.Popen]] = []
     try:
-        wait_http(direct_url + "/health", upstream)
-        for _ in range(args.rounds):
-            for system in chosen:
-                try:
-                    url, proc = system.start(upstream_port, work)
-                except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not fatal
-                    missing.append(f"{system.name}: failed to start ({exc})")
-                    continue
-                try:
-                    for scenario, conc in SCENARIOS:
-                        seconds = args.duration * (1.5 if conc > 1 else 1)
-                        direct = measure(
-                            direct_url + "/v1/chat/completions", scenario, conc, seconds, None
-                        )
-                        proxied = measure(
-                            url + "/v1/chat/completions", scenario, conc, seconds, proc.pid
-                        )
-                        rows.setdefault((system.name, scenario, conc), []).append((direct, proxied))
-                        print(
-                            f"{system.name:28s} {scenario:6s} c={conc:<3d} "
-                            f"direct p50 {direct.pct(0.5):6.2f} ms {direct.rps:7.0f} rps | "
-                            f"proxy p50 {proxied.pct(0.5):6.2f} p99 {proxied.pct(0.99):7.2f} ms "
-                            f"{proxied.rps:7.0f} rps err {proxied.errors} "
-                            f"cpu/req {proxied.cpu_us_per_req or 0:6.0f} us",
-                            flush=True,
-                        )
-                finally:
-                    stop(proc)
+        wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream)
+        for system in chosen:
+            try:
+                url, proc = system.start(upstream_port, work)
+            except Exception as exc:  # noqa: BLE001 - a peer that fails is reported, not fatal
+                missing.append(f"{system.name}: failed to start ({exc})")
+                continue
+            running.append((system, url + "/v1/chat/completions", proc))
+        for rnd in range(args.rounds):
+            shift = rnd % len(running) if running else 0
+            order = running[shift:] + running[:shift]
+            for scenario, conc in SCENARIOS:
+                seconds = args.duration * (1.5 if conc > 1 else 1)
+                before = measure(direct_url, scenario, conc, seconds, None)
+                results = [
+                    (system, measure(url, scenario, conc, seconds, proc.pid))
+                    for system, url, proc in order
+                ]
+                after = measure(direct_url, scenario, conc, seconds, None)
+                directs.setdefault((scenario, conc), []).extend((before, after))
+                direct_p50 = (before.pct(0.5) + after.pct(0.5)) / 2
+                direct_rps = (before.rps + after.rps) / 2
+                print(
+                    f"round {rnd + 1} {scenario:6s} c={conc:<3d} direct p50 {direct_p50:6.2f} ms "
+                    f"{direct_rps:7.0f} rps",
+                    flush=True,
+                )
+                for system, proxied in results:
+                    rows.setdefault((system.name, scenario, conc), []).append((direct_p50, proxied))
+                    print(
+                        f"  {system.name:34s} added p50 {proxied.pct(0.5) - direct_p50:+6.2f} ms "
+                        f"p99 {proxied.pct(0.99):7.2f} ms {proxied.rps:7.0f} rps "
+                        f"err {proxied.errors} cpu/req {proxied.cpu_us_per_req or 0:6.0f} us",
+                        flush=True,
+                    )
     finally:
+        for _, _, proc in running:
+            stop(proc)
         stop(upstream)
-    return render(rows, chosen, missing, args)
+    return render(rows, directs, [s for s, _, _ in running], missing, args)
 
 
-def _median(values: list[float]) -> float:
+def _median(values: list[float | None]) -> float:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else float("nan")
 
 
-def render(rows, chosen, missing, args) -> str:
+def _spread(values: list[float | None], fmt: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    med = format(statistics.median(values), fmt)
+    if len(values) == 1:
+        return med
+    return f"{med} ({format(min(values), fmt)}…{format(max(values), fmt)})"
+
+
+def render(rows: Rows, directs, chosen: list[System], missing: list[str], args) -> str:
+    """Markdown: medians over rounds with (min…max); CPU also as a ratio to vllm-router's."""
+    ref = "vllm-router"
     lines = [
-        "| system | chat c=1 added p50 / p99 | chat c=64 req/s (direct) | "
-        "stream c=1 added p50 / p99 | stream c=64 req/s (direct) | CPU/req at c=64 chat / stream |",
-        "|---|---|---|---|---|---|",
+        "| system | chat added p50, c=1 / c=64 | stream added p50, c=1 / c=64 | "
+        "req/s at c=64, chat / stream | CPU/req c=64 chat | CPU/req c=64 stream | "
+        f"CPU ÷ {ref}'s, chat / stream |",
+        "|---|---|---|---|---|---|---|",
     ]
+
+    def cpu_ratios(name: str, scenario: str) -> list[float]:
+        mine = rows.get((name, scenario, 64), [])
+        theirs = rows.get((ref, scenario, 64), [])
+        return [
+            p.cpu_us_per_req / q.cpu_us_per_req
+            for (_, p), (_, q) in zip(mine, theirs, strict=False)
+            if p.cpu_us_per_req and q.cpu_us_per_req
+        ]
+
+    names = {s.name for s in chosen}
     for system in chosen:
-        cells = [system.name]
-        cpu = []
-        for scenario, conc in SCENARIOS:
-            pairs = rows.get((system.name, scenario, conc))
-            if not pairs:
-                cells.append("-")
-                continue
-            if conc == 1:
-                p50 = _median([p.pct(0.5) - d.pct(0.5) for d, p in pairs])
-                p99 = _median([p.pct(0.99) - d.pct(0.99) for d, p in pairs])
-                cells.append(f"{p50:+.2f} ms / {p99:+.2f} ms")
-            else:
-                rps = _median([p.rps for _, p in pairs])
-                direct = _median([d.rps for d, _ in pairs])
-                errors = sum(p.errors for _, p in pairs)
-                cells.append(
-                    f"{rps:,.0f} ({direct:,.0f})" + (f", {errors} errors" if errors else "")
-                )
-                cpu.append(_median([p.cpu_us_per_req for _, p in pairs]))
-        cells.append(" / ".join(f"{c:,.0f} µs" for c in cpu) if cpu else "-")
+        name = system.name
+        cells = [name]
+        for scenario in ("chat", "stream"):
+            added = [
+                _median([p.pct(0.5) - d for d, p in rows.get((name, scenario, conc), [])])
+                for conc in (1, 64)
+            ]
+            cells.append(" / ".join(f"{a:+.2f}" for a in added) + " ms")
+        rps, errors = [], 0
+        for scenario in ("chat", "stream"):
+            pairs = rows.get((name, scenario, 64), [])
+            errors += sum(p.errors for _, p in pairs)
+            rps.append(f"{_median([p.rps for _, p in pairs]):,.0f}")
+        cells.append(" / ".join(rps) + (f", {errors} errors" if errors else ""))
+        for scenario in ("chat", "stream"):
+            pairs = rows.get((name, scenario, 64), [])
+            cells.append(_spread([p.cpu_us_per_req for _, p in pairs], ",.0f") + " µs")
+        ratios = [_median(cpu_ratios(name, sc)) for sc in ("chat", "stream")]
+        cells.append(" / ".join(f"{r:.2f}×" for r in ratios) if ref in names else "-")
         lines.append("| " + " | ".join(cells) + " |")
+    direct = [
+        f"{sc} c={c}: {_median([r.pct(0.5) for r in directs.get((sc, c), [])]):.2f} ms p50, "
+        f"{_median([r.rps for r in directs.get((sc, c), [])]):,.0f} req/s"
+        for sc, c in SCENARIOS
+    ]
     notes = [
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPUs, "
         f"{args.rounds} round(s), {args.duration:.1f} s per point at c=1 "
-        f"({args.duration * 1.5:.1f} s at c=64); medians over rounds.",
+        f"({args.duration * 1.5:.1f} s at c=64); medians over rounds, CPU with (min…max); "
+        f"the CPU ratio is the median of per-round ratios.",
+        "Direct to the upstream: " + "; ".join(direct) + ".",
     ]
     if missing:
         notes.append("Not measured: " + "; ".join(missing) + ".")
@@ -394,12 +519,28 @@ def render(rows, chosen, missing, args) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=2.0, help="seconds per point at c=1")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=1.0, help="seconds per point at c=1")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--peers-bin", default=os.environ.get("SAGELLM_PEERS_BIN"))
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--only", default=None, help="substring filter on system names")
+    parser.add_argument(
+        "--gateways",
+        default=None,
+        help="our gateway as CLIENT/SERVER pairs, comma-separated (default: native/uvicorn)",
+    )
+    parser.add_argument(
+        "--candidates", action="store_true", help="add every client/server that was compared"
+    )
+    # Internal: what each gateway system runs.
+    parser.add_argument("--serve-gateway", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--client", default="native", help=argparse.SUPPRESS)
+    parser.add_argument("--server", default="uvicorn", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_gateway:
+        serve_gateway(args.client, args.server, args.port)
+        return
     try:
         import uvloop
 

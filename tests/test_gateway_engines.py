@@ -397,9 +397,9 @@ def test_failover_when_a_replica_is_killed(gateway, replicas):
             t.join(60)
     assert errors == []
     assert served_after and set(served_after) == {ids["r1"]}
-    # The killed replica, asked for by its label, is known but not ready: 503.
+    # The gateway reaps the killed replica (status failed): its label is no longer served.
     r = _chat(gateway.url, model="r2")
-    assert r.status_code == 503 and r.json()["error"]["code"] == "no_ready_engine"
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     # Streams on the surviving replica are unaffected.
     with httpx.stream(
         "POST",

@@ -26,8 +26,6 @@ from test_gateway_support import (
 )
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
-# The default upstream client and the opt-in experimental one must keep the same contract.
-clients = pytest.mark.parametrize("client", ["aiohttp", "native"])
 
 
 def _wait(predicate, timeout: float = 5.0, step: float = 0.1):
@@ -84,14 +82,11 @@ def _engine_count(gw) -> int:
     return sum(len(m["engines"]) for m in httpx.get(gw.v1 + "/models").json()["data"])
 
 
-@clients
-def test_retry_on_refused_connection_and_5xx_then_unhealthy(home, client):
+def test_retry_on_refused_connection_and_5xx_then_unhealthy(home):
     with (
         fake_upstream() as (good_port, good),
         fake_upstream("--status", "500") as (bad_port, bad),
-        running_gateway(
-            home, "--upstream-client", client, "--routing", "round_robin", "--health-interval", "30"
-        ) as gw,
+        running_gateway(home, "--routing", "round_robin", "--health-interval", "30") as gw,
     ):
         add_engine_record(home, "good0001", good_port, good.pid)
         # A record whose port nobody listens on (pid: a live process, so only the
@@ -127,13 +122,10 @@ def test_retry_on_refused_connection_and_5xx_then_unhealthy(home, client):
         }
 
 
-@clients
-def test_5xx_from_the_only_engine_is_passed_through_and_none_healthy_is_503(home, client):
+def test_5xx_from_the_only_engine_is_passed_through_and_none_healthy_is_503(home):
     with (
         fake_upstream("--status", "500") as (port, proc),
-        running_gateway(
-            home, "--upstream-client", client, "--health-interval", "30", "--failure-threshold", "2"
-        ) as gw,
+        running_gateway(home, "--health-interval", "30", "--failure-threshold", "2") as gw,
     ):
         add_engine_record(home, "bad00001", port, proc.pid)
         assert _wait(lambda: httpx.get(gw.url + "/ready").status_code == 200)
@@ -146,11 +138,10 @@ def test_5xx_from_the_only_engine_is_passed_through_and_none_healthy_is_503(home
         assert httpx.get(gw.url + "/ready").status_code == 503
 
 
-@clients
-def test_stream_broken_midway_ends_with_an_error_event(home, client):
+def test_stream_broken_midway_ends_with_an_error_event(home):
     with (
         fake_upstream("--break-after", "3") as (port, proc),
-        running_gateway(home, "--upstream-client", client) as gw,
+        running_gateway(home) as gw,
     ):
         add_engine_record(home, "brk00001", port, proc.pid)
         assert _wait(lambda: httpx.get(gw.url + "/ready").status_code == 200)
@@ -161,11 +152,10 @@ def test_stream_broken_midway_ends_with_an_error_event(home, client):
         assert '"error"' in events[3] and events[4] == "data: [DONE]"
 
 
-@clients
-def test_client_disconnect_cancels_the_upstream_stream(home, client):
+def test_client_disconnect_cancels_the_upstream_stream(home):
     with (
         fake_upstream("--chunks", "2000", "--delay-ms", "10") as (port, proc),
-        running_gateway(home, "--upstream-client", client) as gw,
+        running_gateway(home) as gw,
     ):
         add_engine_record(home, "slow0001", port, proc.pid)
         assert _wait(lambda: httpx.get(gw.url + "/ready").status_code == 200)

@@ -120,7 +120,6 @@ GATEWAY_SAMPLES = {
     "max_body_bytes": ("2", 2 * 1024 * 1024),
     "max_header_bytes": ("32", 32 * 1024),
     "scheduling": ("fifo", "fifo"),
-    "upstream_client": ("native", "native"),
 }
 
 

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 
 from sagellm_cli.gateway.native import NativeUpstream, UnsupportedURL
-from sagellm_cli.gateway.upstream import UpstreamConnectError, make_upstream
+from sagellm_cli.gateway.upstream import UpstreamConnectError
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -49,10 +49,15 @@ def _run(coro):
     return asyncio.run(asyncio.wait_for(coro, 20))
 
 
-def test_make_upstream_is_the_native_client():
-    assert isinstance(make_upstream(2.5), NativeUpstream)
-    assert make_upstream(2.5).connect_timeout == 2.5
-    assert make_upstream("native", 1.5).connect_timeout == 1.5  # older call form
+def test_the_gateway_uses_the_native_client(tmp_path):
+    from sagellm_cli.core.state import StateStore
+    from sagellm_cli.gateway.app import Gateway
+    from sagellm_cli.gateway.config import GatewayConfig
+
+    config = GatewayConfig(admin_token="t", connect_timeout_s=2.5)
+    gateway = Gateway(config, StateStore(tmp_path / "state.json"))
+    assert isinstance(gateway.upstream, NativeUpstream)
+    assert gateway.upstream.connect_timeout == 2.5
 
 
 def test_https_and_other_schemes_are_refused_before_connecting():

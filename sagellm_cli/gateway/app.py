@@ -27,10 +27,10 @@ from sagellm_cli.gateway.errors import error_body, internal_error
 from sagellm_cli.gateway.health import HealthChecker
 from sagellm_cli.gateway.management import Management
 from sagellm_cli.gateway.metrics import CONTENT_TYPE, Metrics
+from sagellm_cli.gateway.native import NativeUpstream
 from sagellm_cli.gateway.proxy import Proxy
 from sagellm_cli.gateway.registry import Registry
 from sagellm_cli.gateway.scheduling import Scheduler, make_scheduler
-from sagellm_cli.gateway.upstream import make_upstream
 
 if TYPE_CHECKING:
     from sagellm_cli.gateway.config import GatewayConfig
@@ -62,7 +62,7 @@ class Gateway:
         self.config = config
         self.started_at = time.time()
         self.registry = Registry(config, store or StateStore())
-        self.upstream = make_upstream(config.upstream_client, config.connect_timeout_s)
+        self.upstream = NativeUpstream(config.connect_timeout_s)
         self.metrics = Metrics(self.registry)
         if scheduler is None:
             scheduler = make_scheduler(config, self.registry, self.metrics.registry)

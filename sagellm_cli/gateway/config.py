@@ -146,9 +146,6 @@ class GatewayConfig:
         2048, "--length-threshold", "`length` routing: prompts longer than this (chars) go to "
         "prefill.",
     )  # fmt: skip
-    # Not a field: one upstream client remains (native.py). Read only by gateway/app.py's
-    # older make_upstream call; delete together with that argument.
-    upstream_client = "native"
     # Admission control and queueing (scheduling.py): "none" installs no scheduler at all.
     scheduling: str = _option(
         "none", "--scheduling",

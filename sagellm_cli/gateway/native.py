@@ -1,11 +1,25 @@
-"""A minimal keep-alive HTTP/1.1 client on asyncio.Protocol + httptools, for the hot path.
+"""The gateway's upstream client: keep-alive HTTP/1.1 on asyncio.Protocol + httptools.
 
-The gateway only POSTs small JSON bodies to engines on a trusted network and
-passes the answers through, so it needs a fraction of what aiohttp's client
-does per request (header multidicts, payload registry, tracing hooks, cookie
-jar, ...). Profiling under load showed that machinery as the largest single
-cost of a proxied request; this client writes one pre-formatted request and
-parses the answer with httptools (uvicorn's parser). Only `http://` URLs.
+The gateway only sends small JSON POSTs (and /health GETs) to engines it started, on
+plain http://, and passes the answers through, so it needs a fraction of what a general
+client does per request (header multidicts, payload registry, tracing hooks, cookie
+jar, redirects, TLS, proxies...). It writes one pre-formatted request and parses the
+answer with httptools (llhttp, the parser uvicorn uses). Why this and not a library:
+docs/gateway.md, "The upstream client"; the numbers: docs/benchmarks.md.
+
+What it guarantees, beyond parsing HTTP/1.1:
+- `http://` only: any other scheme is refused with an explicit error, never attempted.
+- A request is written once. A connection that fails before any response byte is an
+  `UpstreamConnectError` (the proxy may try another engine); the client itself never
+  re-sends, because the engine may have read the request already.
+- Idle keep-alive connections are reused newest first and closed after `idle_timeout`
+  (default 4 s, under uvicorn's and so vLLM's 5 s keep-alive), so the engine rarely
+  closes one just as it is reused, and pools shrink back after a burst.
+- An unfinished response closes its connection (the engine aborts the generation);
+  reading pauses while more than 64 KiB is unread (the client is slower).
+- Informational (1xx) responses are skipped; bytes arriving on an idle connection
+  close it (it is out of sync).
+- Bodies pass through undecoded, so every request says `Accept-Encoding: identity`.
 """
 
 from __future__ import annotations
@@ -20,15 +34,23 @@ import httptools
 from sagellm_cli.gateway.upstream import UpstreamConnectError
 
 _HIGH_WATER = 1 << 16  # pause reading from the engine while this much is unread
+IDLE_TIMEOUT_S = 4.0
+_REAP_EVERY_S = 1.0
+
+
+class UnsupportedURL(UpstreamConnectError):
+    """An engine URL that this client will not connect to (only http:// is supported)."""
 
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; serves one request at a time."""
 
-    def __init__(self, pool: list[_Connection]):
+    def __init__(self, pool: collections.deque[_Connection]):
         self._pool = pool
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.busy = False
+        self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._chunks: collections.deque[bytes] = collections.deque()
         self._reset()
@@ -41,6 +63,7 @@ class _Connection(asyncio.Protocol):
         self.error: Exception | None = None
         self.got_bytes = False
         self._until_eof = True  # neither Content-Length nor chunked: the body ends at close
+        self._informational = False
         self._paused = False
         self._buffered = 0
         self._chunks.clear()
@@ -53,17 +76,22 @@ class _Connection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if not self.busy:
+            self.close()  # nothing was asked: the connection is out of sync
+            return
         self.got_bytes = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamConnectError(f"bad HTTP response: {exc}"))
-            self.transport.close()
+            self.close()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        if self in self._pool:
-            self._pool.remove(self)
+        if not self.busy:
+            if self in self._pool:
+                self._pool.remove(self)
+            return
         if self.complete or self.error is not None:
             return
         if self.status and self._until_eof:
@@ -73,11 +101,16 @@ class _Connection(asyncio.Protocol):
             UpstreamConnectError(
                 "connection closed before the response ended"
                 if self.got_bytes
-                else "server closed the connection without answering"
+                else "the engine closed the connection without answering "
+                "(the request may have reached it; it is not re-sent)"
             )
         )
 
     # -- httptools callbacks ---------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.content_type = "application/json"
+        self._until_eof = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
@@ -89,7 +122,11 @@ class _Connection(asyncio.Protocol):
             self._until_eof = False
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            self._informational = True  # 100 Continue, 103 Early Hints: the answer follows
+            return
+        self.status = status
         # Read now: after the message completes the parser has already reset.
         self.keep_alive = self._parser.should_keep_alive()
         _wake(self._headers_waiter)
@@ -103,6 +140,9 @@ class _Connection(asyncio.Protocol):
         _wake(self._data_waiter)
 
     def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
         self.complete = True
         _wake(self._headers_waiter)
         _wake(self._data_waiter)
@@ -114,9 +154,15 @@ class _Connection(asyncio.Protocol):
         _wake(self._headers_waiter)
         _wake(self._data_waiter)
 
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close()
+
     async def request(self, head: bytes, body: bytes) -> None:
         """Send one request and wait for the response headers."""
         self._reset()
+        self.busy = True
         if len(body) < 16384:
             self.transport.write(head + body)  # one segment for the usual small request
         else:
@@ -150,11 +196,12 @@ class _Connection(asyncio.Protocol):
 
     def release(self) -> None:
         """Back to the pool if the exchange finished cleanly, else drop the connection."""
+        self.busy = False
         if self.complete and self.keep_alive and not self.closed and not self._chunks:
+            self.idle_since = asyncio.get_running_loop().time()
             self._pool.append(self)
-        elif not self.closed:
-            self.closed = True
-            self.transport.close()
+        else:
+            self.close()
 
 
 def _wake(waiter: asyncio.Future | None) -> None:
@@ -187,31 +234,55 @@ class _NativeResponse:
         self._conn.release()
 
 
-async def _exchange(conn: _Connection, head: bytes, body: bytes) -> _NativeResponse:
-    try:
-        await conn.request(head, body)
-    except BaseException:
-        conn.release()  # closes it: the exchange did not finish
-        raise
-    return _NativeResponse(conn)
-
-
 class NativeUpstream:
     """Keep-alive connection pools per engine, no limit on connections."""
 
-    def __init__(self, connect_timeout: float = 3.0):
+    def __init__(self, connect_timeout: float = 3.0, idle_timeout: float = IDLE_TIMEOUT_S):
         self.connect_timeout = connect_timeout
-        self._pools: dict[tuple[str, int], list[_Connection]] = {}
+        self.idle_timeout = idle_timeout
+        self._pools: dict[tuple[str, int], collections.deque[_Connection]] = {}
         self._targets: dict[str, tuple[tuple[str, int], bytes, bytes]] = {}
+        self._reaper: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
-        pass
+        self._schedule_reap()
 
     async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         for pool in self._pools.values():
             for conn in list(pool):
-                conn.transport.close()
+                conn.close()
             pool.clear()
+
+    def idle_connections(self) -> int:
+        """Open connections waiting in the pools (for tests and status)."""
+        return sum(len(pool) for pool in self._pools.values())
+
+    # -- idle connections --------------------------------------------------------
+
+    def _schedule_reap(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._reaper = loop.call_later(min(_REAP_EVERY_S, self.idle_timeout / 2), self._reap)
+
+    def _reap(self) -> None:
+        """Close connections idle for longer than idle_timeout (the oldest are on the left)."""
+        deadline = asyncio.get_running_loop().time() - self.idle_timeout
+        for pool in self._pools.values():
+            while pool and pool[0].idle_since < deadline:
+                pool.popleft().close()
+        self._schedule_reap()
+
+    def _idle(self, key: tuple[str, int]) -> _Connection | None:
+        pool = self._pools.get(key)
+        while pool:
+            conn = pool.pop()  # the newest: the least likely to be closed by the engine
+            if not conn.closed and not conn.transport.is_closing():
+                return conn
+        return None
+
+    # -- requests ------------------------------------------------------------------
 
     def _target(self, url: str) -> tuple[tuple[str, int], bytes, bytes]:
         """(host, port), request target and Host header of a URL, cached per URL."""
@@ -219,21 +290,20 @@ class NativeUpstream:
         if target is None:
             parts = urlsplit(url)
             if parts.scheme != "http" or not parts.hostname:
-                raise UpstreamConnectError(f"unsupported URL {url!r} (only http://)")
+                raise UnsupportedURL(
+                    f"engine URL {url!r} is not supported: the gateway connects to engines "
+                    "over plain http:// only (no TLS)"
+                )
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             target = (parts.hostname, parts.port or 80), path.encode(), parts.netloc.encode()
             if len(self._targets) < 4096:
                 self._targets[url] = target
         return target
 
-    def _pool(self, key: tuple[str, int]) -> list[_Connection]:
+    async def _connect(self, key: tuple[str, int]) -> _Connection:
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = []
-        return pool
-
-    async def _connect(self, key: tuple[str, int]) -> _Connection:
-        pool = self._pool(key)
+            pool = self._pools[key] = collections.deque()
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
@@ -243,34 +313,29 @@ class NativeUpstream:
             raise UpstreamConnectError(f"{type(exc).__name__}: {exc}") from exc
         return conn
 
-    def _idle(self, key: tuple[str, int]) -> _Connection | None:
-        pool = self._pool(key)
-        while pool:
-            conn = pool.pop()
-            if not conn.closed and not conn.transport.is_closing():
-                return conn
-        return None
-
-    async def _send(self, method: bytes, url: str, body: bytes, headers: dict[str, str]):
+    async def _send(
+        self, method: bytes, url: str, body: bytes, headers: dict[str, str]
+    ) -> _NativeResponse:
         key, path, host = self._target(url)
         head = b"".join(
             (
                 method, b" ", path, b" HTTP/1.1\r\nHost: ", host,
-                b"\r\nContent-Length: ", str(len(body)).encode(), b"\r\n",
+                b"\r\nAccept-Encoding: identity\r\nContent-Length: ", str(len(body)).encode(),
+                b"\r\n",
                 *(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items()),
                 b"\r\n",
             )
         )  # fmt: skip
-        conn = self._idle(key)
-        if conn is not None:
-            try:
-                return await _exchange(conn, head, body)
-            except UpstreamConnectError:
-                if conn.got_bytes:
-                    raise
-                # The engine closed this idle keep-alive connection just as it was reused
-                # (its keep-alive timeout): that is no failure of the engine; use a new one.
-        return await _exchange(await self._connect(key), head, body)
+        lines = len(headers) + 5  # request line, 3 of ours, the caller's, the blank line
+        if head.count(b"\n") != lines or head.count(b"\r") != lines:
+            raise ValueError("a header name or value contains a line break")
+        conn = self._idle(key) or await self._connect(key)
+        try:
+            await conn.request(head, body)
+        except BaseException:
+            conn.release()  # closes it: the exchange did not finish
+            raise
+        return _NativeResponse(conn)
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> _NativeResponse:
         return await self._send(b"POST", url, body, headers)
