@@ -1,42 +1,62 @@
 #!/usr/bin/env bash
-# Run the real-GPU test module (tests/test_gpu_device.py) on the lent GPU machine.
+# The GPU proof on the lent GPU machine (real vLLM 0.24 on H200s), in back-to-back device
+# calls while the machine stays warm (it forgets everything once it goes back):
 #
-# The machine has torch, sentence-transformers, transformers, nvidia-ml-py, rich,
-# psutil, httpx, anyio, h11 and click, but none of: pydantic (+ core, annotated-types,
-# typing-inspection), starlette, uvicorn, or the typer version we use. Those travel as
-# wheels in the git-ignored .whl/ folder (see docs/gpu.md); name `.whl` in the
-# device call's `carry`. The embedding model is built on the machine (tiny BERT).
+#   here, once:   bash ../shared/gpu/fetch-wheels.sh .gpu-wheels   (parts p0..p5, ~345 MB)
+#   device call k (k = 0..5), carrying .gpu-wheels/pk:   bash scripts/gpu_device_run.sh part k
+#   next call:    bash scripts/gpu_device_run.sh install test      (writes $OUT/*.log)
+#   later calls:  bash scripts/gpu_device_run.sh test -k tensor      (any pytest -k expression)
 #
-#   bash scripts/gpu_device_run.sh            # writes $OUT/gpu_device.log, env.txt, gpu.json
+# The image has torch 2.11, NVML, transformers and sentence-transformers; vLLM 0.24.0 pins
+# that torch, so only vLLM and the small packages the image lacks travel (see
+# ../shared/notes/vllm-gpu.md). The tiny chat model is built on the machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-device-out}"
-mkdir -p "$OUT"
-
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || { echo "wheel install failed" | tee "$OUT/env.txt"; exit 1; }
-fi
-export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+PARTS=/root/vp
+mkdir -p "$OUT" "$PARTS"
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# conftest disables NVML for the CPU suite unless told otherwise.
-export SAGELLM_DISABLE_NVML=0
+export VLLM_USE_FLASHINFER_SAMPLER=0 SAGELLM_DISABLE_NVML=0
+# NVLink multicast stays off on shared hosts.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 unset SAGELLM_MOCK_GPUS SAGELLM_MOCK_NVLINK
 
-{
-    echo "== $(date -u +%FT%TZ) $(uname -r)"
-    nvidia-smi -L
-    nvidia-smi --query-gpu=index,name,uuid,memory.total,memory.used,driver_version --format=csv
-    python3 -c 'import sys, torch, pynvml, typer, pydantic, starlette, uvicorn, sentence_transformers as st;
-print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
-      "st", st.__version__, "typer", typer.__version__, "pydantic", pydantic.__version__)'
-} 2>&1 | tee "$OUT/env.txt"
-
-python3 -m pytest tests/test_gpu_device.py -m gpu -v -s -p no:cacheprovider -o addopts="-ra" \
-    2>&1 | tee "$OUT/gpu_device.log"
-rc=${PIPESTATUS[0]}
-
-python3 -m sagellm_cli llm gpu --json >"$OUT/gpu.json" 2>>"$OUT/gpu_device.log"
-# Nothing may be left on the GPU by the tests.
-nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv 2>&1 | tee -a "$OUT/gpu_device.log"
+rc=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+    part)
+        cp .gpu-wheels/p"$2"/part.* "$PARTS"/ && ls -la "$PARTS" | tail -n +2
+        shift 2 ;;
+    install)
+        bash .gpu-wheels/install.sh "$PARTS" 2>&1 | tail -3 | tee "$OUT/install.log"
+        if ls .whl/*.whl >/dev/null 2>&1; then
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -3
+        fi
+        {
+            echo "== $(date -u +%FT%TZ) $(uname -r)"
+            nvidia-smi -L
+            nvidia-smi topo -m 2>/dev/null
+            python3 -c 'import sys, torch, vllm, typer, pydantic; print(sys.version.split()[0],
+                "torch", torch.__version__, "vllm", vllm.__version__, "typer", typer.__version__,
+                "pydantic", pydantic.__version__)'
+        } 2>&1 | tee "$OUT/env.txt"
+        shift ;;
+    test)
+        shift
+        args=()
+        while [ $# -gt 0 ] && [ "$1" != "bench" ]; do args+=("$1"); shift; done
+        python3 -m pytest tests/test_gpu_device.py -m gpu -v -s -p no:cacheprovider \
+            -o addopts="-ra" -o timeout=900 "${args[@]}" 2>&1 | tee -a "$OUT/gpu_device.log"
+        rc=${PIPESTATUS[0]}
+        nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv 2>&1 \
+            | tee -a "$OUT/gpu_device.log" ;;
+    bench)
+        python3 benchmarks/gpu_memory.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_memory.log"
+        shift ;;
+    *)
+        echo "unknown step $1" >&2; exit 2 ;;
+    esac
+done
 exit "$rc"

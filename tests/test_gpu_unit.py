@@ -20,6 +20,7 @@ from conftest import sage
 from sagellm_cli.core.errors import BadInput, ExitCode, ResourceUnavailable
 from sagellm_cli.core.gpu import Placement, capacities, choose_gpus, plan_gpu, read_inventory
 from sagellm_cli.core.gpu.estimate import (
+    UNKNOWN_SIZE_GIB,
     estimate_memory,
     layout_for_gpu_count,
     params_from_config,
@@ -171,11 +172,13 @@ def test_estimate_override_kv_budget_embedding_and_quantized():
     assert awq.weights_gib < plain.weights_gib / 3
 
 
-def test_estimate_unknown_model_is_bad_input():
-    with pytest.raises(BadInput) as err:
-        estimate_memory("acme/mystery")
-    assert err.value.exit_code == ExitCode.BAD_INPUT
-    assert "--gpu-memory-gb" in err.value.one_line()
+def test_an_unknown_model_is_planned_with_a_stated_conservative_size(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    est = estimate_memory("acme/mystery")
+    assert est.params is None and est.params_source == "unknown"
+    assert est.gib_per_gpu == UNKNOWN_SIZE_GIB["llm"]
+    assert "conservative" in est.notes[0] and "gpu_memory_gb" in est.notes[0]
+    assert estimate_memory("acme/mystery", kind="embedding").gib_per_gpu == 4.0
 
 
 @pytest.mark.parametrize(
@@ -321,7 +324,10 @@ def test_headroom_is_required():
 def test_placement_env_and_utilization():
     real = Placement(gpus=[1, 0], uuids=["GPU-b", "GPU-a"], gib_per_gpu=20.0, total_gib=[79.6, 80])
     assert real.env() == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "GPU-b,GPU-a"}
-    assert real.gpu_memory_utilization == 0.251  # 20 / 79.6 = 0.25125..., rounded down
+    # Two GPUs (TP 2): the budget leaves 1.6 GiB per rank for context and NCCL buffers.
+    assert real.gpu_memory_utilization == 0.231  # (20 - 1.6) / 79.6 = 0.2311..., rounded down
+    one = Placement(gpus=[0], uuids=["GPU-a"], gib_per_gpu=20.0, total_gib=[80.0])
+    assert one.gpu_memory_utilization == 0.242  # (20 - 0.6) / 80 = 0.2425
     mock = Placement([2], ["GPU-mock-0002"], 30.0, [80.0], mock=True)
     assert mock.cuda_visible_devices == "2"
     assert gpu_memory_utilization(100, [80]) == 0.95
@@ -635,9 +641,11 @@ def test_cli_plan_recommends_and_checks(tmp_path):
         sage("llm", "gpu", "plan", "org/m-13B", "--gpus", "2", "--json", home=home, env=env).stdout
     )
     assert [(x["tensor_parallel"], x["fits_now"]) for x in two["layouts"]] == [(2, True)]
-    unknown = sage("llm", "gpu", "plan", "acme/mystery", home=home, env=env)
-    assert unknown.returncode == 2
-    assert "--gpu-memory-gb" in unknown.stderr
+    unknown = sage("llm", "gpu", "plan", "acme/mystery", "--json", home=home,
+                   env={**env, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert unknown.returncode == 0, unknown.stderr
+    layout = json.loads(unknown.stdout)["recommended"]
+    assert "conservative" in layout["estimate"]["notes"][0]
 
 
 def test_engine_start_that_cannot_fit_exits_4_before_spawning(tmp_path):
@@ -652,3 +660,35 @@ def test_engine_start_that_cannot_fit_exits_4_before_spawning(tmp_path):
     state = StateStore(home / "state.json").read()
     assert not state.reservations
     assert not any(r.pid for r in state.engines.values())
+
+
+def test_engines_on_one_real_gpu_load_one_at_a_time(home, monkeypatch):
+    """vLLM sizes its KV cache from free memory while it loads, so a second engine on the
+    same GPU is queued until the first is no longer loading (serial starts)."""
+    from sagellm_cli.core.engines import _loading_before, _must_queue
+    from sagellm_cli.core.records import EngineRecord
+
+    def rec(i, status, gpus, created):
+        return EngineRecord(id=f"e{i}", kind="llm", runtime="vllm", model="m",
+                            served_model_name="m", host="127.0.0.1", port=9000 + i,
+                            status=status, gpus=gpus, created_at=created)  # fmt: skip
+
+    state = State()
+    state.engines["e1"] = rec(1, "starting", [0], 1.0)
+    real = Placement(gpus=[0], uuids=["GPU-a"], gib_per_gpu=8.0, total_gib=[80.0])
+    other = Placement(gpus=[1], uuids=["GPU-b"], gib_per_gpu=8.0, total_gib=[80.0])
+    mock = Placement(gpus=[0], uuids=["GPU-mock-0"], gib_per_gpu=8.0, total_gib=[80.0], mock=True)
+    assert _must_queue(state, real, None)
+    assert not _must_queue(state, other, None)  # another GPU loads in parallel
+    assert not _must_queue(state, mock, None)  # mock engines run on the CPU
+    monkeypatch.setenv("SAGELLM_SERIAL_GPU_STARTS", "0")
+    assert not _must_queue(state, real, None)
+    # The queue is first come, first served; a ready neighbour blocks nobody.
+    state.engines["e2"] = rec(2, "queued", [0], 2.0)
+    state.engines["e3"] = rec(3, "queued", [0], 3.0)
+    assert _loading_before(state, state.engines["e2"]) and _loading_before(
+        state, state.engines["e3"]
+    )
+    state.engines["e1"].status = "ready"
+    assert not _loading_before(state, state.engines["e2"])
+    assert _loading_before(state, state.engines["e3"])

@@ -237,10 +237,14 @@ def test_missing_model_path_is_bad_input(home, tmp_path):
 
 
 def test_uncached_bare_llm_name_points_to_model_prepare(home, tmp_path):
+    """The dry run plans it and says what blocks it; the real apply refuses (exit 2)
+    before anything starts."""
     path = write(tmp_path, GOOD.format(model="gemma-3-270m-not-here"))
     result = _dry_run(path)
-    assert result.exit_code == 2
-    assert "sage llm model" in result.stderr
+    assert result.exit_code == 0
+    assert "cannot start yet" in result.stdout and "sage llm model" in result.stdout
+    applied = invoke("apply", "--file", str(path))
+    assert applied.exit_code == 2 and "sage llm model" in applied.stderr
 
 
 def test_requested_port_in_use_exits_4(home, tmp_path, tiny_model):

@@ -58,7 +58,7 @@ def test_gpu_llm_carries_the_placement(tmp_path):
     spec = EngineSpec(model="org/model", tensor_parallel=2)
     launch = _build(spec, placement, tmp_path=tmp_path)
     assert _flag(launch.argv, "--tensor-parallel-size") == "2"
-    assert _flag(launch.argv, "--gpu-memory-utilization") == "0.500"
+    assert _flag(launch.argv, "--gpu-memory-utilization") == "0.480"  # (40 - 1.6) / 80
     assert "--enforce-eager" not in launch.argv
     assert launch.env["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
     assert launch.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
@@ -77,7 +77,7 @@ def test_embedding_on_gpu_is_capped_to_its_share(tmp_path):
         EngineSpec(model="m", kind="embedding", use_gpu=True), placement, tmp_path=tmp_path
     )
     assert _flag(launch.argv, "--device") == "cuda"
-    assert _flag(launch.argv, "--gpu-memory-fraction") == "0.100"
+    assert _flag(launch.argv, "--gpu-memory-fraction") == "0.092"  # (8 - 0.6) / 80
 
 
 def test_vllm_pooling_runner_for_embeddings(tmp_path):

@@ -179,17 +179,22 @@ def _render(snap) -> list[Any]:
 
     if snap.reservations:
         rt = Table(title="Reservations", title_justify="left", box=None, header_style="bold")
-        for col in ("Engine", "Model", "Status", "GPUs", "GiB/GPU"):
-            rt.add_column(col, justify="right" if col == "GiB/GPU" else "left")
+        for col in ("Engine", "Model", "Status", "GPUs", "Reserved GiB/GPU", "Used GiB (NVML)"):
+            rt.add_column(col, justify="right" if "GiB" in col else "left")
         for r in snap.reservations:
             eng = snap.engines.get(r.engine_id, {})
             gpus = ",".join(str(i) for i in r.gpus) + (" (mock)" if r.mock else "")
+            usage = snap.usage(r)
+            used = " / ".join("-" if u is None else f"{u:.2f}" for u in usage["used_gib"])
+            if usage["over"]:
+                used = f"[bold red]{used} OVER[/]"
             rt.add_row(
                 r.engine_id,
                 eng.get("model", "-"),
                 eng.get("status", "-"),
                 gpus,
-                f"{r.gib_per_gpu:.1f}",
+                f"{r.gib_per_gpu:.2f}",
+                used,
             )
         parts.append(rt)
 

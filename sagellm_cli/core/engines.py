@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 LOG_TAIL_ON_FAILURE = 20
 # A record without a pid is a spawn in progress; after this long it never happened.
 SPAWN_GRACE_S = 120.0
+# Serial starts per GPU (see _wait_turn): how often a queued engine looks, and for how long.
+QUEUE_POLL_S = 0.5
+QUEUE_LIMIT_S = 1800.0
+SERIAL_ENV = "SAGELLM_SERIAL_GPU_STARTS"
 # How long a dead engine's helpers get to exit on SIGTERM before SIGKILL.
 REAP_TIMEOUT_S = 5.0
 
@@ -101,7 +105,9 @@ class EngineManager:
             if not record.is_live:
                 continue
             if record.pid is None:
-                if now - record.created_at > SPAWN_GRACE_S:
+                # Queued engines wait their turn on a GPU (bounded by QUEUE_LIMIT_S).
+                grace = SPAWN_GRACE_S + (QUEUE_LIMIT_S if record.status == "queued" else 0)
+                if now - record.created_at > grace:
                     self._mark_dead(state, record, "spawn never completed")
                 continue
             if not launcher_for(record.node).is_alive(record):
@@ -224,6 +230,8 @@ class EngineManager:
                 cache_dir=paths.ensure_private_dir(paths.state_dir() / "cache" / "vllm"),
             )
             record.command = launch.argv
+        if record.status == "queued":
+            self._wait_turn(record)
         # The gateway's credentials never reach an engine, even when it starts one.
         env = {**engine_environ(), **launch.env, **spec.env, "SAGELLM_ENGINE_ID": record.id}
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -286,7 +294,7 @@ class EngineManager:
             host=spec.host,
             port=port,
             label=spec.label,
-            status="starting",
+            status="queued" if _must_queue(state, placement, reuse_id) else "starting",
             gpus=list(placement.gpus) if placement else [],
             gpu_memory_gb=placement.gib_per_gpu if placement else None,
             created_at=state.engines[reuse_id].created_at if reuse_id else now,
@@ -303,6 +311,40 @@ class EngineManager:
         else:
             state.release(engine_id)
         return record, placement
+
+    def _wait_turn(self, record: EngineRecord) -> None:
+        """Hold a queued engine until no other engine loads on its GPUs, then mark it starting.
+
+        vLLM sizes its KV cache from free-memory readings taken while it profiles; a
+        neighbour loading at the same time corrupts them (measured on an H200: 19.5 and
+        1.5 GiB for two 20 GiB reservations). One engine loads per GPU at a time.
+        """
+        deadline = time.monotonic() + QUEUE_LIMIT_S
+        try:
+            while True:
+                with self.store.transaction() as state:
+                    self.reconcile(state)
+                    current = state.engines.get(record.id)
+                    if current is None or current.status != "queued":
+                        raise OperationFailed(f"engine {record.id} was stopped while queued")
+                    if not _loading_before(state, current):
+                        current.status = "starting"
+                        return
+                if time.monotonic() > deadline:
+                    raise OperationFailed(
+                        f"engine {record.id} waited {QUEUE_LIMIT_S:.0f}s for its GPU",
+                        hint="see `sage llm engine list` for the engine that is loading",
+                    )
+                time.sleep(QUEUE_POLL_S)
+        except BaseException:
+            # Ctrl-C or a timeout: a queued record must not stay behind, holding memory.
+            with self.store.transaction() as state:
+                current = state.engines.get(record.id)
+                if current is not None and current.status == "queued":
+                    current.status, current.stopped_at = "stopped", time.time()
+                    current.error = "stopped while queued"
+                    state.release(record.id)
+            raise
 
     def wait_ready(
         self,
@@ -475,6 +517,33 @@ def resolve_ref(state: State, ref: str) -> EngineRecord:
         ids = ", ".join(r.id for r in matches)
         raise BadInput(f"{ref!r} matches several engines: {ids}", hint="use the full engine id")
     raise NotFound(f"no engine {ref!r}", hint="see `sage llm engine list --all`")
+
+
+def _shares_gpu(a: EngineRecord, gpus: list[int]) -> bool:
+    return bool(set(a.gpus) & set(gpus))
+
+
+def _must_queue(state: State, placement: Placement | None, reuse_id: str | None) -> bool:
+    """True if a real GPU the engine gets already has an engine loading (serial starts)."""
+    if placement is None or placement.mock or os.environ.get(SERIAL_ENV, "1") == "0":
+        return False
+    return any(
+        r.status in ("queued", "starting") and r.id != reuse_id and _shares_gpu(r, placement.gpus)
+        for r in state.engines.values()
+    )
+
+
+def _loading_before(state: State, record: EngineRecord) -> bool:
+    """True while an engine on the same GPUs loads, or waits in the queue ahead of `record`."""
+    return any(
+        r.id != record.id
+        and _shares_gpu(r, record.gpus)
+        and (
+            r.status == "starting"
+            or (r.status == "queued" and (r.created_at, r.id) < (record.created_at, record.id))
+        )
+        for r in state.engines.values()
+    )
 
 
 def _new_id(state: State) -> str:

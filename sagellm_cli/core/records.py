@@ -17,8 +17,9 @@ if TYPE_CHECKING:  # the annotations below are strings; pydantic resolves them o
 
 _T = TypeVar("_T")
 
-# Statuses: starting -> ready (<-> unhealthy) -> stopping -> stopped; failed at any point.
-LIVE_STATUSES = frozenset({"starting", "ready", "unhealthy", "stopping"})
+# Statuses: (queued ->) starting -> ready (<-> unhealthy) -> stopping -> stopped; failed at
+# any point. `queued`: waiting for another engine on the same GPU to finish loading.
+LIVE_STATUSES = frozenset({"queued", "starting", "ready", "unhealthy", "stopping"})
 ROLES: tuple[str, ...] = ("general", "prefill", "decode")
 
 

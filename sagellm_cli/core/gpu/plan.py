@@ -20,6 +20,11 @@ from sagellm_cli.core.gpu.inventory import Inventory, engine_pid_map, read_inven
 from sagellm_cli.core.records import EngineSpec, GpuReservation
 from sagellm_cli.core.state import State
 
+# What a GPU process uses beyond what vLLM or torch count against their budget. Measured on
+# an H200 with vLLM 0.24: 0.2-0.4 GiB for a one-GPU engine, 1.4 GiB per rank with TP 2.
+CONTEXT_GIB = 0.6
+CONTEXT_GIB_PARALLEL = 1.6
+
 
 @dataclass
 class Placement:
@@ -40,9 +45,17 @@ class Placement:
         return ",".join(self.uuids)
 
     @property
+    def context_gib(self) -> float:
+        """Per-process memory outside the engine's own budget: the CUDA context, and with
+        TP/PP the NCCL buffers (measured on an H200, docs/gpu.md)."""
+        return CONTEXT_GIB_PARALLEL if len(self.gpus) > 1 else CONTEXT_GIB
+
+    @property
     def gpu_memory_utilization(self) -> float:
-        """vLLM's --gpu-memory-utilization: reserved / total of the smallest chosen GPU."""
-        return algo.gpu_memory_utilization(self.gib_per_gpu, self.total_gib)
+        """The engine's own budget (reservation minus the context) over the smallest GPU's
+        total: vLLM's --gpu-memory-utilization, torch's memory fraction."""
+        budget = max(self.gib_per_gpu - self.context_gib, self.gib_per_gpu / 2)
+        return algo.gpu_memory_utilization(budget, self.total_gib)
 
     def env(self) -> dict[str, str]:
         """Environment for the engine process."""
@@ -159,9 +172,21 @@ class GpuSnapshot:
             gpu["reservations"] = cap.to_dict()["reservations"] if cap else {}
         data["headroom_gib"] = algo.HEADROOM_GIB
         data["reservations"] = [
-            {**r.to_dict(), **self.engines.get(r.engine_id, {})} for r in self.reservations
+            {**r.to_dict(), **self.engines.get(r.engine_id, {}), **self.usage(r)}
+            for r in self.reservations
         ]
         return data
+
+    def usage(self, reservation: GpuReservation) -> dict[str, Any]:
+        """What NVML says the engine's processes use on each of its GPUs, against what it
+        reserved: `used_gib` per GPU, and `over` when any GPU is above the reservation."""
+        caps = {c.index: c for c in self.capacities}
+        used = [
+            round(caps[i].engine_used.get(reservation.engine_id, 0.0), 3) if i in caps else None
+            for i in reservation.gpus
+        ]
+        over = any(u is not None and u > reservation.gib_per_gpu for u in used)
+        return {"used_gib": used, "over": over}
 
 
 def gpu_snapshot(state: State) -> GpuSnapshot:
