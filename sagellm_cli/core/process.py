@@ -8,8 +8,11 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
+if TYPE_CHECKING:  # psutil costs ~8 ms of start-up: imported where a process is looked at
+    import psutil
+
 
 # The shell stays as the engine's parent so that the exit code is recorded even
 # when no sagellm process is waiting on the engine. Arguments pass through "$@",
@@ -39,6 +42,8 @@ def spawn_group(
 ) -> ProcessHandle:
     """Start `argv` in a new session, appending stdout and stderr to `log_path`."""
     import subprocess  # spawn path only: keeps `engine list` start-up small
+
+    import psutil
 
     exit_file.unlink(missing_ok=True)
     full_env = dict(env)
@@ -72,6 +77,8 @@ def spawn_group(
 
 
 def _first_child(pid: int, timeout: float = 3.0) -> psutil.Process | None:
+    import psutil
+
     deadline = time.monotonic() + timeout
     with contextlib.suppress(psutil.NoSuchProcess):
         parent = psutil.Process(pid)
@@ -87,6 +94,8 @@ def _first_child(pid: int, timeout: float = 3.0) -> psutil.Process | None:
 
 def is_alive(pid: int | None, create_time: float | None) -> bool:
     """True if `pid` runs and is the same process (not a reused pid)."""
+    import psutil
+
     if not pid:
         return False
     try:
@@ -107,6 +116,8 @@ def group_members(pgid: int | None, not_before: float | None = None) -> list[psu
     `not_before` guards against a recycled pgid: our engine's processes are never
     older than the engine itself.
     """
+    import psutil
+
     if not pgid:
         return []
     members = []
@@ -126,6 +137,8 @@ def group_members(pgid: int | None, not_before: float | None = None) -> list[psu
 
 def engine_processes(handle_pid: int | None, pgid: int | None, not_before: float | None) -> list:
     """The engine's group plus any descendant that left the group (setsid children)."""
+    import psutil
+
     procs = {p.pid: p for p in group_members(pgid, not_before)}
     roots = list(procs.values())
     if handle_pid and handle_pid not in procs:
@@ -139,6 +152,8 @@ def engine_processes(handle_pid: int | None, pgid: int | None, not_before: float
 
 
 def _running(proc: psutil.Process) -> bool:
+    import psutil
+
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -153,6 +168,8 @@ def terminate_group(
     Returns how many processes had to be killed. On return no process of the
     engine is left.
     """
+    import psutil
+
     procs = engine_processes(pid, pgid, not_before)
     if not procs:
         return 0
@@ -169,6 +186,8 @@ def terminate_group(
 
 
 def _signal_all(procs: list[psutil.Process], pgid: int | None, sig: int) -> None:
+    import psutil
+
     if pgid:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
