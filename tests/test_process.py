@@ -84,3 +84,31 @@ def test_arguments_never_go_through_a_shell(tmp_path):
     assert not marker.exists()
     assert "$(id)" in log.read_text()
     process.terminate_group(handle.pid, handle.pgid, None, timeout=0.5)
+
+
+def test_liveness_from_proc_agrees_with_psutil():
+    """`is_alive` reads /proc instead of importing psutil (CLI start-up): its create times
+    must be psutil's, or every engine would look dead (or a reused pid alive)."""
+    import subprocess
+
+    compared = 0
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        stat = process._proc_stat(proc.info["pid"])
+        if stat is None or stat[0] == "X":
+            continue
+        assert abs(stat[1] - proc.info["create_time"]) < 0.02, proc.info
+        compared += 1
+    assert compared > 3
+    me = psutil.Process()
+    assert process.is_alive(me.pid, me.create_time())
+    assert not process.is_alive(me.pid, me.create_time() - 10)  # a reused pid
+    zombie = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 5
+        while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not process.is_alive(zombie.pid, None)
+    finally:
+        zombie.wait()
+    assert not process.is_alive(zombie.pid, None)

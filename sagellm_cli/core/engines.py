@@ -98,9 +98,13 @@ class EngineManager:
 
     # -- reading -------------------------------------------------------------
 
-    def reconcile(self, state: State) -> None:
-        """Bring records in line with the processes that really run (no network I/O)."""
+    def reconcile(self, state: State) -> bool:
+        """Bring records in line with the processes that really run (no network I/O).
+
+        Returns True if a record changed (an engine was found dead).
+        """
         now = time.time()
+        changed = False
         for record in state.engines.values():
             if not record.is_live:
                 continue
@@ -109,9 +113,12 @@ class EngineManager:
                 grace = SPAWN_GRACE_S + (QUEUE_LIMIT_S if record.status == "queued" else 0)
                 if now - record.created_at > grace:
                     self._mark_dead(state, record, "spawn never completed")
+                    changed = True
                 continue
             if not launcher_for(record.node).is_alive(record):
                 self._mark_dead(state, record, None)
+                changed = True
+        return changed
 
     def _refresh(self, *, probe_health: bool) -> State:
         """Reconcile under the lock, reap orphans and probe readiness outside it.
@@ -119,8 +126,12 @@ class EngineManager:
         Probes can take up to their timeout each; holding the lock meanwhile would stall
         every other command and the gateway's reads.
         """
-        with self.store.transaction() as state:
-            self.reconcile(state)
+        # Most of the time nothing died: look with a shared lock first, and take the
+        # exclusive one (which re-reads and may rewrite the file) only when needed.
+        state = self.store.read()
+        if self.reconcile(state):
+            with self.store.transaction() as state:
+                self.reconcile(state)
         if any(r.orphans for r in state.engines.values()):
             state = self.reap(state)
         due = [

@@ -94,10 +94,16 @@ def _first_child(pid: int, timeout: float = 3.0) -> psutil.Process | None:
 
 def is_alive(pid: int | None, create_time: float | None) -> bool:
     """True if `pid` runs and is the same process (not a reused pid)."""
-    import psutil
-
     if not pid:
         return False
+    stat = _proc_stat(pid)
+    if stat is not None:  # Linux: two small reads, no psutil import (CLI start-up)
+        state, started = stat
+        if state in ("Z", "X"):
+            return False
+        return create_time is None or abs(started - create_time) <= _CREATE_TIME_TOLERANCE
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if (
@@ -108,6 +114,39 @@ def is_alive(pid: int | None, create_time: float | None) -> bool:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _proc_stat(pid: int) -> tuple[str, float] | None:
+    """(state letter, create time) from /proc, computed as psutil does on Linux (boot time
+    plus the start time in clock ticks); ("X", 0) for a pid that does not exist; None
+    where /proc can't answer (not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return ("X", 0.0) if _boot_time() is not None else None
+    except OSError:
+        return None
+    boot = _boot_time()
+    if boot is None:
+        return None
+    # The command name may hold spaces and parentheses: the fields follow the last ')'.
+    fields = data[data.rfind(b")") + 2 :].split()
+    return fields[0].decode(), boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+_BOOT_TIME: list[float | None] = []
+
+
+def _boot_time() -> float | None:
+    if not _BOOT_TIME:
+        try:
+            with open("/proc/stat", "rb") as fh:
+                line = next(x for x in fh if x.startswith(b"btime"))
+            _BOOT_TIME.append(float(line.split()[1]))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _BOOT_TIME.append(None)
+    return _BOOT_TIME[0]
 
 
 def group_members(pgid: int | None, not_before: float | None = None) -> list[psutil.Process]:
