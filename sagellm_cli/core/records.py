@@ -71,11 +71,6 @@ class EngineSpec:
         """`to_dict()` with secret env values and flag values masked, for output."""
         return redact_spec(self.to_dict())
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EngineSpec:
-        """Build from a dict, ignoring keys this version does not know (ValueError if bad)."""
-        return decode(cls, data)
-
 
 def redact_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """A spec dict with env values and secret flag values masked (see core/credentials.py)."""
@@ -167,11 +162,6 @@ class EngineRecord:
         data["spec"] = redact_spec(data["spec"])
         return data
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EngineRecord:
-        """Build from the state file, checking every field's type (ValueError if bad)."""
-        return decode(cls, data)
-
 
 @dataclass
 class GpuReservation:
@@ -185,11 +175,6 @@ class GpuReservation:
     def to_dict(self) -> dict[str, Any]:
         """A plain dict for JSON."""
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GpuReservation:
-        """Build from the state file, checking every field's type (ValueError if bad)."""
-        return decode(cls, data)
 
 
 @dataclass

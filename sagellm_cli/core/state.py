@@ -128,7 +128,7 @@ def decode_state(text: str, path: Path) -> State:
             engine_id = value.get("id") if isinstance(value, dict) else None
             if not isinstance(engine_id, str) or not _ENGINE_ID.fullmatch(engine_id):
                 raise ValueError(f"bad engine id {_short(engine_id)}")
-            state.engines[key] = EngineRecord.from_dict(value)
+            state.engines[key] = decode(EngineRecord, value)
         except ValueError as exc:
             raise _corrupt(path, f"engine record {_short(key)} is malformed ({exc})") from None
     for what, table, cls, target in (
