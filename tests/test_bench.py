@@ -1,8 +1,8 @@
 """`sage llm bench`: its numbers against an upstream whose latency we set.
 
-The upstream is a FAKE OpenAI server (aiohttp, in-process on 127.0.0.1, in its
-own thread and event loop). It exists only to isolate the bench's own code:
-it waits a known TTFT, then streams a known number of chunks at a known
+The upstream is the shared FAKE OpenAI server (tests/fakes.py, in-process on
+127.0.0.1, in its own thread and event loop). It exists only to isolate the bench's
+own code: it waits a known TTFT, then streams a known number of chunks at a known
 interval and reports usage, so every measured number has a known right answer.
 Timing assertions use generous ranges (a shared 2-core machine is noisy);
 counts, classes and SLO verdicts are asserted exactly.
@@ -10,20 +10,17 @@ counts, classes and SLO verdicts are asserted exactly.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import socket
 import statistics
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from conftest import invoke as sage_cli
+from fakes import FakeUpstream
 
 from sagellm_cli.bench.compare import compare, labels_for
 from sagellm_cli.bench.load import BenchRunner, LoadConfig, arrival_offsets, base_url
@@ -46,130 +43,20 @@ ITL = 0.010  # seconds between its chunks
 # ---------------------------------------------------------------- the fake upstream
 
 
-@dataclass
-class FakeOpenAI:
-    """A fake OpenAI-compatible server with a set TTFT and ITL (see the module docstring)."""
-
-    ttft: float = TTFT
-    itl: float = ITL
-    usage: bool = True  # answer stream_options.include_usage
-    ttft_by_class: dict[str, float] = field(default_factory=dict)  # by X-Priority
-    status_by_model: dict[str, int] = field(default_factory=dict)  # e.g. {"busy": 429}
-    seen: list[dict] = field(default_factory=list)  # (headers, body) of every request
-    port: int = 0
-
-    def _delay(self, request: web.Request) -> float:
-        return self.ttft_by_class.get(request.headers.get("X-Priority", ""), self.ttft)
-
-    async def _gen(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.seen.append({"path": request.path, "headers": dict(request.headers), "body": body})
-        status = self.status_by_model.get(body.get("model"))
-        if status:
-            return web.json_response(
-                {"error": {"message": f"fake says {status}", "type": "x"}}, status=status
-            )
-        chat = request.path.endswith("/chat/completions")
-        k = int(body.get("max_tokens") or 16)
-        prompt_tokens = 7
-        if not body.get("stream"):
-            await asyncio.sleep(self._delay(request) + self.itl * (k - 1))
-            return web.json_response(
-                {
-                    "choices": [{"index": 0, "text": "x" * k}],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": k},
-                }
-            )
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-
-        async def send(obj) -> None:
-            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-
-        if chat:  # vLLM opens with a role-only delta: it must not count as the first token
-            await send({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
-        await asyncio.sleep(self._delay(request))
-        for i in range(k):
-            if i:
-                await asyncio.sleep(self.itl)
-            choice = (
-                {"index": 0, "delta": {"content": f"t{i} "}}
-                if chat
-                else {"index": 0, "text": f"t{i} "}
-            )
-            await send({"choices": [choice]})
-        if self.usage and (body.get("stream_options") or {}).get("include_usage"):
-            await send(
-                {
-                    "choices": [],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": k},
-                }
-            )
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-    async def _embeddings(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.seen.append({"path": request.path, "headers": dict(request.headers), "body": body})
-        await asyncio.sleep(self.ttft)
-        return web.json_response(
-            {
-                "data": [{"index": 0, "embedding": [0.1, 0.2]}],
-                "usage": {"prompt_tokens": 11, "total_tokens": 11},
-            }
-        )
-
-    async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"data": [{"id": "fake-model", "object": "model"}]})
-
-    def start(self) -> None:
-        ready = threading.Event()
-        self._loop = asyncio.new_event_loop()
-
-        async def boot() -> None:
-            application = web.Application()
-            application.router.add_post("/v1/chat/completions", self._gen)
-            application.router.add_post("/v1/completions", self._gen)
-            application.router.add_post("/v1/embeddings", self._embeddings)
-            application.router.add_get("/v1/models", self._models)
-            self._runner = web.AppRunner(application, access_log=None)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = self._runner.addresses[0][1]
-            ready.set()
-
-        def serve() -> None:
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(boot())
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=serve, daemon=True)
-        self._thread.start()
-        assert ready.wait(10), "fake server did not start"
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
 @pytest.fixture
 def fake():
-    server = FakeOpenAI()
-    server.start()
-    try:
+    """The shared fake (tests/fakes.py), in a thread, answering as the bench expects of vLLM."""
+    with FakeUpstream(
+        model="fake-model",
+        ttft=TTFT,
+        itl=ITL,
+        role_delta=True,  # vLLM opens a chat stream with a role-only delta: not a token
+        error_message="fake says {status}",
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
-def bench(fake: FakeOpenAI, workload: WorkloadConfig | None = None, **load):
+def bench(fake: FakeUpstream, workload: WorkloadConfig | None = None, **load):
     load.setdefault("model", "fake-model")
     cfg = LoadConfig(url=fake.url, **load)
     return BenchRunner(

@@ -1,14 +1,18 @@
 """Gateway behaviour that needs failures on demand: fault injection with a fake upstream.
 
-The fake (benchmarks/fake_upstream.py) stands in for an engine only here, where
-the point is to isolate the gateway's own code: hot reload of the state file,
-error statuses, retries after 5xx and refused connections, a stream that breaks
-mid-way, client disconnects, auth, body limits, and the background lifecycle.
+The fake (tests/fakes.py) stands in for an engine only here, where the point is to
+isolate the gateway's own code: hot reload of the state file, error statuses,
+retries after 5xx and refused connections, a stream that breaks mid-way, auth and
+the other endpoints run the Gateway app in-process (`inprocess_gateway`, through
+`httpx.ASGITransport`) in front of a fake in a thread. What needs real sockets and
+processes stays end to end (`running_gateway`): a client that disconnects
+mid-stream, the body limit over HTTP, a busy port and the background lifecycle.
 Real engines behind the gateway are covered in test_gateway_engines.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -17,15 +21,19 @@ import time
 import httpx
 import pytest
 from conftest import sage, sage_json
+from fakes import FakeUpstream
 from test_gateway_support import (
+    ADMIN,
     add_engine_record,
     fake_upstream,
     free_port,
+    inprocess_gateway,
     remove_engine_record,
     running_gateway,
 )
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+CHAT_PATH = "/v1/chat/completions"
 
 
 def _wait(predicate, timeout: float = 5.0, step: float = 0.1):
@@ -38,118 +46,242 @@ def _wait(predicate, timeout: float = 5.0, step: float = 0.1):
     return predicate()
 
 
+async def _until(predicate, timeout: float = 5.0, step: float = 0.02):
+    """`predicate` is called until its (awaited) value is true or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(step)
+
+
+async def _is(value, expected) -> bool:
+    return (await value) == expected
+
+
 def _metric(text: str, prefix: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)
     )
 
 
-def test_state_file_changes_are_picked_up_and_errors_are_openai_shaped(home):
-    with running_gateway(home, "--max-body-mb", "0.01") as gw, fake_upstream() as (port, proc):
-        assert httpx.get(gw.url + "/ready").status_code == 503
-        assert httpx.get(gw.v1 + "/models").json()["data"] == []
-        add_engine_record(home, "fake0001", port, proc.pid, label="f1")
-        t0 = time.monotonic()
-        assert _wait(lambda: httpx.post(gw.v1 + "/chat/completions", json=CHAT).status_code == 200)
-        assert time.monotonic() - t0 < 3, "a new engine must be routable within seconds"
-        assert httpx.get(gw.url + "/ready").status_code == 200
-        models = httpx.get(gw.v1 + "/models").json()["data"]
-        assert [m["id"] for m in models] == ["fake"]
-        assert models[0]["engines"][0]["id"] == "fake0001"
-        # The label reaches the same engine; the upstream sees its served name.
-        r = httpx.post(gw.v1 + "/chat/completions", json={**CHAT, "model": "f1"})
-        assert r.status_code == 200 and r.headers["x-sagellm-engine"] == "fake0001"
-
-        r = httpx.post(gw.v1 + "/chat/completions", json={**CHAT, "model": "nope"})
-        assert r.status_code == 404
-        assert r.json()["error"]["code"] == "model_not_found"
-        assert "fake" in r.json()["error"]["message"]
-        for bad in (b"{not json", b"[1, 2]", b"\xff\xfe"):
-            r = httpx.post(gw.v1 + "/chat/completions", content=bad)
-            assert r.status_code == 400, bad
-            assert r.json()["error"]["type"] == "invalid_request_error"
-        r = httpx.post(gw.v1 + "/embeddings", json={"model": "fake", "input": "x"})
-        assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_endpoint"
-        r = httpx.post(gw.v1 + "/chat/completions", content=b"x" * 20000)
-        assert r.status_code == 413
-        assert httpx.get(gw.v1 + "/chat/completions").status_code == 405
-
-        remove_engine_record(home, "fake0001")
-        assert _wait(lambda: httpx.post(gw.v1 + "/chat/completions", json=CHAT).status_code == 404)
+@pytest.fixture
+def local_home(tmp_path, monkeypatch):
+    """A SAGELLM_HOME for an in-process gateway: its records point at no engine to stop."""
+    path = tmp_path / "sagellm"
+    path.mkdir()
+    monkeypatch.setenv("SAGELLM_HOME", str(path))
+    return path
 
 
-def _engine_count(gw) -> int:
-    return sum(len(m["engines"]) for m in httpx.get(gw.v1 + "/models").json()["data"])
+# -- in-process: the gateway's logic ------------------------------------------------
 
 
-def test_retry_on_refused_connection_and_5xx_then_unhealthy(home):
-    with (
-        fake_upstream() as (good_port, good),
-        fake_upstream("--status", "500") as (bad_port, bad),
-        running_gateway(home, "--routing", "round_robin", "--health-interval", "30") as gw,
-    ):
-        add_engine_record(home, "good0001", good_port, good.pid)
-        # A record whose port nobody listens on (pid: a live process, so only the
-        # connection fails).
-        add_engine_record(home, "gone0001", free_port(), os.getpid())
-        assert _wait(lambda: _engine_count(gw) == 2)
-        codes = [httpx.post(gw.v1 + "/chat/completions", json=CHAT).status_code for _ in range(10)]
-        assert codes == [200] * 10
-        # Retry goes to another replica at most once, so add the 5xx one only now.
-        add_engine_record(home, "bad00001", bad_port, bad.pid)
-        assert _wait(lambda: _engine_count(gw) == 3)
-        codes = [httpx.post(gw.v1 + "/chat/completions", json=CHAT).status_code for _ in range(10)]
-        assert codes == [200] * 10
-        metrics = httpx.get(gw.url + "/metrics").text
-        assert _metric(metrics, "sagellm_gateway_retries_total") >= 2
-        assert (
-            'sagellm_gateway_engine_healthy{engine="bad00001",kind="llm",model="fake"} 0.0'
-            in metrics
-        )
-        assert (
-            'sagellm_gateway_engine_healthy{engine="gone0001",kind="llm",model="fake"} 0.0'
-            in metrics
-        )
-        assert (
-            'sagellm_gateway_engine_healthy{engine="good0001",kind="llm",model="fake"} 1.0'
-            in metrics
-        )
-        routing = httpx.get(gw.v1 + "/management/status", headers=gw.admin).json()["routing"]
-        assert {b["id"]: b["healthy"] for b in routing} == {
-            "good0001": True,
-            "bad00001": False,
-            "gone0001": False,
-        }
+def test_state_file_changes_are_picked_up_and_errors_are_openai_shaped(local_home):
+    async def main():
+        with FakeUpstream() as fake:
+            async with inprocess_gateway(
+                local_home / "state.json", max_body_bytes=int(0.01 * 1024 * 1024)
+            ) as (_, gw):
+
+                async def status(path=CHAT_PATH, body=CHAT):
+                    return (await gw.post(path, json=body)).status_code
+
+                assert (await gw.get("/ready")).status_code == 503
+                assert (await gw.get("/v1/models")).json()["data"] == []
+                add_engine_record(local_home, "fake0001", fake.port, os.getpid(), label="f1")
+                t0 = time.monotonic()
+                assert await _until(lambda: _is(status(), 200))
+                assert time.monotonic() - t0 < 3, "a new engine must be routable within seconds"
+                assert (await gw.get("/ready")).status_code == 200
+                models = (await gw.get("/v1/models")).json()["data"]
+                assert [m["id"] for m in models] == ["fake"]
+                assert models[0]["engines"][0]["id"] == "fake0001"
+                # The label reaches the same engine; the upstream sees its served name.
+                r = await gw.post(CHAT_PATH, json={**CHAT, "model": "f1"})
+                assert r.status_code == 200 and r.headers["x-sagellm-engine"] == "fake0001"
+                assert fake.bodies[-1]["model"] == "fake"
+
+                r = await gw.post(CHAT_PATH, json={**CHAT, "model": "nope"})
+                assert r.status_code == 404
+                assert r.json()["error"]["code"] == "model_not_found"
+                assert "fake" in r.json()["error"]["message"]
+                for bad in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+                    r = await gw.post(CHAT_PATH, content=bad)
+                    assert r.status_code == 400, bad
+                    assert r.json()["error"]["type"] == "invalid_request_error"
+                r = await gw.post("/v1/embeddings", json={"model": "fake", "input": "x"})
+                assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_endpoint"
+                r = await gw.post(CHAT_PATH, content=b"x" * 20000)
+                assert r.status_code == 413
+                assert (await gw.get(CHAT_PATH)).status_code == 405
+
+                remove_engine_record(local_home, "fake0001")
+                assert await _until(lambda: _is(status(), 404))
+
+    asyncio.run(main())
 
 
-def test_5xx_from_the_only_engine_is_passed_through_and_none_healthy_is_503(home):
-    with (
-        fake_upstream("--status", "500") as (port, proc),
-        running_gateway(home, "--health-interval", "30", "--failure-threshold", "2") as gw,
-    ):
-        add_engine_record(home, "bad00001", port, proc.pid)
-        assert _wait(lambda: httpx.get(gw.url + "/ready").status_code == 200)
-        r = httpx.post(gw.v1 + "/chat/completions", json=CHAT)
-        assert r.status_code == 500 and r.json()["error"]["message"] == "injected failure"
-        httpx.post(gw.v1 + "/chat/completions", json=CHAT)
-        r = httpx.post(gw.v1 + "/chat/completions", json=CHAT)
-        assert r.status_code == 503
-        assert r.json()["error"]["code"] == "no_ready_engine"
-        assert httpx.get(gw.url + "/ready").status_code == 503
+async def _engine_count(gw) -> int:
+    models = (await gw.get("/v1/models")).json()["data"]
+    return sum(len(m["engines"]) for m in models)
 
 
-def test_stream_broken_midway_ends_with_an_error_event(home):
-    with (
-        fake_upstream("--break-after", "3") as (port, proc),
-        running_gateway(home) as gw,
-    ):
-        add_engine_record(home, "brk00001", port, proc.pid)
-        assert _wait(lambda: httpx.get(gw.url + "/ready").status_code == 200)
-        with httpx.stream("POST", gw.v1 + "/chat/completions", json={**CHAT, "stream": True}) as r:
-            assert r.status_code == 200
-            events = [line for line in r.iter_lines() if line.startswith("data: ")]
-        assert len(events) == 5
-        assert '"error"' in events[3] and events[4] == "data: [DONE]"
+def test_retry_on_refused_connection_and_5xx_then_unhealthy(local_home):
+    async def main():
+        with FakeUpstream() as good, FakeUpstream(status=500) as bad:
+            async with inprocess_gateway(
+                local_home / "state.json", routing="round_robin", health_interval_s=30
+            ) as (_, gw):
+                add_engine_record(local_home, "good0001", good.port, os.getpid())
+                # A record whose port nobody listens on (pid: a live process, so only the
+                # connection fails).
+                add_engine_record(local_home, "gone0001", free_port(), os.getpid())
+                assert await _until(lambda: _is(_engine_count(gw), 2))
+                codes = [(await gw.post(CHAT_PATH, json=CHAT)).status_code for _ in range(10)]
+                assert codes == [200] * 10
+                # Retry goes to another replica at most once, so add the 5xx one only now.
+                add_engine_record(local_home, "bad00001", bad.port, os.getpid())
+                assert await _until(lambda: _is(_engine_count(gw), 3))
+                codes = [(await gw.post(CHAT_PATH, json=CHAT)).status_code for _ in range(10)]
+                assert codes == [200] * 10
+                metrics = (await gw.get("/metrics")).text
+                assert _metric(metrics, "sagellm_gateway_retries_total") >= 2
+                assert (
+                    'sagellm_gateway_engine_healthy{engine="bad00001",kind="llm",model="fake"} 0.0'
+                    in metrics
+                )
+                assert (
+                    'sagellm_gateway_engine_healthy{engine="gone0001",kind="llm",model="fake"} 0.0'
+                    in metrics
+                )
+                assert (
+                    'sagellm_gateway_engine_healthy{engine="good0001",kind="llm",model="fake"} 1.0'
+                    in metrics
+                )
+                status = await gw.get("/v1/management/status", headers=ADMIN)
+                routing = status.json()["routing"]
+                assert {b["id"]: b["healthy"] for b in routing} == {
+                    "good0001": True,
+                    "bad00001": False,
+                    "gone0001": False,
+                }
+
+    asyncio.run(main())
+
+
+def test_5xx_from_the_only_engine_is_passed_through_and_none_healthy_is_503(local_home):
+    async def main():
+        with FakeUpstream(status=500) as fake:
+            async with inprocess_gateway(
+                local_home / "state.json", health_interval_s=30, failure_threshold=2
+            ) as (_, gw):
+                add_engine_record(local_home, "bad00001", fake.port, os.getpid())
+
+                async def ready():
+                    return (await gw.get("/ready")).status_code
+
+                assert await _until(lambda: _is(ready(), 200))
+                r = await gw.post(CHAT_PATH, json=CHAT)
+                assert r.status_code == 500 and r.json()["error"]["message"] == "injected failure"
+                await gw.post(CHAT_PATH, json=CHAT)
+                r = await gw.post(CHAT_PATH, json=CHAT)
+                assert r.status_code == 503
+                assert r.json()["error"]["code"] == "no_ready_engine"
+                assert await ready() == 503
+
+    asyncio.run(main())
+
+
+def test_stream_broken_midway_ends_with_an_error_event(local_home):
+    async def main():
+        with FakeUpstream(break_after=3) as fake:
+            async with inprocess_gateway(local_home / "state.json") as (_, gw):
+                add_engine_record(local_home, "brk00001", fake.port, os.getpid())
+
+                async def ready():
+                    return (await gw.get("/ready")).status_code
+
+                assert await _until(lambda: _is(ready(), 200))
+                body = {**CHAT, "stream": True}
+                async with gw.stream("POST", CHAT_PATH, json=body) as r:
+                    assert r.status_code == 200
+                    events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+                assert len(events) == 5
+                assert '"error"' in events[3] and events[4] == "data: [DONE]"
+
+    asyncio.run(main())
+
+
+def test_api_key_and_admin_token(local_home):
+    async def main():
+        with FakeUpstream() as fake:
+            async with inprocess_gateway(
+                local_home / "state.json", api_key="k1", admin_token="a1"
+            ) as (_, gw):
+                add_engine_record(local_home, "fake0001", fake.port, os.getpid())
+
+                async def ready():
+                    return (await gw.get("/ready")).status_code
+
+                assert await _until(lambda: _is(ready(), 200))
+
+                async def code(method, path, token=None, **kw):
+                    headers = {"Authorization": f"Bearer {token}"} if token else {}
+                    return (await gw.request(method, path, headers=headers, **kw)).status_code
+
+                assert await code("POST", CHAT_PATH, json=CHAT) == 401
+                assert await code("POST", CHAT_PATH, "no", json=CHAT) == 401
+                assert await code("POST", CHAT_PATH, "k1", json=CHAT) == 200
+                assert await code("GET", "/v1/models") == 401
+                mgmt = "/v1/management/engines"
+                assert await code("GET", mgmt, "k1") == 401
+                r = await gw.get(mgmt, headers={"Authorization": "Bearer a1"})
+                assert r.status_code == 200 and r.json()[0]["id"] == "fake0001"
+                assert await code("GET", "/health") == 200
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/embeddings"])
+def test_other_endpoints_pass_through(local_home, path):
+    async def main():
+        with FakeUpstream() as fake:
+            async with inprocess_gateway(local_home / "state.json") as (_, gw):
+                pid = os.getpid()
+                add_engine_record(local_home, "fake0001", fake.port, pid, name="m1")
+                add_engine_record(
+                    local_home, "emb00001", fake.port, pid, name="e1", kind="embedding"
+                )
+
+                async def ready():
+                    return (await gw.get("/ready")).status_code
+
+                assert await _until(lambda: _is(ready(), 200))
+                compl = "compl" in path
+                body = {"model": "m1", "prompt": "x"} if compl else {"model": "e1", "input": "x"}
+                r = await gw.post(path, json=body)
+                assert r.status_code == 200
+                assert r.headers["x-sagellm-engine"] == ("fake0001" if compl else "emb00001")
+                assert fake.seen[-1]["path"] == path
+
+    asyncio.run(main())
+
+
+# -- end to end: real sockets and processes ------------------------------------------
+
+
+def test_body_limit_over_real_http(home):
+    with running_gateway(home, "--max-body-mb", "0.01") as gw:
+        url = gw.v1 + "/chat/completions"
+        assert httpx.post(url, content=b"x" * 20000).status_code == 413
+        # A chunked body (no Content-Length) is cut off at the limit as well.
+        r = httpx.post(url, content=iter([b"x" * 4096] * 5))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        # Under the limit the body is read (and refused for what it is, not its size).
+        assert httpx.post(url, content=b"x" * 10000).status_code == 400
+        assert httpx.get(gw.url + "/health").status_code == 200
 
 
 def test_client_disconnect_cancels_the_upstream_stream(home):
@@ -172,25 +304,6 @@ def test_client_disconnect_cancels_the_upstream_stream(home):
             if c.status == "ESTABLISHED"
         ]
         assert conns == []
-
-
-def test_api_key_and_admin_token(home):
-    with (
-        fake_upstream() as (port, proc),
-        running_gateway(home, "--api-key", "k1", "--admin-token", "a1") as gw,
-    ):
-        add_engine_record(home, "fake0001", port, proc.pid)
-        assert _wait(lambda: httpx.get(gw.url + "/ready").status_code == 200)
-        url = gw.v1 + "/chat/completions"
-        assert httpx.post(url, json=CHAT).status_code == 401
-        assert httpx.post(url, json=CHAT, headers={"Authorization": "Bearer no"}).status_code == 401
-        assert httpx.post(url, json=CHAT, headers={"Authorization": "Bearer k1"}).status_code == 200
-        assert httpx.get(gw.v1 + "/models").status_code == 401
-        mgmt = gw.v1 + "/management/engines"
-        assert httpx.get(mgmt, headers={"Authorization": "Bearer k1"}).status_code == 401
-        r = httpx.get(mgmt, headers={"Authorization": "Bearer a1"})
-        assert r.status_code == 200 and r.json()[0]["id"] == "fake0001"
-        assert httpx.get(gw.url + "/health").status_code == 200
 
 
 def test_refuses_a_busy_port(home):
@@ -239,15 +352,3 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
-
-
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/embeddings"])
-def test_other_endpoints_pass_through(home, path):
-    with fake_upstream() as (port, proc), running_gateway(home) as gw:
-        add_engine_record(home, "fake0001", port, proc.pid, name="m1")
-        add_engine_record(home, "emb00001", port, proc.pid, name="e1", kind="embedding")
-        assert _wait(lambda: httpx.get(gw.url + "/ready").status_code == 200)
-        body = {"model": "m1", "prompt": "x"} if "compl" in path else {"model": "e1", "input": "x"}
-        r = httpx.post(gw.url + path, json=body)
-        assert r.status_code == 200
-        assert r.headers["x-sagellm-engine"] == ("fake0001" if "compl" in path else "emb00001")

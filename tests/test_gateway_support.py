@@ -1,9 +1,13 @@
 """Helpers for the gateway tests (this module holds no tests).
 
 `running_gateway` starts `sage llm serve` as a real subprocess and always kills
-it; `fake_upstream` starts benchmarks/fake_upstream.py, used only where a test
-isolates the gateway's own behaviour (fault injection); `add_engine_record`
-registers such a fake in the state file the way the lifecycle would.
+it; `inprocess_gateway` runs the Gateway app in the test's own event loop behind an
+`httpx.ASGITransport` client, for tests whose point is the gateway's logic;
+`fake_upstream` starts tests/fakes.py as a separate process (for a test that needs
+its pid), `fakes.FakeUpstream` runs the same fake in a thread; either is used only
+where a test isolates the gateway's own behaviour (fault injection);
+`add_engine_record` registers such a fake in the state file the way the lifecycle
+would (an in-process fake gives the test's own pid, which is alive).
 """
 
 from __future__ import annotations
@@ -102,16 +106,44 @@ def running_gateway(home: Path, *args: str, env: dict | None = None, timeout: fl
         _kill(proc)
 
 
+@contextlib.asynccontextmanager
+async def inprocess_gateway(state_path: Path, **config):
+    """The Gateway app in this event loop; yields (gateway, httpx.AsyncClient).
+
+    The admin token is "t" unless given (see ADMIN); the client talks to the app
+    through `httpx.ASGITransport` at http://127.0.0.1 (the gateway refuses other hosts).
+    """
+    from sagellm_cli.core.state import StateStore
+    from sagellm_cli.gateway.app import Gateway as App
+    from sagellm_cli.gateway.config import GatewayConfig
+
+    config.setdefault("admin_token", "t")
+    cfg = GatewayConfig(**config)
+    cfg.validate()
+    gateway = App(cfg, StateStore(state_path))
+    await gateway.startup()
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gateway), base_url="http://127.0.0.1", timeout=30
+        ) as client:
+            yield gateway, client
+    finally:
+        await gateway.shutdown()
+
+
+ADMIN = {"Authorization": "Bearer t"}
+
+
 @contextlib.contextmanager
 def fake_upstream(*args: str, port: int | None = None):
-    """benchmarks/fake_upstream.py on a free port; yields (port, Popen)."""
+    """tests/fakes.py as a process on a free port; yields (port, Popen)."""
     port = port or free_port()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"fake-upstream-{port}.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
             [
                 sys.executable,
-                str(ROOT / "benchmarks" / "fake_upstream.py"),
+                str(ROOT / "tests" / "fakes.py"),
                 "--port",
                 str(port),
                 *args,

@@ -4,22 +4,23 @@ Two levels, both deterministic and without real engines:
 - direct calls on `AdmissionScheduler` over a real `Registry` loaded from engine
   records, with a hand-driven clock where estimates matter; a request "finishes"
   when the test releases its ticket;
-- the whole gateway app in-process (`httpx.ASGITransport`) in front of an asyncio
-  upstream that holds every request until the test releases it by hand, so the
-  order in which requests reach the engine is observable over HTTP.
+- the whole gateway app in-process (`httpx.ASGITransport`) in front of the fake
+  upstream (tests/fakes.py) holding every request until the test releases it by
+  hand, so the order in which requests reach the engine is observable over HTTP.
 No assertion depends on how fast anything runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import socket
 import time
 
-import httpx
 import pytest
+from fakes import FakeUpstream
+from test_gateway_support import inprocess_gateway
 
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.records import EngineRecord, EngineSpec
@@ -488,71 +489,17 @@ def test_strip_gateway_fields_keeps_vllm_integer_priority():
 # -- the whole gateway, in-process, in front of a hand-released upstream ----------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class HeldUpstream:
-    """An OpenAI chat upstream that answers a request only when the test releases it."""
-
-    def __init__(self):
-        self.arrived: list[dict] = []
-        self.gates: dict[str, asyncio.Event] = {}
-        self.port = _free_port()
-
-    async def start(self):
-        from aiohttp import web
-
-        async def health(request):
-            return web.Response(text="")
-
-        async def chat(request):
-            body = await request.json()
-            tag = body["messages"][0]["content"]
-            self.arrived.append(body)
-            gate = self.gates.setdefault(tag, asyncio.Event())
-            await gate.wait()
-            return web.json_response(
-                {
-                    "id": "x",
-                    "object": "chat.completion",
-                    "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": tag}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }
-            )
-
-        app = web.Application()
-        app.router.add_get("/health", health)
-        app.router.add_post("/v1/chat/completions", chat)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-
-    def release(self, tag):
-        self.gates.setdefault(tag, asyncio.Event()).set()
-
-    async def stop(self):
-        await self.runner.cleanup()
-
-
+@contextlib.asynccontextmanager
 async def _gateway(tmp_path, upstream, **cfg):
-    from sagellm_cli.gateway.app import Gateway
-
+    """The gateway app in-process, with one engine record `tiny` at `upstream`."""
     store = StateStore(tmp_path / "state.json")
     with store.transaction() as state:
         r = _record(0, name="tiny", port=upstream.port)
         state.engines[r.id] = r
-    config = GatewayConfig(port=_free_port(), health_interval_s=30, admin_token="test", **cfg)
-    config.validate()
-    gateway = Gateway(config, store)
-    await gateway.startup()
-    client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=gateway), base_url="http://localhost", timeout=30
-    )
-    return gateway, client
+    async with inprocess_gateway(
+        tmp_path / "state.json", health_interval_s=30, admin_token="test", **cfg
+    ) as (gateway, client):
+        yield gateway, client
 
 
 async def _until(predicate, timeout=10.0):
@@ -565,82 +512,70 @@ async def _until(predicate, timeout=10.0):
 
 def test_gateway_priority_order_reaches_the_engine_and_fields_are_stripped(tmp_path):
     async def main():
-        upstream = HeldUpstream()
-        await upstream.start()
-        gateway, client = await _gateway(
-            tmp_path, upstream, scheduling="priority", max_inflight_per_engine=1, max_queue=3
-        )
-        try:
+        with FakeUpstream(held=True, echo=True) as upstream:
+            async with _gateway(
+                tmp_path, upstream, scheduling="priority", max_inflight_per_engine=1, max_queue=3
+            ) as (gateway, client):
 
-            def post(tag, priority=None, body_priority=None):
-                body = {"model": "tiny", "messages": [{"role": "user", "content": tag}]}
-                if body_priority is not None:
-                    body["priority"] = body_priority
-                    body["slo_deadline_ms"] = 100_000
-                headers = {"X-Priority": priority} if priority else {}
-                return asyncio.ensure_future(
-                    client.post("/v1/chat/completions", json=body, headers=headers)
+                def post(tag, priority=None, body_priority=None):
+                    body = {"model": "tiny", "messages": [{"role": "user", "content": tag}]}
+                    if body_priority is not None:
+                        body["priority"] = body_priority
+                        body["slo_deadline_ms"] = 100_000
+                    headers = {"X-Priority": priority} if priority else {}
+                    return asyncio.ensure_future(
+                        client.post("/v1/chat/completions", json=body, headers=headers)
+                    )
+
+                first = post("first")
+                await _until(lambda: len(upstream.bodies) == 1)
+                waiting = [post("low", "low"), post("norm"), post("crit", body_priority="critical")]
+                await _until(lambda: gateway.scheduler.queue_depths() == {"tiny": 3})
+                over = await client.post(
+                    "/v1/chat/completions",
+                    json={"model": "tiny", "messages": [{"role": "user", "content": "over"}]},
                 )
-
-            first = post("first")
-            await _until(lambda: len(upstream.arrived) == 1)
-            waiting = [post("low", "low"), post("norm"), post("crit", body_priority="critical")]
-            await _until(lambda: gateway.scheduler.queue_depths() == {"tiny": 3})
-            over = await client.post(
-                "/v1/chat/completions",
-                json={"model": "tiny", "messages": [{"role": "user", "content": "over"}]},
-            )
-            assert over.status_code == 429
-            assert over.json()["error"]["code"] == "queue_full"
-            assert int(over.headers["retry-after"]) >= 1
-            for n, tag in enumerate(("first", "crit", "norm", "low"), start=2):
-                upstream.release(tag)  # one finishes: exactly one waiter reaches the engine
-                if n <= 4:
-                    await _until(lambda n=n: len(upstream.arrived) == n)
-            responses = [await first, *[await w for w in waiting]]
-            assert [r.status_code for r in responses] == [200] * 4
-            assert [b["messages"][0]["content"] for b in upstream.arrived] == [
-                "first",
-                "crit",
-                "norm",
-                "low",
-            ]
-            crit = upstream.arrived[1]
-            assert "priority" not in crit and "slo_deadline_ms" not in crit
-            metrics = (await client.get("/metrics")).text
-            assert 'sagellm_gateway_queue_depth{model="tiny"} 0.0' in metrics
-            assert 'outcome="rejected_queue_full"' in metrics
-            assert "sagellm_gateway_queue_wait_seconds_bucket" in metrics
-            status = gateway.counters()["scheduling"]
-            assert status["policy"] == "priority" and status["waiting"] == 0
-        finally:
-            await client.aclose()
-            await gateway.shutdown()
-            await upstream.stop()
+                assert over.status_code == 429
+                assert over.json()["error"]["code"] == "queue_full"
+                assert int(over.headers["retry-after"]) >= 1
+                for n, tag in enumerate(("first", "crit", "norm", "low"), start=2):
+                    upstream.release(tag)  # one finishes: exactly one waiter reaches the engine
+                    if n <= 4:
+                        await _until(lambda n=n: len(upstream.bodies) == n)
+                responses = [await first, *[await w for w in waiting]]
+                assert [r.status_code for r in responses] == [200] * 4
+                assert [b["messages"][0]["content"] for b in upstream.bodies] == [
+                    "first",
+                    "crit",
+                    "norm",
+                    "low",
+                ]
+                crit = upstream.bodies[1]
+                assert "priority" not in crit and "slo_deadline_ms" not in crit
+                metrics = (await client.get("/metrics")).text
+                assert 'sagellm_gateway_queue_depth{model="tiny"} 0.0' in metrics
+                assert 'outcome="rejected_queue_full"' in metrics
+                assert "sagellm_gateway_queue_wait_seconds_bucket" in metrics
+                status = gateway.counters()["scheduling"]
+                assert status["policy"] == "priority" and status["waiting"] == 0
 
     run(main())
 
 
 def test_gateway_without_scheduler_still_strips_string_priority(tmp_path):
     async def main():
-        upstream = HeldUpstream()
-        await upstream.start()
-        gateway, client = await _gateway(tmp_path, upstream)
-        try:
-            assert gateway.scheduler is None
-            upstream.release("a")
-            body = {
-                "model": "tiny",
-                "messages": [{"role": "user", "content": "a"}],
-                "priority": "high",
-            }
-            resp = await client.post("/v1/chat/completions", json=body)
-            assert resp.status_code == 200, resp.text
-            assert "priority" not in upstream.arrived[0]
-            assert json.loads(resp.text)["choices"][0]["message"]["content"] == "a"
-        finally:
-            await client.aclose()
-            await gateway.shutdown()
-            await upstream.stop()
+        with FakeUpstream(held=True, echo=True) as upstream:
+            async with _gateway(tmp_path, upstream) as (gateway, client):
+                assert gateway.scheduler is None
+                upstream.release("a")
+                body = {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": "a"}],
+                    "priority": "high",
+                }
+                resp = await client.post("/v1/chat/completions", json=body)
+                assert resp.status_code == 200, resp.text
+                assert "priority" not in upstream.bodies[0]
+                assert json.loads(resp.text)["choices"][0]["message"]["content"] == "a"
 
     run(main())
