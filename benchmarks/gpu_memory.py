@@ -62,10 +62,9 @@ def engine_mib(pgid: int) -> int:
         pynvml.nvmlShutdown()
 
 
-def run(model: str, sizes: list[float], serial: bool, cache: Path) -> list[dict]:
+def run(model: str, sizes: list[float], serial: bool) -> list[dict]:
     home = Path(tempfile.mkdtemp(prefix="sagellm-gpu-bench-")) / "sagellm"
-    (home / "cache").mkdir(parents=True)
-    (home / "cache" / "vllm").symlink_to(cache, target_is_directory=True)
+    home.mkdir(parents=True)
     engines = "".join(
         f"  - name: e{i}\n    kind: llm\n    model: {model}\n    served_model_name: e{i}\n"
         f"    gpus: [0]\n    gpu_memory_gb: {gib}\n    max_model_len: 512\n"
@@ -103,11 +102,9 @@ def main() -> None:
 
         model = str(build_tiny_qwen2(ROOT / ".tinymodels" / "tiny-qwen2"))
     sizes = [float(x) for x in args.sizes.split(",")]
-    cache = Path(os.environ.get("SAGELLM_GPU_TEST_CACHE", "/tmp/sagellm-gpu-cache"))
-    cache.mkdir(parents=True, exist_ok=True)
     print("mode        engine    reserved GiB  NVML used GiB  difference  preset up after")
     for mode in args.modes.split(","):
-        for row in run(model, sizes, mode == "serial", cache):
+        for row in run(model, sizes, mode == "serial"):
             print(f"{mode:10}  {row['engine']}  {row['reserved_gib']:12.2f}  "
                   f"{row['used_gib']:13.2f}  {row['diff_gib']:+10.2f}  {row['up_s']:8.0f}s")  # fmt: skip
 

@@ -382,3 +382,20 @@ def test_ctrl_c_while_waiting_stops_the_engine(home):
     [record] = sage_json("llm", "engine", "list", "--all", home=home)
     assert record["status"] == "stopped"
     assert not _group_alive(record)
+
+
+@needs_vllm
+def test_engines_use_vllms_own_compile_cache_unless_private(home, tiny_model):
+    """Defaults leave VLLM_CACHE_ROOT alone (vLLM's cache is reused across engines and
+    runs); `--cache private` gives the engine its own under the state dir."""
+    try:
+        shared = sage_json("llm", "engine", "start", str(tiny_model), "--no-wait", home=home)
+        private = sage_json("llm", "engine", "start", str(tiny_model), "--no-wait",
+                            "--cache", "private", home=home)  # fmt: skip
+        assert "VLLM_CACHE_ROOT" not in psutil.Process(shared["pid"]).environ()
+        root = psutil.Process(private["pid"]).environ()["VLLM_CACHE_ROOT"]
+        assert root == str(home / "cache" / "vllm" / private["id"])
+        assert os.path.isdir(root)
+        assert private["spec"]["cache"] == "private" and shared["spec"]["cache"] == "shared"
+    finally:
+        sage("llm", "engine", "stop", "--all", home=home)

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -122,12 +121,8 @@ def gpu_model(tiny_model) -> str:
 
 @pytest.fixture
 def gpu_home(tmp_path_factory):
-    # One vLLM compile cache for every test: later engines start warm.
-    cache = Path(os.environ.get("SAGELLM_GPU_TEST_CACHE", "/tmp/sagellm-gpu-cache"))
+    # vLLM's own compile cache (~/.cache/vllm) is shared: later engines start warm.
     home = tmp_path_factory.mktemp("gpu") / "sagellm"
-    (home / "cache").mkdir(parents=True)
-    (home / "cache" / "vllm").symlink_to(cache, target_is_directory=True)
-    cache.mkdir(parents=True, exist_ok=True)
     yield home
     stop_all_engines(home)
 

@@ -36,6 +36,7 @@ SAMPLES = {
     "role": "decode",
     "cost_per_1k_tokens": 0.25,
     "max_inflight": 4,
+    "cache": "private",
 }
 # Options whose CLI form is not `--field-name VALUE`.
 CLI_FORMS = {

@@ -97,6 +97,10 @@ def start(
     cost_per_1k_tokens: float | None = typer.Option(
         None, min=0, help="Gateway `cost` scheduling: this engine's price per 1k tokens."
     ),
+    cache: str = typer.Option(
+        spec_default("cache"),
+        help="vLLM's compile cache: shared (vLLM's own, reused) or private (this engine's).",
+    ),
     extra_arg: list[str] | None = typer.Option(
         None, "--extra-arg", help="Passed to the runtime verbatim (repeatable)."
     ),
@@ -132,6 +136,7 @@ def start(
         role=role,
         max_inflight=max_inflight,
         cost_per_1k_tokens=cost_per_1k_tokens,
+        cache=cache,
         extra_args=list(extra_arg or []),
         env=parse_env(env),
     )

@@ -33,6 +33,9 @@ SPAWN_GRACE_S = 120.0
 QUEUE_POLL_S = 0.5
 QUEUE_LIMIT_S = 1800.0
 SERIAL_ENV = "SAGELLM_SERIAL_GPU_STARTS"
+# wait_ready: how often /health is probed, and how often the record and log are looked at.
+PROBE_INTERVAL_S = 0.05
+STATE_INTERVAL_S = 0.5
 # How long a dead engine's helpers get to exit on SIGTERM before SIGKILL.
 REAP_TIMEOUT_S = 5.0
 
@@ -238,7 +241,9 @@ class EngineManager:
                 placement=None if placement is None or placement.mock else placement,
                 cpu_cores=record.cpu_cores,
                 scratch_dir=launcher.scratch_dir(record.id),
-                cache_dir=paths.ensure_private_dir(paths.state_dir() / "cache" / "vllm"),
+                cache_dir=paths.ensure_private_dir(paths.private_cache_dir(record.id))
+                if spec.cache == "private"
+                else None,
             )
             record.command = launch.argv
         if record.status == "queued":
@@ -363,53 +368,62 @@ class EngineManager:
         *,
         timeout: float = 600.0,
         on_progress: ProgressCallback | None = None,
-        poll: float = 0.5,
     ) -> EngineRecord:
-        """Block until the engine is ready; on exit or timeout, fail with the log tail."""
+        """Block until the engine is ready; on exit or timeout, fail with the log tail.
+
+        `/health` is probed every PROBE_INTERVAL_S (a refused connection costs nothing), so
+        readiness is seen within about that of vLLM's own; the state file, liveness and
+        progress are looked at every STATE_INTERVAL_S.
+        """
         started = time.monotonic()
+        next_look = 0.0
+        record = self._current(engine_id)
         while True:
-            record = self._current(engine_id)
             elapsed = time.monotonic() - started
-            launcher = launcher_for(record.node)
-            if record.status in ("stopped", "stopping") or (
-                record.status == "failed" and not launcher.is_alive(record)
-            ):
-                raise self._load_failure(engine_id, f"engine {engine_id} stopped while loading")
-            if not launcher.is_alive(record):
-                # The main process is gone; its helpers (EngineCore, workers) must not linger.
-                launcher.terminate(record, timeout=10.0)
-                with self.store.transaction() as state:
-                    self.reconcile(state)
-                    code = (
-                        state.engines[engine_id].exit_code if engine_id in state.engines else None
+            if elapsed >= next_look:
+                next_look = elapsed + STATE_INTERVAL_S
+                record = self._current(engine_id)
+                self._check_loading(record)
+                if elapsed > timeout:
+                    self._stop_record(
+                        engine_id,
+                        timeout=30.0,
+                        final_status="failed",
+                        error=f"not ready after {timeout:.0f}s",
                     )
-                detail = f" with code {code}" if code is not None else ""
-                raise self._load_failure(
-                    engine_id, f"engine {engine_id} exited during load{detail}"
-                )
-            if _probe_ready(record):
+                    raise self._load_failure(
+                        engine_id,
+                        f"engine {engine_id} was not ready after {timeout:.0f}s and was stopped",
+                    )
+                if on_progress:
+                    line = logs.last_line(record.log_path)
+                    phase = logs.phase(record.log_path) or record.status
+                    on_progress(Progress(engine_id, phase, elapsed, line))
+            if record.pid is not None and _probe_ready(record, timeout=1.0):
                 with self.store.transaction() as state:
                     current = state.engines.get(engine_id)
                     if current is not None and current.status in ("starting", "unhealthy"):
                         current.status = "ready"
                         current.ready_at = time.time()
                     return current or record
-            if elapsed > timeout:
-                self._stop_record(
-                    engine_id,
-                    timeout=30.0,
-                    final_status="failed",
-                    error=f"not ready after {timeout:.0f}s",
-                )
-                raise self._load_failure(
-                    engine_id,
-                    f"engine {engine_id} was not ready after {timeout:.0f}s and was stopped",
-                )
-            if on_progress:
-                on_progress(
-                    Progress(engine_id, record.status, elapsed, logs.last_line(record.log_path))
-                )
-            time.sleep(poll)
+            time.sleep(PROBE_INTERVAL_S)
+
+    def _check_loading(self, record: EngineRecord) -> None:
+        """Fail (with the log tail) if the engine was stopped or its process exited."""
+        launcher = launcher_for(record.node)
+        engine_id = record.id
+        if record.status in ("stopped", "stopping") or (
+            record.status == "failed" and not launcher.is_alive(record)
+        ):
+            raise self._load_failure(engine_id, f"engine {engine_id} stopped while loading")
+        if not launcher.is_alive(record):
+            # The main process is gone; its helpers (EngineCore, workers) must not linger.
+            launcher.terminate(record, timeout=10.0)
+            with self.store.transaction() as state:
+                self.reconcile(state)
+                code = state.engines[engine_id].exit_code if engine_id in state.engines else None
+            detail = f" with code {code}" if code is not None else ""
+            raise self._load_failure(engine_id, f"engine {engine_id} exited during load{detail}")
 
     def _current(self, engine_id: str) -> EngineRecord:
         record = self.store.read().engines.get(engine_id)

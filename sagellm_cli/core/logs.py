@@ -49,6 +49,30 @@ def last_line(path: str | Path, width: int = 100) -> str:
     return ""
 
 
+# Lines that start a loading phase in vLLM's log; the last one seen names the phase it is in.
+_PHASES = (
+    ("loading weights", re.compile(r"^Starting to load model|^Loading weights")),
+    ("profiling", re.compile(r"^Memory profiling|^init engine \(profile|profile run")),
+    (
+        "compiling",
+        re.compile(r"^Compiling a graph|^Dynamo bytecode transform|^torch\.compile takes"),
+    ),
+    ("capturing graphs", re.compile(r"^Capturing CUDA graph|^Graph capturing")),
+    ("starting server", re.compile(r"Starting vLLM API server|Waiting for application startup")),
+)
+
+
+def phase(path: str | Path, lines: int = 80) -> str | None:
+    """The loading phase the engine's log shows (`loading weights`, `profiling`,
+    `compiling`, `capturing graphs`, `starting server`), or None if none is recognised."""
+    for line in reversed(tail_lines(path, lines)):
+        message = _VLLM_PREFIX.sub("", line.strip())
+        for name, pattern in _PHASES:
+            if pattern.search(message):
+                return name
+    return None
+
+
 def follow(path: str | Path, keep_going: Callable[[], bool], poll: float = 0.5) -> Iterator[str]:
     """Yield lines appended to `path` while `keep_going()` is true."""
     with open(path, encoding="utf-8", errors="replace") as fh:

@@ -99,6 +99,11 @@ def scratch_dirs(engine_id: str) -> list[Path]:
     return [root / engine_id for root in _scratch_roots() if _private_root(root, create=False)]
 
 
+def private_cache_dir(engine_id: str) -> Path:
+    """A `cache: private` engine's own vLLM cache (compile artefacts), kept across restarts."""
+    return state_dir() / "cache" / "vllm" / engine_id
+
+
 def models_dir() -> Path:
     """The local model cache (`sage llm model`)."""
     return state_dir() / "models"

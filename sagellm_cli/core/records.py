@@ -60,6 +60,9 @@ class EngineSpec:
     role: Literal["general", "prefill", "decode"] = "general"
     cost_per_1k_tokens: Annotated[float, Field(ge=0)] | None = None
     max_inflight: Annotated[int, Field(ge=1)] | None = None
+    # vLLM's compile cache: "shared" leaves VLLM_CACHE_ROOT alone (vLLM's own, reused across
+    # engines and runs); "private" gives the engine a cache of its own under the state dir.
+    cache: Literal["shared", "private"] = "shared"
     preset: str | None = field(default=None, metadata=INTERNAL)
     preset_engine: str | None = field(default=None, metadata=INTERNAL)
 

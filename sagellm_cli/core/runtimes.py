@@ -67,7 +67,7 @@ def build_launch(
     served_model_name: str,
     placement: Placement | None,
     scratch_dir: Path,
-    cache_dir: Path,
+    cache_dir: Path | None,
     cpu_cores: list[int] | None = None,
 ) -> LaunchSpec:
     """The argv and env for one engine, given its port, GPU placement and CPU cores."""
@@ -118,13 +118,15 @@ def _vllm(
     served: str,
     placement: Placement | None,
     scratch_dir: Path,
-    cache_dir: Path,
+    cache_dir: Path | None,
 ) -> LaunchSpec:
     model = model_argument(spec.model)
     argv = _server_argv("vllm.entrypoints.openai.api_server", model, served, spec, port)
     if spec.kind == "embedding":
         argv += ["--runner", "pooling"]
-    env: dict[str, str] = {"TMPDIR": str(scratch_dir), "VLLM_CACHE_ROOT": str(cache_dir)}
+    env: dict[str, str] = {"TMPDIR": str(scratch_dir)}
+    if cache_dir is not None:  # `cache: private`; otherwise vLLM's own (or the user's) cache
+        env["VLLM_CACHE_ROOT"] = str(cache_dir)
     max_len = spec.max_model_len
     if placement is None and spec.tensor_parallel * spec.pipeline_parallel > 1:
         # vLLM's CPU build would start one process and silently ignore the split.

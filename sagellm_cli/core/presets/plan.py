@@ -359,7 +359,6 @@ def _place(
     freed_ports = {state.engines[i].port for i in going}
     taken = state.taken_ports(exclude=going)
     scratch = paths.scratch_dir(ENGINE_ID_PLACEHOLDER)
-    cache = paths.state_dir() / "cache" / "vllm"
     for item in planned:
         if item.action == KEEP:
             continue
@@ -394,7 +393,9 @@ def _place(
             served_model_name=spec.served_model_name or spec.model,
             placement=placement,
             scratch_dir=scratch,
-            cache_dir=cache,
+            cache_dir=paths.private_cache_dir(ENGINE_ID_PLACEHOLDER)
+            if spec.cache == "private"
+            else None,
         )
         item.argv = launch.argv
         item.env = {**spec.env, **launch.env}

@@ -1,0 +1,132 @@
+"""Engine start-up: `sage llm engine start` against the same vLLM argv run bare.
+
+Alternating pairs, in the same state of vLLM's cache: a first start (an empty
+VLLM_CACHE_ROOT for both) and a warm start (the cache the first starts filled). The bare
+run is the exact argv and environment sagellm gave its engine, with `/health` polled every
+50 ms; the sagellm run is the whole CLI call until it returns (readiness included).
+Also prints vLLM's own phase timings, from its log.
+
+    python benchmarks/engine_startup.py [--pairs 2] [--model DIR]
+
+The default model is the tiny Qwen2 of tests/tinymodel.py (CPU build of vLLM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+_TOOK = re.compile(r"\] (.*?took [0-9.]+ ?(?:s|seconds))")
+
+
+def sage(home: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env, "SAGELLM_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "sagellm_cli", *args], env=full,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def timed_sage(home: Path, model: str, cache: Path) -> tuple[float, dict, list[str]]:
+    began = time.perf_counter()
+    out = sage(home, {"VLLM_CACHE_ROOT": str(cache)}, "llm", "engine", "start", model,
+               "--max-model-len", "512", "--kv-cache-gb", "0.0625", "--json")  # fmt: skip
+    took = time.perf_counter() - began
+    if out.returncode != 0:
+        raise SystemExit(f"engine start failed:\n{out.stderr[-2000:]}")
+    record = json.loads(out.stdout)
+    env = dict(
+        item.split("=", 1)
+        for item in Path(f"/proc/{record['pid']}/environ").read_text().split("\0")
+        if "=" in item
+    )
+    phases = _TOOK.findall(Path(record["log_path"]).read_text(errors="replace"))
+    sage(home, {}, "llm", "engine", "stop", record["id"])
+    return took, {"argv": record["command"], "env": env}, phases
+
+
+def timed_bare(launch: dict, cache: Path) -> float:
+    argv = list(launch["argv"])
+    port = free_port()
+    argv[argv.index("--port") + 1] = str(port)
+    env = {**launch["env"], "VLLM_CACHE_ROOT": str(cache)}
+    began = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"bare vLLM exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - began
+            except OSError:
+                pass
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args()
+    model = args.model
+    if model is None:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tinymodel import build_tiny_qwen2
+
+        model = str(build_tiny_qwen2(ROOT / ".tinymodels" / "tiny-qwen2"))
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "sagellm"
+        results: dict[str, dict[str, list[float]]] = {}
+        phases: list[str] = []
+        launch = None
+        for mode in ("first", "warm"):
+            results[mode] = {"sage": [], "bare": []}
+            if mode == "warm":  # fill the warm cache once, unmeasured
+                timed_sage(home, model, Path(tmp) / "cache-warm")
+            for i in range(args.pairs):
+                # First starts: a fresh cache each; warm starts: the cache filled once.
+                cache = Path(tmp) / (f"cache-first-{i}" if mode == "first" else "cache-warm")
+                for who in ("sage", "bare") if i % 2 == 0 else ("bare", "sage"):
+                    if who == "sage":
+                        took, launch, phases = timed_sage(home, model, cache)
+                        results[mode]["sage"].append(took)
+                    else:
+                        if launch is None:  # the argv comes from a sagellm start
+                            _, launch, _ = timed_sage(home, model, Path(tmp) / "cache-probe")
+                        results[mode]["bare"].append(timed_bare(launch, cache))
+        print("| start | sagellm s (median) | bare s (median) | difference median | worst |")
+        print("|---|---|---|---|---|")
+        for mode, r in results.items():
+            diffs = [s - b for s, b in zip(r["sage"], r["bare"], strict=True)]
+            print(f"| {mode} | {statistics.median(r['sage']):.2f} | "
+                  f"{statistics.median(r['bare']):.2f} | {statistics.median(diffs):+.2f} | "
+                  f"{max(diffs):+.2f} |")  # fmt: skip
+        print("\nvLLM's own phases (last sagellm start):")
+        for line in phases:
+            print("  " + line)
+
+
+if __name__ == "__main__":
+    main()
