@@ -193,9 +193,12 @@ def _dry_run(path: Path, *extra: str):
 
 def test_dry_run_changes_nothing(home, tmp_path, tiny_model):
     # A state file with content: the dry run must leave it byte-for-byte as it was.
-    assert sage_cli("llm", "engine", "list", "--json").exit_code == 0
+    from sagellm_cli.core.records import AppliedPreset
+    from sagellm_cli.core.state import StateStore
+
     state = home / "state.json"
-    state.write_text(state.read_text().replace('"presets": {}', '"presets": {"x": {}}'))
+    with StateStore(state).transaction() as doc:
+        doc.presets["x"] = AppliedPreset()
     before, mtime = state.read_bytes(), state.stat().st_mtime_ns
     path = write(tmp_path, GOOD.format(model=tiny_model))
     children_before = {p.pid for p in psutil.Process().children(recursive=True)}
