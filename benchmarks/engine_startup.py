@@ -89,6 +89,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--model", default=None)
+    parser.add_argument("--modes", default="first,warm")
     args = parser.parse_args()
     model = args.model
     if model is None:
@@ -101,14 +102,15 @@ def main() -> None:
         results: dict[str, dict[str, list[float]]] = {}
         phases: list[str] = []
         launch = None
-        for mode in ("first", "warm"):
+        for mode in args.modes.split(","):
             results[mode] = {"sage": [], "bare": []}
             if mode == "warm":  # fill the warm cache once, unmeasured
                 timed_sage(home, model, Path(tmp) / "cache-warm")
             for i in range(args.pairs):
-                # First starts: a fresh cache each; warm starts: the cache filled once.
-                cache = Path(tmp) / (f"cache-first-{i}" if mode == "first" else "cache-warm")
                 for who in ("sage", "bare") if i % 2 == 0 else ("bare", "sage"):
+                    # First starts: a fresh cache for every run; warm: the cache filled once.
+                    name = f"cache-first-{i}-{who}" if mode == "first" else "cache-warm"
+                    cache = Path(tmp) / name
                     if who == "sage":
                         took, launch, phases = timed_sage(home, model, cache)
                         results[mode]["sage"].append(took)
