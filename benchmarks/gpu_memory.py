@@ -98,9 +98,9 @@ def main() -> None:
     model = args.model
     if model is None:
         sys.path.insert(0, str(ROOT / "tests"))
-        from tinymodel import build_tiny_qwen2
+        from tinymodel import default_tiny_model
 
-        model = str(build_tiny_qwen2(ROOT / ".tinymodels" / "tiny-qwen2"))
+        model = str(default_tiny_model())
     sizes = [float(x) for x in args.sizes.split(",")]
     print("mode        engine    reserved GiB  NVML used GiB  difference  preset up after")
     for mode in args.modes.split(","):

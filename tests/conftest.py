@@ -81,9 +81,9 @@ def tiny_model() -> Path:
     """A tiny random Qwen2 chat model with a locally trained tokenizer."""
     for module in ("transformers", "tokenizers"):
         pytest.importorskip(module, reason=f"{module} is not installed (the cpu extra)")
-    from tinymodel import build_tiny_qwen2
+    from tinymodel import default_tiny_model
 
-    return build_tiny_qwen2(MODEL_CACHE / "tiny-qwen2")
+    return default_tiny_model()
 
 
 @pytest.fixture(scope="session")

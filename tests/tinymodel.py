@@ -202,6 +202,15 @@ def build_tiny_qwen2(dest: Path, *, broken: bool = False) -> Path:
     return dest
 
 
+def default_tiny_model() -> Path:
+    """The shared tiny chat model (in `$SAGELLM_TEST_MODELS`, else `.tinymodels/`), built
+    if missing: the one tests and benchmarks use."""
+    root = os.environ.get("SAGELLM_TEST_MODELS") or Path(__file__).resolve().parent.parent / (
+        ".tinymodels"
+    )
+    return build_tiny_qwen2(Path(root) / "tiny-qwen2")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build a tiny random Qwen2 model offline.")
     parser.add_argument("dest", type=Path)
