@@ -191,3 +191,19 @@ def test_starting_engine_waits_for_a_health_check():
     reg = Registry(GatewayConfig())
     reg.load(state)
     assert reg.group("llm", "m").healthy == []
+
+
+def test_the_seeds_policy_names_are_accepted():
+    """Seeds 001/002 call them load_balanced, locality and cost_optimized."""
+    from conftest import invoke
+
+    config = GatewayConfig(routing="load_balanced", model_routing={"m": "locality"},
+                           scheduling="cost_optimized")  # fmt: skip
+    config.validate()
+    assert (config.routing, config.model_routing, config.scheduling) == (
+        "least_loaded",
+        {"m": "prefix"},
+        "cost",
+    )
+    bad = invoke("llm", "serve", "--routing", "fastest", "--port", "1")
+    assert bad.exit_code == 2 and "unknown routing strategy" in bad.stderr

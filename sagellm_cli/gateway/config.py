@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from sagellm_cli.core.errors import BadInput
-from sagellm_cli.gateway.policies import POLICIES
-from sagellm_cli.gateway.routing import STRATEGIES
+from sagellm_cli.gateway.policies import POLICIES, POLICY_ALIASES
+from sagellm_cli.gateway.routing import ROUTING_ALIASES, STRATEGIES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8889
@@ -73,7 +73,8 @@ class GatewayConfig:
     routing: str = _option(
         "round_robin",
         "--routing",
-        "round_robin, least_loaded, random, power_of_two, affinity, prefix or length.",
+        "round_robin, least_loaded (load_balanced), random, power_of_two, affinity, prefix "
+        "(locality) or length.",
     )
     # Per-model strategy overrides: served name (or label / model id) -> strategy.
     model_routing: dict[str, str] = _option(
@@ -149,7 +150,7 @@ class GatewayConfig:
     # Admission control and queueing (scheduling.py): "none" installs no scheduler at all.
     scheduling: str = _option(
         "none", "--scheduling",
-        "Admission control: none, fifo, priority, slo_aware, cost or adaptive "
+        "Admission control: none, fifo, priority, slo_aware, cost (cost_optimized) or adaptive "
         "(docs/scheduling.md).",
     )  # fmt: skip
     max_queue: int = _option(
@@ -185,6 +186,12 @@ class GatewayConfig:
         "Let management API requests set any engine env, bind engines off loopback and pass "
         "code-loading flags. Off by default: docs/security.md.",
     )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        # The seeds' policy names stand for ours from the start (status shows ours).
+        self.routing = ROUTING_ALIASES.get(self.routing, self.routing)
+        self.model_routing = {m: ROUTING_ALIASES.get(r, r) for m, r in self.model_routing.items()}
+        self.scheduling = POLICY_ALIASES.get(self.scheduling, self.scheduling)
 
     def validate(self) -> None:
         """Reject unsafe or impossible settings before anything binds (exit 2)."""

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from sagellm_cli.gateway.backend import Backend
 
 POLICIES = ("fifo", "priority", "slo_aware", "cost", "adaptive")
+# The seeds' names (docs/gateway.md has the table), accepted by --scheduling.
+POLICY_ALIASES = {"cost_optimized": "cost"}
 # The policies `adaptive` switches between (it is never its own sub-policy).
 SUB_POLICIES = ("fifo", "priority", "slo_aware", "cost")
 PRIORITY_CLASSES = ("critical", "high", "normal", "low")

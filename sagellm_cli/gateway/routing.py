@@ -270,6 +270,8 @@ class Length(BaseStrategy):
 STRATEGIES = {
     cls.name: cls for cls in (RoundRobin, LeastLoaded, Random, PowerOfTwo, Affinity, Prefix, Length)
 }
+# The seeds' names (docs/gateway.md has the table), accepted wherever a strategy is named.
+ROUTING_ALIASES = {"load_balanced": "least_loaded", "locality": "prefix"}
 
 
 def make_strategy(
