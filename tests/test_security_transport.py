@@ -12,25 +12,16 @@ tests run `server.serve(GatewayConfig(...))` as the subprocess instead (`gateway
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import resource
 import selectors
 import socket
-import subprocess
-import sys
 import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 from test_gateway_support import (
-    ROOT,
-    _kill,
-    _wait_http,
     add_engine_record,
     fake_upstream,
     free_port,
@@ -73,49 +64,6 @@ def gateway(tmp_path_factory, nofile):
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         yield gw
-
-
-@dataclass
-class ConfiguredGateway:
-    url: str
-    port: int
-    proc: subprocess.Popen
-
-    @property
-    def v1(self) -> str:
-        return self.url + "/v1"
-
-
-@contextlib.contextmanager
-def gateway_with(home: Path, **fields):
-    """server.serve(GatewayConfig(**fields)) as a subprocess, for limits set below their
-    defaults (they have no CLI option); killed on exit like running_gateway's."""
-    port = free_port()
-    log = home.parent / f"gateway-{port}.log"
-    home.mkdir(parents=True, exist_ok=True)
-    code = (
-        "import json, sys\n"
-        "from sagellm_cli.gateway import server\n"
-        "from sagellm_cli.gateway.config import GatewayConfig\n"
-        "server.serve(GatewayConfig(port=int(sys.argv[1]), **json.loads(sys.argv[2])))\n"
-    )
-    env = {**os.environ, "SAGELLM_HOME": str(home)}
-    env.pop("SAGELLM_API_KEY", None)
-    env.pop("SAGELLM_ADMIN_TOKEN", None)
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(port), json.dumps(fields)],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=ROOT,
-        )
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", proc, log, 60)
-        yield ConfiguredGateway(f"http://127.0.0.1:{port}", port, proc)
-    finally:
-        _kill(proc)
 
 
 def _host(gw) -> bytes:
@@ -332,7 +280,9 @@ def _slow_post(gw) -> socket.socket:
 
 
 def test_slow_bodies_are_evicted_at_the_cap_and_closed_at_the_body_deadline(tmp_path):
-    with gateway_with(tmp_path / "sagellm", max_connections=8, body_timeout_s=2.0) as gw:
+    with running_gateway(
+        tmp_path / "sagellm", "--max-connections", "8", "--body-timeout", "2"
+    ) as gw:
         socks = []
         try:
             for _ in range(8):
@@ -355,7 +305,7 @@ def test_at_the_cap_with_every_request_in_the_gateway_new_connections_get_503(tm
     home = tmp_path / "sagellm"
     chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
     with (
-        gateway_with(home, max_connections=4) as gw,
+        running_gateway(home, "--max-connections", "4") as gw,
         fake_upstream("--delay-ms", "2000") as (port, proc),
     ):
         add_engine_record(home, "fake0001", port, proc.pid)
