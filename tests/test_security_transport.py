@@ -5,8 +5,8 @@ Against a real gateway subprocess started under a 1,024 soft open-file limit (wh
 connections, 64 KiB of request head, 10 s to deliver a request head, 5 s keep-alive.
 Idle and half-open connections must not lock real clients out, an oversized head gets
 431 without being buffered, and connections that never finish a request head are closed.
-Limits below their defaults (a small cap, a short body deadline) have no CLI option: those
-tests run `server.serve(GatewayConfig(...))` as the subprocess instead (`gateway_with`).
+Limits below their defaults (a small cap, a short body deadline) are set with their
+`sage llm serve` options.
 """
 
 from __future__ import annotations
