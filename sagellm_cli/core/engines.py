@@ -396,9 +396,8 @@ class EngineManager:
                         f"engine {engine_id} was not ready after {timeout:.0f}s and was stopped",
                     )
                 if on_progress:
-                    line = logs.last_line(record.log_path)
-                    phase = logs.phase(record.log_path) or record.status
-                    on_progress(Progress(engine_id, phase, elapsed, line))
+                    phase, line = logs.loading_view(record.log_path)
+                    on_progress(Progress(engine_id, phase or record.status, elapsed, line))
             if record.pid is not None and _probe_ready(record, timeout=1.0):
                 with self.store.transaction() as state:
                     current = state.engines.get(engine_id)

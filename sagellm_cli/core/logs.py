@@ -39,14 +39,24 @@ def tail_lines(path: str | Path, n: int) -> list[str]:
     return [_ANSI.sub("", line) for line in lines[-n:]]
 
 
-def last_line(path: str | Path, width: int = 100) -> str:
-    """The last non-empty log line for progress displays: vLLM's timestamp prefix dropped,
-    cut on the right to `width` characters (the start of a message says the most)."""
-    for line in reversed(tail_lines(path, 5)):
-        text = _VLLM_PREFIX.sub("", line.strip())
+def _messages(path: str | Path, n: int) -> list[str]:
+    """The last `n` log lines as messages: stripped, vLLM's timestamp prefix dropped."""
+    return [_VLLM_PREFIX.sub("", line.strip()) for line in tail_lines(path, n)]
+
+
+def _last_message(messages: list[str], width: int) -> str:
+    for text in reversed(messages):
         if text:
             return text if len(text) <= width else text[: width - 1] + "…"
     return ""
+
+
+def _phase_of(messages: list[str]) -> str | None:
+    for message in reversed(messages):
+        for name, pattern in _PHASES:
+            if pattern.search(message):
+                return name
+    return None
 
 
 # Lines that start a loading phase in vLLM's log; the last one seen names the phase it is in.
@@ -60,17 +70,16 @@ _PHASES = (
     ("capturing graphs", re.compile(r"^Capturing CUDA graph|^Graph capturing")),
     ("starting server", re.compile(r"Starting vLLM API server|Waiting for application startup")),
 )
+_PHASE_LINES = 80
 
 
-def phase(path: str | Path, lines: int = 80) -> str | None:
-    """The loading phase the engine's log shows (`loading weights`, `profiling`,
-    `compiling`, `capturing graphs`, `starting server`), or None if none is recognised."""
-    for line in reversed(tail_lines(path, lines)):
-        message = _VLLM_PREFIX.sub("", line.strip())
-        for name, pattern in _PHASES:
-            if pattern.search(message):
-                return name
-    return None
+def loading_view(path: str | Path, width: int = 100) -> tuple[str | None, str]:
+    """What a progress line shows, from one read of the log's tail: the loading phase
+    (`loading weights`, `profiling`, `compiling`, `capturing graphs`, `starting server`, or
+    None) and the last message, vLLM's timestamp prefix dropped, cut on the right to
+    `width` characters (the start of a message says the most)."""
+    messages = _messages(path, _PHASE_LINES)
+    return _phase_of(messages), _last_message(messages, width)
 
 
 def follow(path: str | Path, keep_going: Callable[[], bool], poll: float = 0.5) -> Iterator[str]:
