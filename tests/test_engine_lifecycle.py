@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 from conftest import needs_st, needs_vllm, sage, sage_json
-from test_gateway_support import running_gateway
+from test_gateway_support import add_engine_record, running_gateway
 
 from sagellm_cli.core import process
 from sagellm_cli.core.paths import scratch_dir
@@ -235,19 +235,12 @@ def _stand_in_engine(home, engine_id: str, code: str, **fields):
     """A real process group recorded as a ready engine, for lifecycle paths that need no
     model: `code` runs under the local launcher exactly as an engine would."""
     from sagellm_cli.core.launcher import launcher_for
-    from sagellm_cli.core.records import EngineRecord
 
     handle = launcher_for("local").spawn(engine_id, [sys.executable, "-c", code],
                                          dict(os.environ), home / f"{engine_id}.log")  # fmt: skip
-    record = EngineRecord(
-        id=engine_id, kind="llm", runtime="vllm", model="m", served_model_name="m",
-        host="127.0.0.1", port=1, status="ready", pid=handle.pid, pgid=handle.pgid,
-        pid_create_time=handle.create_time, started_at=time.time() - 5,
-        created_at=time.time() - 5, **fields,
-    )  # fmt: skip
-    with StateStore(home / "state.json").transaction() as state:
-        state.engines[engine_id] = record
-    return record
+    began = time.time() - 5
+    return add_engine_record(home, engine_id, 1, handle.pid, pgid=handle.pgid,
+                             started_at=began, created_at=began, **fields)  # fmt: skip
 
 
 def test_corrupted_state_file_is_a_clear_error(home):

@@ -166,31 +166,33 @@ def add_engine_record(
     pid: int,
     *,
     name: str = "fake",
-    label: str | None = None,
     kind: str = "llm",
-    role: str = "general",
-    status: str = "ready",
-) -> None:
-    """Write an engine record for a process we started, as `engine start` would."""
+    **fields,
+):
+    """Write (and return) an engine record for a process we started, as `engine start`
+    would; `fields` set any other record field (label, role, status, pgid, ...)."""
     from sagellm_cli.core.records import EngineRecord
     from sagellm_cli.core.state import StateStore
 
+    record = EngineRecord(
+        **{
+            "id": engine_id,
+            "kind": kind,
+            "runtime": "vllm" if kind == "llm" else "sentence-transformers",
+            "model": f"/fake/{name}",
+            "served_model_name": name,
+            "host": "127.0.0.1",
+            "port": port,
+            "status": "ready",
+            "pid": pid,
+            "pid_create_time": psutil.Process(pid).create_time(),
+            "created_at": time.time(),
+            **fields,
+        }
+    )
     with StateStore(home / "state.json").transaction() as state:
-        state.engines[engine_id] = EngineRecord(
-            id=engine_id,
-            kind=kind,
-            runtime="vllm" if kind == "llm" else "sentence-transformers",
-            model=f"/fake/{name}",
-            served_model_name=name,
-            host="127.0.0.1",
-            port=port,
-            label=label,
-            status=status,
-            pid=pid,
-            pid_create_time=psutil.Process(pid).create_time(),
-            created_at=time.time(),
-            role=role,
-        )
+        state.engines[engine_id] = record
+    return record
 
 
 def remove_engine_record(home: Path, engine_id: str) -> None:
