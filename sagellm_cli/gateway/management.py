@@ -51,6 +51,11 @@ def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data, default=str), status, media_type="application/json")
 
 
+def _error(status: int, message: str, code: str, headers: dict | None = None) -> Response:
+    return Response(error_body(status, message, code=code), status,
+                    media_type="application/json", headers=headers)  # fmt: skip
+
+
 class Forbidden(SageError):
     """A management request asks for something only the machine's own user may do (403)."""
 
@@ -157,29 +162,19 @@ class Management:
 
         async def endpoint(request: Request) -> Response:
             if not self.admin_check.allows(request.headers.get("authorization")):
-                return Response(
-                    error_body(401, "invalid or missing admin token", code="invalid_admin_token"),
-                    401,
-                    media_type="application/json",
-                    headers={"www-authenticate": "Bearer"},
-                )
+                return _error(401, "invalid or missing admin token", "invalid_admin_token",
+                              {"www-authenticate": "Bearer"})  # fmt: skip
             if request.method == "POST":
                 ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
                 if ctype != "application/json":
-                    return Response(
-                        error_body(415, "management requests must be Content-Type: "
-                                   "application/json", code="unsupported_media_type"),
-                        415,
-                        media_type="application/json",
-                    )  # fmt: skip
+                    return _error(415, "management requests must be Content-Type: "
+                                  "application/json", "unsupported_media_type")  # fmt: skip
             try:
                 return await handler(request)
             except BodyTooLarge as exc:
-                return Response(error_body(413, str(exc), code="body_too_large"), 413,
-                                media_type="application/json")  # fmt: skip
+                return _error(413, str(exc), "body_too_large")
             except Forbidden as exc:
-                return Response(error_body(403, exc.one_line(), code="forbidden"), 403,
-                                media_type="application/json")  # fmt: skip
+                return _error(403, exc.one_line(), "forbidden")
             except SageError as exc:
                 return Response(
                     sage_error_body(exc), status_for(exc), media_type="application/json"
