@@ -23,7 +23,7 @@ from sagellm_cli.core.credentials import ensure_admin_token
 from sagellm_cli.core.state import StateStore
 from sagellm_cli.gateway.auth import RequestGuard, TokenCheck
 from sagellm_cli.gateway.endpoints import BY_PATH
-from sagellm_cli.gateway.errors import error_body, internal_error
+from sagellm_cli.gateway.errors import error_body, internal_error, send_json
 from sagellm_cli.gateway.health import HealthChecker
 from sagellm_cli.gateway.management import Management
 from sagellm_cli.gateway.metrics import CONTENT_TYPE, Metrics
@@ -40,14 +40,6 @@ log = logging.getLogger("sagellm.gateway")
 
 def _json(data, status: int = 200) -> Response:
     return Response(json.dumps(data), status, media_type="application/json")
-
-
-async def _send_error(send, status: int, body: bytes, extra: list | None = None) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send(
-        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 class Gateway:
@@ -147,7 +139,7 @@ class Gateway:
         refused = self.guard.check(scope["headers"])
         if refused is not None:
             status, message = refused
-            await _send_error(send, status, error_body(status, message, code="forbidden"))
+            await send_json(send, status, error_body(status, message, code="forbidden"))
             return
         try:
             endpoint = BY_PATH.get(scope["path"])
@@ -157,14 +149,14 @@ class Gateway:
                 await self.proxy.handle(scope, receive, send, endpoint)
             else:
                 body = error_body(405, f"use POST for {scope['path']}", code="method_not_allowed")
-                await _send_error(send, 405, body, [(b"allow", b"POST")])
+                await send_json(send, 405, body, [(b"allow", b"POST")])
         except Exception as exc:  # noqa: BLE001 - the last resort: never a traceback in a body
             if getattr(exc, "sagellm_error_id", None):
                 return  # answered (and logged) by the Starlette handler already
             error_id, body = internal_error(exc, scope)
             # If the response had started, only the log line remains to tell.
             with contextlib.suppress(Exception):
-                await _send_error(send, 500, body)
+                await send_json(send, 500, body)
 
     async def _starlette_error(self, request: Request, exc: Exception) -> Response:
         _, body = internal_error(exc, request.scope)

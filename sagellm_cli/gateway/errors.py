@@ -39,6 +39,15 @@ def error_body(status: int, message: str, code: str | None = None, **extra) -> b
     return json.dumps({"error": error}).encode()
 
 
+async def send_json(send, status: int, body: bytes, extra: list | None = None) -> None:
+    """A complete JSON response on a raw ASGI `send` (the hot path builds no Response)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if extra:
+        headers.extend(extra)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def status_for(exc: SageError) -> int:
     """The HTTP status of a core error (exit 2 -> 400, 3 -> 404, 4 -> 409, 1 -> 500)."""
     return _STATUS_FOR_EXIT.get(exc.exit_code, 500)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sagellm_cli.gateway.auth import TokenCheck
 from sagellm_cli.gateway.endpoints import PATH_FOR_KIND, Endpoint
-from sagellm_cli.gateway.errors import error_body
+from sagellm_cli.gateway.errors import error_body, send_json
 from sagellm_cli.gateway.request import (
     BODY_DEADLINE,
     BODY_PRIORITY,
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sagellm.gateway")
 
-_JSON = b"application/json"
 _UPSTREAM_HEADERS = {"Content-Type": "application/json"}
 _STREAM_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
 _PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
@@ -74,14 +73,6 @@ class _Failure(Exception):
         self.status = status
         self.body = body
         self.content_type = ctype
-
-
-async def _send_simple(send, status: int, body: bytes, extra: list | None = None) -> None:
-    headers = [(b"content-type", _JSON), (b"content-length", str(len(body)).encode())]
-    if extra:
-        headers.extend(extra)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 def _usage(data: bytes) -> tuple[int, int]:
@@ -196,7 +187,7 @@ class Proxy:
         started = time.perf_counter()
         headers = scope["headers"]
         if not self.api_check.allows_raw(headers):
-            await _send_simple(
+            await send_json(
                 send,
                 401,
                 error_body(401, "invalid or missing API key", code="invalid_api_key"),
@@ -208,7 +199,7 @@ class Proxy:
         except _ClientGone:
             return
         if raw is None:
-            await _send_simple(
+            await send_json(
                 send,
                 413,
                 error_body(
@@ -219,12 +210,12 @@ class Proxy:
         try:
             body = _loads(raw)
         except (_DecodeError, ValueError, TypeError, RecursionError):
-            await _send_simple(
+            await send_json(
                 send, 400, error_body(400, "request body is not valid JSON", code="invalid_json")
             )
             return
         if not isinstance(body, dict):
-            await _send_simple(
+            await send_json(
                 send,
                 400,
                 error_body(400, "request body must be a JSON object", code="invalid_json"),
@@ -234,7 +225,7 @@ class Proxy:
         if group is None:
             # Unknown names are not used as label values: clients could grow them without bound.
             self.metrics.observe("", "", endpoint.name, status, time.perf_counter() - started)
-            await _send_simple(send, status, err)
+            await send_json(send, status, err)
             return
         stream = body.get("stream") is True and endpoint.streams
         session = body.get("user")
@@ -249,7 +240,7 @@ class Proxy:
             try:
                 info.prompt_text()
             except InvalidPrompt as exc:
-                await _send_simple(send, 400, error_body(400, str(exc), code="invalid_messages"))
+                await send_json(send, 400, error_body(400, str(exc), code="invalid_messages"))
                 return
         ticket = None
         first = None
@@ -261,7 +252,7 @@ class Proxy:
                 self.metrics.observe(
                     model, "", endpoint.name, exc.status, time.perf_counter() - started
                 )
-                await _send_simple(
+                await send_json(
                     send, exc.status, error_body(exc.status, exc.message, exc.code), exc.headers()
                 )
                 return
@@ -303,7 +294,7 @@ class Proxy:
                     payload = _dumps(body)
                 except (TypeError, ValueError, RecursionError):
                     # orjson refuses more than 255 levels: a body nobody needs.
-                    await _send_simple(
+                    await send_json(
                         send,
                         400,
                         error_body(
@@ -342,10 +333,10 @@ class Proxy:
             return
         if last is not None:
             message = f"engine for model {model!r} failed: {last.reason}"
-            await _send_simple(send, 502, error_body(502, message, code="upstream_failed"))
+            await send_json(send, 502, error_body(502, message, code="upstream_failed"))
             return
         ids = ", ".join(b.id for b in group.backends)
-        await _send_simple(
+        await send_json(
             send,
             503,
             error_body(
@@ -409,7 +400,7 @@ class Proxy:
                 await resp.close()
             if status >= 500:
                 raise _Failure(f"engine answered {status}", status, data, resp.content_type)
-            await _send_simple(send, status, data, [(b"x-sagellm-engine", backend.id.encode())])
+            await send_json(send, status, data, [(b"x-sagellm-engine", backend.id.encode())])
             return status
         self.registry.mark_success(backend)
         # From here on bytes reach the client: no retry, errors become an SSE error event.
