@@ -70,7 +70,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "sagellm"
         sleepers = _seed_state(home, args.engines)
-        env = {**os.environ, "SAGELLM_HOME": str(home)}
+        # As an installed package runs: with bytecode caches (pip writes them at install).
+        # PYTHONDONTWRITEBYTECODE would make every run compile our modules from source;
+        # the caches go to a private prefix, not into the source tree.
+        env = {**os.environ, "SAGELLM_HOME": str(home), "PYTHONPYCACHEPREFIX": f"{tmp}/pyc"}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         typer_cmd = [sys.executable, "-c", "import typer"]
         list_cmd = [sys.executable, "-m", "sagellm_cli", "llm", "engine", "list", "--json"]
         try:

@@ -6,7 +6,12 @@
 #   device call k (k = 0..5), carrying .gpu-wheels/pk:   bash scripts/gpu_device_run.sh part k
 #   next call:    bash scripts/gpu_device_run.sh install test      (writes $OUT/*.log)
 #   later calls:  bash scripts/gpu_device_run.sh test -k tensor      (any pytest -k expression)
+#                 bash scripts/gpu_device_run.sh model wake          (supervisor: sleep/wake)
+#                 bash scripts/gpu_device_run.sh swap                (two engines, on demand)
+#                 bash scripts/gpu_device_run.sh startup             (cold vs warm compile cache)
 #
+# `model` builds a random 1.2 B-parameter Qwen2 (2.4 GB, bf16) in /root/m-1b, so that sleep
+# moves real weights; each step writes $OUT/<step>.log.
 # The image has torch 2.11, NVML, transformers and sentence-transformers; vLLM 0.24.0 pins
 # that torch, so only vLLM and the small packages the image lacks travel (see
 # ../shared/notes/vllm-gpu.md). The tiny chat model is built on the machine.
@@ -14,6 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-device-out}"
 PARTS=/root/vp
+BIG=/root/m-1b
 mkdir -p "$OUT" "$PARTS"
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -54,6 +60,21 @@ while [ $# -gt 0 ]; do
             | tee -a "$OUT/gpu_device.log" ;;
     bench)
         python3 benchmarks/gpu_memory.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_memory.log"
+        shift ;;
+    model)
+        python3 tests/tinymodel.py "$BIG" --hidden 2048 --layers 24 2>&1 | tail -1 | tee "$OUT/model.log"
+        shift ;;
+    wake)
+        python3 benchmarks/supervisor_wake.py --model "$BIG" --cycles "${CYCLES:-2}" --unload sleep \
+            --extra "--gpu-memory-gb 20" 2>&1 | tee "$OUT/wake.log"
+        shift ;;
+    swap)
+        python3 benchmarks/supervisor_wake.py --model "$BIG" --swap --cycles 2 --unload sleep \
+            --gpu-memory-gb 80 2>&1 | tee "$OUT/swap.log"
+        shift ;;
+    startup)
+        python3 tests/tinymodel.py /root/tiny >/dev/null 2>&1
+        python3 benchmarks/engine_startup.py --model /root/tiny --pairs 1 2>&1 | tee "$OUT/startup.log"
         shift ;;
     *)
         echo "unknown step $1" >&2; exit 2 ;;

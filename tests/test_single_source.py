@@ -37,6 +37,11 @@ SAMPLES = {
     "cost_per_1k_tokens": 0.25,
     "max_inflight": 4,
     "cache": "private",
+    "restart": "always",
+    "max_restarts": 2,
+    "keep_alive": 300.0,
+    "unload": "sleep",
+    "cluster": "ray://head.example:10001",
 }
 # Options whose CLI form is not `--field-name VALUE`.
 CLI_FORMS = {

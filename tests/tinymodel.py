@@ -131,26 +131,34 @@ def _build_tokenizer(out: Path) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
 
 
-def _build_model(out: Path, ids: dict[str, int], *, broken: bool) -> None:
+# The tiny shape; `--hidden/--layers` build bigger random models for GPU measurements
+# (hidden 2048 x 24 layers is about 1.2 B parameters, 2.4 GB in bf16).
+TINY_SHAPE = {"hidden": 64, "layers": 2, "heads": 2, "dtype": "float32"}
+
+
+def _build_model(
+    out: Path, ids: dict[str, int], *, broken: bool, shape: dict | None = None
+) -> None:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
+    shape = shape or TINY_SHAPE
     config = Qwen2Config(
         vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 32: vLLM CPU attention rejects 16
-        num_key_value_heads=2,
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["hidden"] * 2,
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],  # head_dim 32 at least: vLLM CPU rejects 16
+        num_key_value_heads=shape["heads"],
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
-        torch_dtype="float32",
+        torch_dtype=shape["dtype"],
     )
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, shape["dtype"]))
     model.save_pretrained(str(out), safe_serialization=True)
     GenerationConfig(
         bos_token_id=ids["<|endoftext|>"],
@@ -166,7 +174,7 @@ def _build_model(out: Path, ids: dict[str, int], *, broken: bool) -> None:
             f.unlink()
 
 
-def build_tiny_qwen2(dest: Path, *, broken: bool = False) -> Path:
+def build_tiny_qwen2(dest: Path, *, broken: bool = False, shape: dict | None = None) -> Path:
     """Create (or reuse) a tiny random Qwen2 chat model in dest and return dest.
 
     broken=True gives a model directory that vLLM accepts at launch but that
@@ -185,7 +193,7 @@ def build_tiny_qwen2(dest: Path, *, broken: bool = False) -> Path:
     tmp.chmod(0o755)  # mkdtemp makes it 0700
     try:
         ids = _build_tokenizer(tmp)
-        _build_model(tmp, ids, broken=broken)
+        _build_model(tmp, ids, broken=broken, shape=shape)
         (tmp / MARKER).write_text(_marker_text(broken))
         if dest.exists():
             if is_complete(dest, broken=broken):  # built by a concurrent caller
@@ -215,9 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build a tiny random Qwen2 model offline.")
     parser.add_argument("dest", type=Path)
     parser.add_argument("--broken", action="store_true", help="omit weights: vLLM fails at load")
+    parser.add_argument("--hidden", type=int, help="hidden size (bigger models, bf16)")
+    parser.add_argument("--layers", type=int, default=24)
     args = parser.parse_args(argv)
     start = time.monotonic()
-    path = build_tiny_qwen2(args.dest, broken=args.broken)
+    shape = None
+    if args.hidden:
+        heads = max(args.hidden // 128, 2)
+        shape = {"hidden": args.hidden, "layers": args.layers, "heads": heads, "dtype": "bfloat16"}
+    path = build_tiny_qwen2(args.dest, broken=args.broken, shape=shape)
     print(f"{path} ({time.monotonic() - start:.1f}s)")
     return 0
 

@@ -21,6 +21,8 @@ LLM_GROUPS = {
     "model": "sagellm_cli.cli.model",
     "bench": "sagellm_cli.cli.bench",
     "serve": "sagellm_cli.cli.serve",
+    "top": "sagellm_cli.cli.top",
+    "cluster": "sagellm_cli.cli.cluster",
 }
 
 

@@ -78,15 +78,9 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
 
 def check_timeout(seconds: float, option: str = "--timeout") -> float:
     """Return `seconds` if it is a finite number >= 0; else exit 2 naming `option`."""
-    import math
+    from sagellm_cli.core.checks import check_seconds  # shared with the library
 
-    # `not >=` also catches nan, which compares false to everything.
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise BadInput(
-            f"{option} must be a finite number of seconds (got {seconds!r})",
-            hint=f"give {option} 0 or more",
-        )
-    return seconds
+    return check_seconds(seconds, option)
 
 
 def parse_index_list(text: str | None, option: str) -> list[int] | None:

@@ -101,6 +101,29 @@ def start(
         spec_default("cache"),
         help="vLLM's compile cache: shared (vLLM's own, reused) or private (this engine's).",
     ),
+    restart: str = typer.Option(
+        spec_default("restart"),
+        help="While `sage llm serve` runs: no, on-failure or always restart a crashed engine.",
+    ),
+    max_restarts: int = typer.Option(
+        spec_default("max_restarts"),
+        min=0,
+        help="Restarts within 10 minutes before the engine is failed as a crash loop.",
+    ),
+    keep_alive: str = typer.Option(
+        "-1",
+        help="Unload after this long without requests (30s, 5m, 1h; 0 = after each use; "
+        "-1 = never). With --no-wait and 0, the engine loads on its first request.",
+    ),
+    unload: str = typer.Option(
+        spec_default("unload"),
+        help="How an idle engine unloads: stop (the process) or sleep (vLLM sleep mode, GPU).",
+    ),
+    cluster: str | None = typer.Option(
+        None,
+        help="Place the engine on a Ray cluster's node: ray://HOST:PORT or the head's "
+        "HOST:PORT (default: $SAGELLM_RAY_ADDRESS; docs/cluster.md).",
+    ),
     extra_arg: list[str] | None = typer.Option(
         None, "--extra-arg", help="Passed to the runtime verbatim (repeatable)."
     ),
@@ -137,11 +160,24 @@ def start(
         max_inflight=max_inflight,
         cost_per_1k_tokens=cost_per_1k_tokens,
         cache=cache,
+        restart=restart,
+        max_restarts=max_restarts,
+        keep_alive=_duration(keep_alive, "--keep-alive"),
+        unload=unload,
+        cluster=cluster,
         extra_args=list(extra_arg or []),
         env=parse_env(env),
     )
     manager = _manager()
-    record = manager.spawn(spec)
+    # Without --wait, core decides whether the engine loads now or on first use (lazy).
+    record = manager.spawn(spec) if wait else manager.start(spec, wait=False)
+    if record.status == "idle":
+        if json_out:
+            emit_json(record.to_dict())
+        else:
+            info(f"engine {record.id} registered: it loads on the first request to the gateway")
+            typer.echo(record.id)
+        return
     if not json_out:
         info(f"engine {record.id} starting on {record.url} (log: {record.log_path})")
     if wait:
@@ -188,6 +224,15 @@ def stop(
         info(f"engine {record.id} {'was already ' if already else ''}{record.status}")
 
 
+def _duration(text: str, flag: str) -> float:
+    from sagellm_cli.core.durations import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise BadInput(f"{flag}: {exc}") from None
+
+
 def _render_table(records) -> None:
     from rich.table import Table
 
@@ -203,11 +248,20 @@ def _render_table(records) -> None:
         "STATUS",
         "GPUS",
         "UPTIME",
+        "RESTARTS",
     ):
         table.add_column(column, overflow="fold")
-    colors = {"ready": "green", "starting": "yellow", "failed": "red", "unhealthy": "red"}
+    colors = {
+        "ready": "green",
+        "starting": "yellow",
+        "restarting": "yellow",
+        "failed": "red",
+        "unhealthy": "red",
+    }
     for r in records:
         status = r.status if r.exit_code is None or r.is_live else f"{r.status} ({r.exit_code})"
+        if r.status == "restarting" and r.next_restart_at:
+            status += f" in {max(r.next_restart_at - time.time(), 0):.0f}s"
         color = colors.get(r.status, "dim")
         table.add_row(
             r.id,
@@ -219,7 +273,8 @@ def _render_table(records) -> None:
             str(r.pid or "-"),
             f"[{color}]{status}[/]",
             ",".join(map(str, r.gpus)) or "cpu",
-            uptime(r.started_at, r.is_live),
+            uptime(r.started_at, r.has_process),
+            str(r.restarts),
         )
     stdout_console().print(table)
 
@@ -230,13 +285,23 @@ def list_engines(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """List engines with their status, reconciled with the running processes."""
-    records = _manager().list(include_all=all_engines)
+    manager = _manager()
+    state = manager.refresh()
+    records = manager.list(include_all=all_engines, state=state)
     if json_out:
         emit_json([r.to_dict() for r in records])
     elif not records:
         info("no engines" + ("" if all_engines else " running (use --all to include stopped)"))
     else:
         _render_table(records)
+        from sagellm_cli.core.supervision import unsupervised
+
+        unapplied = unsupervised(state)
+        if unapplied:
+            info(
+                f"note: no `sage llm serve` runs, so restart policies and keep_alive of "
+                f"{', '.join(unapplied)} are not applied (as docker's without dockerd)"
+            )
 
 
 @app.command("show")

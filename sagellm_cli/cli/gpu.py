@@ -56,9 +56,17 @@ def gpu(
         metavar="[SECONDS]",
         help=f"Refresh every SECONDS (default {DEFAULT_WATCH_SECONDS:g}) until Ctrl-C.",
     ),
+    cluster: str | None = typer.Option(
+        None, "--cluster", help="Every node of this Ray cluster instead (docs/cluster.md)."
+    ),
 ) -> None:
     """Show GPUs: memory, our reservations, utilisation, processes mapped to engines."""
     if ctx.invoked_subcommand is not None:
+        return
+    if cluster is not None:
+        from sagellm_cli.cli.cluster import show_gpus
+
+        show_gpus(cluster, json_out)
         return
     if watch is not None and watch <= 0:
         raise BadInput("--watch needs a positive number of seconds")

@@ -100,7 +100,7 @@ def _serve(ctx: typer.Context, values: dict[str, Any]) -> None:
         return
     _warn_secrets_on_argv(ctx)
     if status:
-        _show_status(daemon.status(), json_out)
+        _show_status(_with_metrics(daemon.status()), json_out)
         return
     if stop:
         record = daemon.stop()
@@ -144,6 +144,22 @@ def _warn_secrets_on_argv(ctx: typer.Context) -> None:
                  f"set {env} instead")  # fmt: skip
 
 
+def _with_metrics(doc: dict) -> dict:
+    """A running gateway's status plus its last-minute aggregates (`metrics`; null and
+    `metrics_error` when they can't be read). `{"running": false}` stays as it was."""
+    from sagellm_cli.core.credentials import read_admin_token
+    from sagellm_cli.core.errors import SageError
+    from sagellm_cli.core.monitor import fetch_metrics
+
+    if doc.get("running"):
+        doc["metrics"] = None
+        try:
+            doc["metrics"] = fetch_metrics(doc["url"], read_admin_token())
+        except SageError as exc:
+            doc["metrics_error"] = exc.one_line()
+    return doc
+
+
 def _show_status(doc: dict, json_out: bool) -> None:
     import time
 
@@ -159,3 +175,15 @@ def _show_status(doc: dict, json_out: bool) -> None:
         f"gateway {doc['url']}/v1  pid {doc['pid']}  {health}  up {uptime}  "
         f"routing {doc.get('routing')}"
     )
+    total = (doc.get("metrics") or {}).get("total")
+    if total:
+        p95 = (total.get("latency_ms") or {}).get("p95")
+        typer.echo(
+            f"last {doc['metrics']['window_s']:g}s: {total['completed']} completed, "
+            f"{total['failed']} failed, {total['inflight']} in flight, "
+            f"{total['requests_per_s']:g} req/s, p95 "
+            + ("-" if p95 is None else f"{p95:.0f} ms")
+            + " (`sage llm top` for more)"
+        )
+    elif doc.get("metrics_error"):
+        info(f"metrics: {doc['metrics_error']}")

@@ -16,11 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sagellm_cli.core import logs, paths
+from sagellm_cli.core import logs, paths, supervision
 from sagellm_cli.core.credentials import engine_environ, redact_argv
-from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
-from sagellm_cli.core.launcher import launcher_for, launcher_for_spec
-from sagellm_cli.core.records import ROLES, EngineRecord, EngineSpec
+from sagellm_cli.core.errors import (
+    BadInput,
+    NotFound,
+    OperationFailed,
+    ResourceUnavailable,
+    SageError,
+)
+from sagellm_cli.core.launcher import LOCAL, launcher_for, launcher_for_spec
+from sagellm_cli.core.records import EXPECTED_EXIT, ROLES, EngineRecord, EngineSpec
 from sagellm_cli.core.state import State, StateStore
 
 if TYPE_CHECKING:
@@ -36,6 +42,8 @@ SERIAL_ENV = "SAGELLM_SERIAL_GPU_STARTS"
 # wait_ready: how often /health is probed, and how often the record and log are looked at.
 PROBE_INTERVAL_S = 0.05
 STATE_INTERVAL_S = 0.5
+# Polls (50 ms apart) for the exit code of an engine found dead.
+EXIT_CODE_POLLS = 10
 # How long a dead engine's helpers get to exit on SIGTERM before SIGKILL.
 REAP_TIMEOUT_S = 5.0
 
@@ -51,6 +59,20 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+
+# Supervision fields a record keeps when it is started again under the same id.
+_CARRIED = ("created_at", "restarts", "last_exit", "restart_times")
+
+
+@dataclass
+class Reuse:
+    """Start again as an existing record: its id, and where it ran (kept when still free)."""
+
+    engine_id: str
+    port: int | None = None
+    gpus: list[int] | None = None
+    # The record must still have one of these statuses (else it was stopped meanwhile).
+    only_if: frozenset[str] | None = None
 
 
 def validate_spec(spec: EngineSpec) -> str:
@@ -111,6 +133,16 @@ class EngineManager:
         for record in state.engines.values():
             if not record.is_live:
                 continue
+            if not record.has_process:
+                if record.status == "restarting" and not supervision.supervised(state):
+                    # Nobody will restart it: give its port and GPU memory back.
+                    record.status, record.next_restart_at = "failed", None
+                    record.error = (
+                        f"{record.error or 'crashed'}; not restarted: no `sage llm serve`"
+                    )
+                    state.release(record.id)
+                    changed = True
+                continue
             if record.pid is None:
                 # Queued engines wait their turn on a GPU (bounded by QUEUE_LIMIT_S).
                 grace = SPAWN_GRACE_S + (QUEUE_LIMIT_S if record.status == "queued" else 0)
@@ -123,7 +155,7 @@ class EngineManager:
                 changed = True
         return changed
 
-    def _refresh(self, *, probe_health: bool) -> State:
+    def refresh(self, *, probe_health: bool = False) -> State:
         """Reconcile under the lock, reap orphans and probe readiness outside it.
 
         Probes can take up to their timeout each; holding the lock meanwhile would stall
@@ -153,7 +185,8 @@ class EngineManager:
                 record = state.engines.get(engine_id)
                 if record is None or record.pid != pid or not record.is_live:
                     continue  # restarted or stopped meanwhile: the probe is stale
-                if ok and record.status in ("starting", "unhealthy"):
+                hung = record.unresponsive_since is not None  # /health is not enough then
+                if ok and not hung and record.status in ("starting", "unhealthy"):
                     record.status = "ready"
                     record.ready_at = record.ready_at or now
                 elif not ok and record.status == "ready":
@@ -177,33 +210,41 @@ class EngineManager:
                 launcher = launcher_for(current.node)
                 if not launcher.has_leftovers(current):
                     current.orphans = False
-                    state.release(current.id)
+                    _release(state, current)
                     launcher.cleanup(current)
         return state
 
     def _mark_dead(self, state: State, record: EngineRecord, reason: str | None) -> None:
         launcher = launcher_for(record.node)
-        record.exit_code = launcher.exit_code(record)
-        if record.status == "stopping":
-            record.status = "stopped"
-        else:
-            record.status = "failed"
-            if reason:
-                record.error = reason
-            elif record.exit_code is not None:
-                record.error = f"engine process exited with code {record.exit_code}"
-            else:
-                record.error = "engine process is gone"
-        record.stopped_at = record.stopped_at or time.time()
+        record.exit_code = _exit_code(launcher, record)
+        now = time.time()
+        if not reason:
+            reason = (
+                f"engine process exited with code {record.exit_code}"
+                if record.exit_code is not None
+                else "engine process is gone"
+            )
+        if record.status in EXPECTED_EXIT:
+            record.status = EXPECTED_EXIT[record.status]
+        elif not (
+            supervision.supervised(state) and supervision.schedule_restart(record, now, reason)
+        ):
+            record.status, record.error = "failed", reason
+        record.stopped_at = now if record.status == "restarting" else record.stopped_at or now
         if launcher.has_leftovers(record):
             record.orphans = True  # reap() stops them and then releases the reservation
             return
-        state.release(record.id)
+        _release(state, record)
         launcher.cleanup(record)
 
-    def list(self, *, include_all: bool = False, probe_health: bool = False) -> list[EngineRecord]:
-        """Engines, reconciled with reality; stopped and failed ones only with `include_all`."""
-        records = list(self._refresh(probe_health=probe_health).engines.values())
+    def list(
+        self, *, include_all: bool = False, probe_health: bool = False, state: State | None = None
+    ) -> list[EngineRecord]:
+        """Engines, reconciled with reality (or from a `refresh()` the caller just made);
+        stopped and failed ones only with `include_all`."""
+        if state is None:
+            state = self.refresh(probe_health=probe_health)
+        records = list(state.engines.values())
         records.sort(key=lambda r: r.created_at)
         return [r for r in records if include_all or r.is_live]
 
@@ -215,7 +256,7 @@ class EngineManager:
 
     def get(self, ref: str, *, probe_health: bool = True) -> EngineRecord:
         """One engine by id, unique id prefix or label (exit 3 if unknown)."""
-        return resolve_ref(self._refresh(probe_health=probe_health), ref)
+        return resolve_ref(self.refresh(probe_health=probe_health), ref)
 
     def log_tail(self, engine_id: str, n: int = LOG_TAIL_ON_FAILURE) -> list[str]:
         """The last `n` lines of an engine's log."""
@@ -223,17 +264,22 @@ class EngineManager:
 
     # -- starting ------------------------------------------------------------
 
-    def spawn(self, spec: EngineSpec, *, reuse_id: str | None = None) -> EngineRecord:
+    def spawn(self, spec: EngineSpec, *, reuse: Reuse | None = None) -> EngineRecord:
         """Reserve a port and GPUs under the lock, then start the process outside it."""
         from sagellm_cli.core.runtimes import build_launch
 
         runtime = validate_spec(spec)
         with self.store.transaction() as state:
             self.reconcile(state)
-            record, placement = self._reserve(state, spec, runtime, reuse_id)
+            record, placement = self._reserve(state, spec, runtime, reuse)
+            if spec.unload == "sleep" and (placement is None or placement.mock):
+                raise BadInput(
+                    "unload: sleep needs vLLM on a real GPU (vLLM's sleep mode is CUDA-only)",
+                    hint="use unload: stop, which stops the idle engine instead",
+                )
             launcher = launcher_for(record.node)
             launch = build_launch(
-                spec,
+                dataclasses.replace(spec, host=record.host),  # a Ray node's IP, or --host
                 runtime=runtime,
                 port=record.port,
                 served_model_name=record.served_model_name,
@@ -283,8 +329,12 @@ class EngineManager:
         raise OperationFailed(f"engine {record.id} was stopped while starting")
 
     def _reserve(
-        self, state: State, spec: EngineSpec, runtime: str, reuse_id: str | None
+        self, state: State, spec: EngineSpec, runtime: str, reuse: Reuse | None
     ) -> tuple[EngineRecord, Placement | None]:
+        reuse_id = reuse.engine_id if reuse else None
+        old = state.engines.get(reuse_id) if reuse_id else None
+        if reuse and reuse.only_if is not None and (old is None or old.status not in reuse.only_if):
+            raise OperationFailed(f"engine {reuse_id} was stopped meanwhile; not started")
         live = [r for r in state.engines.values() if r.is_live and r.id != reuse_id]
         taken = state.taken_ports(exclude={reuse_id} if reuse_id else set())
         if spec.label and any(r.label == spec.label for r in live):
@@ -293,12 +343,10 @@ class EngineManager:
                 hint="choose another --label or stop that engine first",
             )
         launcher = launcher_for_spec(spec)
-        if spec.port is not None:
-            launcher.check_port(spec.host, spec.port, taken)
-            port = spec.port
-        else:
-            port = launcher.allocate_port(spec.host, taken)
-        placement, cpu_cores = launcher.place(spec, runtime, state, live)
+        port = _choose_port(launcher, spec, taken, reuse.port if reuse else None)
+        if reuse_id:
+            state.release(reuse_id)  # a restart may take its own reservation again
+        placement, cpu_cores = _place(launcher, spec, runtime, state, live, reuse)
         engine_id = reuse_id or _new_id(state)
         now = time.time()
         record = EngineRecord(
@@ -307,13 +355,13 @@ class EngineManager:
             runtime=runtime,
             model=spec.model,
             served_model_name=spec.served_model_name or spec.model,
-            host=spec.host,
+            host=launcher.engine_host(spec),
             port=port,
             label=spec.label,
             status="queued" if _must_queue(state, placement, reuse_id) else "starting",
             gpus=list(placement.gpus) if placement else [],
             gpu_memory_gb=placement.gib_per_gpu if placement else None,
-            created_at=state.engines[reuse_id].created_at if reuse_id else now,
+            created_at=now,
             log_path=str(paths.logs_dir() / f"{engine_id}.log"),
             preset=spec.preset,
             role=spec.role,
@@ -321,11 +369,12 @@ class EngineManager:
             cpu_cores=cpu_cores,
             spec=spec,
         )
+        if old is not None:
+            for name in _CARRIED:
+                setattr(record, name, getattr(old, name))
         state.engines[engine_id] = record
         if placement:
             state.reservations[engine_id] = placement.reservation(engine_id)
-        else:
-            state.release(engine_id)
         return record, placement
 
     def _wait_turn(self, record: EngineRecord) -> None:
@@ -420,8 +469,11 @@ class EngineManager:
             launcher.terminate(record, timeout=10.0)
             with self.store.transaction() as state:
                 self.reconcile(state)
-                code = state.engines[engine_id].exit_code if engine_id in state.engines else None
+                current = state.engines.get(engine_id)
+            code = current.exit_code if current else None
             detail = f" with code {code}" if code is not None else ""
+            if current is not None and current.status == "restarting":
+                detail += f"; the gateway restarts it (restart: {current.spec.restart})"
             raise self._load_failure(engine_id, f"engine {engine_id} exited during load{detail}")
 
     def _current(self, engine_id: str) -> EngineRecord:
@@ -460,27 +512,46 @@ class EngineManager:
         return [self._stop_record(i, timeout=timeout, final_status="stopped") for i in ids]
 
     def _stop_record(
-        self, engine_id: str, *, timeout: float, final_status: str, error: str | None = None
-    ) -> EngineRecord:
+        self,
+        engine_id: str,
+        *,
+        timeout: float,
+        final_status: str,
+        error: str | None = None,
+        interim: str = "stopping",
+        only_if: frozenset[str] | None = None,
+    ) -> EngineRecord | None:
+        """Mark the engine `interim` under the lock, stop its processes outside it, then set
+        `final_status` and release what it held.
+
+        `final_status` "idle" keeps the record registered (an unload); "restarting" hands it
+        to the restart policy with its reservation kept (a hung engine). With `only_if`,
+        nothing happens (None) unless the engine has one of those statuses.
+        """
         with self.store.transaction() as state:
             record = state.engines[engine_id]
+            if only_if is not None and record.status not in only_if:
+                return None
             launcher = launcher_for(record.node)
             was_live = record.is_live
             if not was_live and not launcher.has_leftovers(record):
                 return record
             if was_live:
-                record.status = "stopping"
+                record.status = interim
         launcher.terminate(record, timeout)
         with self.store.transaction() as state:
             record = state.engines.get(engine_id, record)
-            if was_live:
-                record.status = final_status
-                record.stopped_at = time.time()
-                if error:
-                    record.error = error
             record.exit_code = launcher.exit_code(record)
+            if was_live and record.status == interim:  # not stopped by someone else meanwhile
+                now = time.time()
+                record.stopped_at = now
+                record.error = error or record.error
+                if final_status != "restarting" or not supervision.schedule_restart(
+                    record, now, error or "restarted"
+                ):
+                    record.status = "failed" if final_status == "restarting" else final_status
             record.orphans = False
-            state.release(engine_id)
+            _release(state, record)
         launcher.cleanup(record)
         launcher.wait_port_free(record)
         return record
@@ -497,10 +568,147 @@ class EngineManager:
         """Stop and start again with the same id, port and options."""
         record = self.stop(ref, timeout=stop_timeout)
         spec = dataclasses.replace(record.spec, port=record.port)
-        fresh = self.spawn(spec, reuse_id=record.id)
+        fresh = self.spawn(spec, reuse=Reuse(record.id))
         if not wait:
             return fresh
         return self.wait_ready(fresh.id, timeout=timeout, on_progress=on_progress)
+
+    # -- supervision (gateway/supervisor.py drives these; each is one state transition) --
+
+    def start(
+        self,
+        spec: EngineSpec,
+        *,
+        wait: bool = True,
+        timeout: float = 600.0,
+        on_progress: ProgressCallback | None = None,
+    ) -> EngineRecord:
+        """Start an engine (and wait for it), or only register it when it is lazy.
+
+        A lazy engine (`keep_alive` 0 and no wait) is recorded `idle`: it holds nothing and
+        the gateway loads it on its first request.
+        """
+        if not wait and spec.keep_alive == 0:
+            return self.register_idle(spec)
+        record = self.spawn(spec)
+        if not wait:
+            return record
+        return self.wait_ready(record.id, timeout=timeout, on_progress=on_progress)
+
+    def register_idle(self, spec: EngineSpec) -> EngineRecord:
+        """Record an engine as `idle` without starting it (no reservation, port preferred)."""
+        runtime = validate_spec(spec)
+        with self.store.transaction() as state:
+            self.reconcile(state)
+            record, _ = self._reserve(
+                state, dataclasses.replace(spec, use_gpu=False), runtime, None
+            )
+            record.spec, record.status, record.cpu_cores = spec, "idle", []
+            record.gpus, record.gpu_memory_gb = [], None
+            state.release(record.id)
+            return record
+
+    def wake(self, engine_id: str, *, timeout: float = 600.0) -> EngineRecord:
+        """Load an `idle` engine again: placed afresh, its old port when free; wait for it."""
+        record = self._current(engine_id)
+        reuse = Reuse(engine_id, port=record.port, only_if=frozenset({"idle"}))
+        self.spawn(record.spec, reuse=reuse)
+        return self.wait_ready(engine_id, timeout=timeout)
+
+    def unload(self, engine_id: str, *, timeout: float = 30.0) -> EngineRecord | None:
+        """Stop a ready engine's processes but keep it registered as `idle` (keep_alive)."""
+        return self._stop_record(
+            engine_id,
+            timeout=timeout,
+            final_status="idle",
+            interim="unloading",
+            only_if=frozenset({"ready", "unhealthy"}),
+        )
+
+    def revive(self, engine_id: str, *, timeout: float = 600.0) -> EngineRecord | None:
+        """Restart a `restarting` engine once its back-off is over (None if not due)."""
+        with self.store.transaction() as state:
+            record = state.engines.get(engine_id)
+            now = time.time()
+            if (
+                record is None
+                or record.status != "restarting"
+                or record.orphans
+                or (record.next_restart_at or 0) > now
+            ):
+                return None
+            record.restarts += 1
+            record.restart_times = [*record.restart_times, now]
+            reuse = Reuse(
+                engine_id, record.port, list(record.gpus), only_if=frozenset({"restarting"})
+            )
+            spec = record.spec
+        try:
+            self.spawn(spec, reuse=reuse)
+        except SageError as exc:  # nothing started (a port or GPU went elsewhere): give up
+            with self.store.transaction() as state:
+                record = state.engines.get(engine_id)
+                if record is not None and record.status == "restarting":
+                    record.status, record.next_restart_at = "failed", None
+                    record.error = f"restart failed: {exc.message}"
+                    state.release(engine_id)
+            raise
+        return self.wait_ready(engine_id, timeout=timeout)
+
+    def recycle(self, engine_id: str, reason: str, *, timeout: float = 5.0) -> EngineRecord | None:
+        """Kill a hung engine and hand it to its restart policy (reservation kept)."""
+        return self._stop_record(
+            engine_id,
+            timeout=timeout,
+            final_status="restarting",
+            error=reason,
+            interim="restarting",
+            only_if=frozenset({"ready", "unhealthy"}),
+        )
+
+    def mark_unresponsive(self, engine_id: str, reason: str | None) -> None:
+        """Record that generation probes fail (`unhealthy`) or pass again (`ready`)."""
+        with self.store.transaction() as state:
+            record = state.engines.get(engine_id)
+            if record is None or record.status not in ("ready", "unhealthy"):
+                return
+            if reason is None:
+                if record.unresponsive_since is not None:
+                    record.status, record.unresponsive_since = "ready", None
+                return
+            record.status, record.error = "unhealthy", reason
+            record.unresponsive_since = record.unresponsive_since or time.time()
+
+    def mark_asleep(self, engine_id: str, resident_gib: float) -> None:
+        """vLLM slept: `sleeping`, and the ledger holds only `resident_gib` per GPU."""
+        with self.store.transaction() as state:
+            state.engines[engine_id].status = "sleeping"
+            reservation = state.reservations.get(engine_id)
+            if reservation is not None:
+                reservation.asleep_gib = min(resident_gib, reservation.gib_per_gpu)
+
+    def reclaim(self, engine_id: str) -> None:
+        """Before a wake: take the sleeping engine's full reservation back if it still fits
+        (else ResourceUnavailable, and it stays asleep)."""
+        from sagellm_cli.core.gpu import reservation_fits
+
+        with self.store.transaction() as state:
+            reservation = state.reservations.get(engine_id)
+            if reservation is None or reservation.asleep_gib is None:
+                return
+            if not reservation_fits(state, reservation):
+                raise ResourceUnavailable(
+                    f"not enough GPU memory to wake engine {engine_id}",
+                    hint="unload another engine first",
+                )
+            reservation.asleep_gib = None
+
+    def mark_awake(self, engine_id: str) -> None:
+        """vLLM woke up: `ready` again."""
+        with self.store.transaction() as state:
+            record = state.engines.get(engine_id)
+            if record is not None and record.status == "sleeping":
+                record.status = "ready"
 
     def prune(self) -> list[EngineRecord]:
         """Drop stopped and failed records (killing any leftover process) and their logs."""
@@ -543,6 +751,28 @@ def resolve_ref(state: State, ref: str) -> EngineRecord:
     raise NotFound(f"no engine {ref!r}", hint="see `sage llm engine list --all`")
 
 
+def _exit_code(launcher, record: EngineRecord) -> int | None:
+    """A dead engine's exit code. Its wrapper writes it just after the engine exits: a
+    reconcile that sees the death first waits for it, briefly (restart policies use it)."""
+    if record.pid is None or record.node != LOCAL:  # nothing ran, or a remote call each
+        return launcher.exit_code(record)
+    for _ in range(EXIT_CODE_POLLS):
+        code = launcher.exit_code(record)
+        if code is not None:
+            return code
+        time.sleep(0.05)
+    return launcher.exit_code(record)
+
+
+def _release(state: State, record: EngineRecord) -> None:
+    """What an engine whose processes are gone gives back: its GPU reservation (unless a
+    restart is due, which keeps it) and, once idle, its CPU cores."""
+    if record.status != "restarting":
+        state.release(record.id)
+    if record.status == "idle":
+        record.cpu_cores = []
+
+
 def _shares_gpu(a: EngineRecord, gpus: list[int]) -> bool:
     return bool(set(a.gpus) & set(gpus))
 
@@ -568,6 +798,30 @@ def _loading_before(state: State, record: EngineRecord) -> bool:
         )
         for r in state.engines.values()
     )
+
+
+def _choose_port(launcher, spec: EngineSpec, taken: set[int], preferred: int | None) -> int:
+    """The spec's port (exit 4 if taken), else the preferred one when free, else any free one."""
+    if spec.port is not None:
+        launcher.check_port(spec.host, spec.port, taken)
+        return spec.port
+    if preferred is not None:
+        try:
+            launcher.check_port(spec.host, preferred, taken)
+            return preferred
+        except ResourceUnavailable:
+            pass
+    return launcher.allocate_port(spec.host, taken)
+
+
+def _place(launcher, spec, runtime, state, live, reuse: Reuse | None):
+    """The launcher's placement, trying the GPUs a restarted engine had first."""
+    if reuse and reuse.gpus and spec.gpus is None:
+        try:
+            return launcher.place(dataclasses.replace(spec, gpus=reuse.gpus), runtime, state, live)
+        except (BadInput, ResourceUnavailable):
+            pass  # they no longer fit: place it afresh
+    return launcher.place(spec, runtime, state, live)
 
 
 def _new_id(state: State) -> str:

@@ -1,4 +1,4 @@
-"""Where engines run. One interface, so that a Ray launcher can join the local one.
+"""Where engines run: this machine (`LocalLauncher`) or a Ray cluster's node (RayLauncher).
 
 `EngineManager` and the gateway's health checks go through a `Launcher` for everything
 that depends on where the engine runs: ports, scratch space, spawning, liveness,
@@ -35,6 +35,10 @@ class Launcher(Protocol):
 
     def check_port(self, host: str, port: int, taken: Iterable[int]) -> None:
         """Raise ResourceUnavailable (exit 4) if a requested port is recorded or bound."""
+        ...
+
+    def engine_host(self, spec: EngineSpec) -> str:
+        """The address the engine binds and `record.url` routes to (after the port call)."""
         ...
 
     def place(
@@ -95,6 +99,10 @@ class LocalLauncher:
         from sagellm_cli.core import ports
 
         ports.check_requested_port(host, port, taken)
+
+    def engine_host(self, spec: EngineSpec) -> str:
+        """What the user asked for: `--host`."""
+        return spec.host
 
     def place(
         self, spec: EngineSpec, runtime: str, state: State, live: list[EngineRecord]
@@ -184,14 +192,33 @@ def _own_pid(record: EngineRecord) -> int | None:
 _LAUNCHERS: dict[str, Launcher] = {LOCAL: LocalLauncher()}
 
 
+# A Ray cluster for every new engine that names none (docs/cluster.md).
+RAY_ADDRESS_ENV = "SAGELLM_RAY_ADDRESS"
+
+
+def cluster_address(spec: EngineSpec | None) -> str | None:
+    """The Ray cluster a new engine goes to: its `cluster`, else SAGELLM_RAY_ADDRESS."""
+    import os
+
+    return (spec.cluster if spec is not None else None) or os.environ.get(RAY_ADDRESS_ENV) or None
+
+
 def launcher_for_spec(spec: EngineSpec) -> Launcher:
-    """Where a new engine runs: on this machine (the only launcher so far)."""
+    """Where a new engine runs: a Ray cluster's node when one is named, else this machine."""
+    if cluster_address(spec):
+        from sagellm_cli.core.ray_launcher import RayLauncher  # ray itself: only when used
+
+        return RayLauncher(spec=spec)  # one per engine: its first port call picks the node
     return _LAUNCHERS[LOCAL]
 
 
 def launcher_for(node: str) -> Launcher:
-    """The launcher of a node; only `local` exists so far."""
+    """The launcher of a node: `local`, or `ray:<node id>` for an engine on a Ray node."""
     launcher = _LAUNCHERS.get(node)
+    if launcher is None and node.startswith("ray:"):
+        from sagellm_cli.core.ray_launcher import RayLauncher
+
+        launcher = _LAUNCHERS.setdefault(node, RayLauncher(node))
     if launcher is None:
         raise NotImplementedError(f"no launcher for node {node!r}")
     return launcher

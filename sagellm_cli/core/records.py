@@ -11,16 +11,34 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from sagellm_cli.core.credentials import redact_argv, redact_env
+from sagellm_cli.core.durations import parse_duration, restart_policy
 
 if TYPE_CHECKING:  # the annotations below are strings; pydantic resolves them on demand
-    from pydantic import Field
+    from pydantic import BeforeValidator, Field
 
 _T = TypeVar("_T")
 
 # Statuses: (queued ->) starting -> ready (<-> unhealthy) -> stopping -> stopped; failed at
 # any point. `queued`: waiting for another engine on the same GPU to finish loading.
-LIVE_STATUSES = frozenset({"queued", "starting", "ready", "unhealthy", "stopping"})
+# The supervisor (gateway/supervisor.py) adds: `restarting` (crashed, a restart is due),
+# `unloading` -> `idle` (unloaded after keep_alive: no process, nothing reserved, woken by
+# a request) and `sleeping` (vLLM sleep mode: the process and port stay, most GPU memory
+# is freed). All of them are "live": the engine keeps its label, is listed, and is woken
+# or stopped like any other.
+LIVE_STATUSES = frozenset(
+    {
+        "queued", "starting", "ready", "unhealthy", "stopping",
+        "restarting", "unloading", "idle", "sleeping",
+    }
+)  # fmt: skip
+# What a process that exits while in the first status becomes (nothing went wrong).
+EXPECTED_EXIT = {"stopping": "stopped", "unloading": "idle"}
+# Live statuses without a running process the lifecycle checks for liveness.
+NO_PROCESS_STATUSES = frozenset({"restarting", "idle"})
 ROLES: tuple[str, ...] = ("general", "prefill", "decode")
+RESTART_POLICIES: tuple[str, ...] = ("no", "on-failure", "always")
+# Preset engines differ from `engine start` in one default: they come back after a crash.
+PRESET_DEFAULTS: dict[str, Any] = {"restart": "on-failure"}
 
 
 # Engine and label names: letters, digits, `.`, `_` and `-`, starting with a letter or digit.
@@ -63,6 +81,17 @@ class EngineSpec:
     # vLLM's compile cache: "shared" leaves VLLM_CACHE_ROOT alone (vLLM's own, reused across
     # engines and runs); "private" gives the engine a cache of its own under the state dir.
     cache: Literal["shared", "private"] = "shared"
+    # Supervision (docs/supervisor.md), applied while `sage llm serve` runs.
+    restart: Annotated[Literal["no", "on-failure", "always"], BeforeValidator(restart_policy)] = (
+        "no"
+    )
+    max_restarts: Annotated[int, Field(ge=0)] = 5
+    # Seconds without requests before the engine is unloaded; negative means never.
+    keep_alive: Annotated[float, BeforeValidator(parse_duration)] = -1.0
+    unload: Literal["stop", "sleep"] = "stop"
+    # A Ray cluster (`ray://HOST:PORT` or the head's `HOST:PORT`) to place the engine on,
+    # instead of this machine (docs/cluster.md); SAGELLM_RAY_ADDRESS is the default.
+    cluster: Annotated[str, Field(min_length=1)] | None = None
     preset: str | None = field(default=None, metadata=INTERNAL)
     preset_engine: str | None = field(default=None, metadata=INTERNAL)
 
@@ -128,6 +157,14 @@ class EngineRecord:
     # The main process is gone but helpers (vLLM's EngineCore, workers) still run: the next
     # reconcile stops them, and only then releases the engine's GPU reservation.
     orphans: bool = False
+    # Supervision: automatic restarts so far, the exit code of the last crash, the times of
+    # recent restarts (crash-loop detection) and when the next one is due.
+    restarts: int = 0
+    last_exit: int | None = None
+    restart_times: list[float] = field(default_factory=list)
+    next_restart_at: float | None = None
+    # Set while the engine fails generation probes although its process runs.
+    unresponsive_since: float | None = None
     # What was asked for; a record made without one gets the spec its own fields imply.
     spec: EngineSpec | None = None
 
@@ -149,8 +186,13 @@ class EngineRecord:
 
     @property
     def is_live(self) -> bool:
-        """True while the engine is meant to be running."""
+        """True while the engine is meant to serve (loaded or not: see LIVE_STATUSES)."""
         return self.status in LIVE_STATUSES
+
+    @property
+    def has_process(self) -> bool:
+        """True if a running process is expected (live, and not idle or awaiting a restart)."""
+        return self.is_live and self.status not in NO_PROCESS_STATUSES
 
     def to_state(self) -> dict[str, Any]:
         """The record as the state file keeps it (plus `url`), secrets included."""
@@ -174,6 +216,13 @@ class GpuReservation:
     gpus: list[int]
     gib_per_gpu: float
     mock: bool = False
+    # While the engine sleeps (vLLM sleep mode) it holds only this much per GPU.
+    asleep_gib: float | None = None
+
+    @property
+    def held_gib(self) -> float:
+        """What the ledger counts on each GPU now."""
+        return self.gib_per_gpu if self.asleep_gib is None else self.asleep_gib
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict for JSON."""
@@ -240,7 +289,9 @@ def _unconstrained(*args: Any, **kwargs: Any) -> None:
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     # The same annotations pydantic reads, minus their constraints (include_extras=False).
-    return typing.get_type_hints(cls, localns={"Field": _unconstrained})
+    return typing.get_type_hints(
+        cls, localns={"Field": _unconstrained, "BeforeValidator": _unconstrained}
+    )
 
 
 def _fits(value: Any, hint: Any, bounds: tuple[int, int]) -> bool:

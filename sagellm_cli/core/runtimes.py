@@ -154,6 +154,10 @@ def _vllm(
         ]
         if spec.kv_cache_gb is not None:
             argv += ["--kv-cache-memory-bytes", _bytes_arg(spec.kv_cache_gb)]
+        if spec.unload == "sleep":
+            # vLLM serves /sleep and /wake_up only in its dev mode (docs/security.md).
+            argv.append("--enable-sleep-mode")
+            env["VLLM_SERVER_DEV_MODE"] = "1"
         env.update(placement.env())
     if max_len is not None:
         argv += ["--max-model-len", str(max_len)]

@@ -13,7 +13,7 @@ import functools
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 from sagellm_cli.core import records
 from sagellm_cli.core.errors import BadInput
@@ -24,23 +24,32 @@ STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 @functools.cache
-def engine_options_model() -> type[BaseModel]:
-    """The pydantic model of the user-settable EngineSpec fields (cached)."""
+def engine_options_model(*, preset: bool = False) -> type[BaseModel]:
+    """The pydantic model of the user-settable EngineSpec fields (cached).
+
+    With `preset`, the defaults of preset engines (records.PRESET_DEFAULTS) apply.
+    """
     hints = typing.get_type_hints(
-        EngineSpec, globalns=vars(records), localns={"Field": Field}, include_extras=True
+        EngineSpec,
+        globalns=vars(records),
+        localns={"Field": Field, "BeforeValidator": BeforeValidator},
+        include_extras=True,
     )
     fields: dict[str, Any] = {}
     for spec_field in dataclasses.fields(EngineSpec):
         if spec_field.metadata.get("internal"):
             continue
-        if spec_field.default is not dataclasses.MISSING:
-            default: Any = spec_field.default
+        if preset and spec_field.name in records.PRESET_DEFAULTS:
+            default: Any = records.PRESET_DEFAULTS[spec_field.name]
+        elif spec_field.default is not dataclasses.MISSING:
+            default = spec_field.default
         elif spec_field.default_factory is not dataclasses.MISSING:
             default = Field(default_factory=spec_field.default_factory)
         else:
             default = ...
         fields[spec_field.name] = (hints[spec_field.name], default)
-    return create_model("EngineOptions", __config__=STRICT, **fields)
+    name = "PresetEngineOptions" if preset else "EngineOptions"
+    return create_model(name, __config__=STRICT, **fields)
 
 
 def _short(value: Any) -> str:

@@ -31,6 +31,8 @@ from sagellm_cli.gateway.native import NativeUpstream
 from sagellm_cli.gateway.proxy import Proxy
 from sagellm_cli.gateway.registry import Registry
 from sagellm_cli.gateway.scheduling import Scheduler, make_scheduler
+from sagellm_cli.gateway.stats import GatewayStats
+from sagellm_cli.gateway.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from sagellm_cli.gateway.config import GatewayConfig
@@ -56,8 +58,12 @@ class Gateway:
         self.registry = Registry(config, store or StateStore())
         self.upstream = NativeUpstream(config.connect_timeout_s)
         self.metrics = Metrics(self.registry)
+        # Sliding-window aggregates for /v1/management/metrics, `sage llm top`, the library.
+        self.stats = GatewayStats()
         if scheduler is None:
-            scheduler = make_scheduler(config, self.registry, self.metrics.registry)
+            scheduler = make_scheduler(
+                config, self.registry, self.metrics.registry, stats=self.stats
+            )
         self.scheduler = scheduler
         self.api_check = TokenCheck(config.api_key)
         # The management API always needs the admin token; the API key never opens it.
@@ -65,14 +71,26 @@ class Gateway:
             config.admin_token = ensure_admin_token()
         self.admin_check = TokenCheck(config.admin_token)
         self.guard = RequestGuard(config.host, config.allowed_hosts, config.allowed_origins)
+        self.supervisor = Supervisor(
+            config, self.registry, self.upstream, self.metrics.registry, self.registry.store
+        )
         self.proxy = Proxy(
-            config, self.registry, self.upstream, self.metrics, self.api_check, scheduler
+            config,
+            self.registry,
+            self.upstream,
+            self.metrics,
+            self.api_check,
+            scheduler,
+            stats=self.stats,
+            supervisor=self.supervisor,
         )
         self.health = HealthChecker(
             self.registry, self.upstream, config.health_interval_s, config.health_timeout_s
         )
         self._tasks: list[asyncio.Task] = []
-        self.management = Management(config, self.registry, self.admin_check, self.counters)
+        self.management = Management(
+            config, self.registry, self.admin_check, self.counters, self.stats_document
+        )
         self.app = Starlette(
             routes=[
                 Route("/health", self.health_endpoint, methods=["GET"]),
@@ -97,24 +115,12 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(self.registry.watch(), name="state-watch"),
             asyncio.create_task(self.health.run(), name="health"),
-            asyncio.create_task(self.reconcile_loop(), name="reconcile"),
+            asyncio.create_task(self.supervisor.run(), name="supervisor"),
         ]
-
-    async def reconcile_loop(self) -> None:
-        """While the gateway runs, dead engines are found (and their helpers stopped, their
-        GPU memory released) within a health interval, without any command."""
-        manager = self.management.manager
-        while True:
-            await asyncio.sleep(self.config.health_interval_s)
-            try:
-                await asyncio.to_thread(manager.list, probe_health=False)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bad state file must not kill the gateway
-                log.warning("could not reconcile engines: %s", exc)
 
     async def shutdown(self) -> None:
         """Stop the loops and close the upstream pool."""
+        await self.supervisor.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -185,6 +191,10 @@ class Gateway:
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
+    def stats_document(self, window: float) -> dict:
+        """`GET /v1/management/metrics`: the last `window` seconds, per model and engine."""
+        return self.stats.document(window, self.registry.backends.values(), self.scheduler)
+
     def counters(self) -> dict:
         """Gateway-wide counters for the management status document."""
         backends = list(self.registry.backends.values())
@@ -201,6 +211,7 @@ class Gateway:
             "errors": sum(b.errors for b in backends),
             "health_rounds": self.health.rounds,
             "state_generation": self.registry.generation,
+            "supervisor": self.supervisor.status(),
             "scheduling": (
                 self.scheduler.status() if self.scheduler is not None else {"policy": "none"}
             ),

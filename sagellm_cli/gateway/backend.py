@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 from sagellm_cli.core.records import EngineRecord
+
+# Record statuses the gateway routes to (others are listed, and woken or waited for).
+SERVING = "ready"
 
 
 def stable_hash(text: str) -> int:
@@ -31,6 +35,10 @@ class Backend:
         "hash_id",
         "last_check",
         "last_error",
+        "last_used",
+        "last_probe",
+        "probe_failures",
+        "hung",
     )
 
     def __init__(self, record: EngineRecord):
@@ -44,9 +52,11 @@ class Backend:
         )
         self.role = record.role
         self.record = record
+        # Set by the supervisor while generation probes fail although /health answers.
+        self.hung = record.unresponsive_since is not None
         # A record the lifecycle already saw ready starts healthy; a starting
         # one waits for the first successful active check.
-        self.healthy = record.status == "ready"
+        self.healthy = record.status == SERVING and not self.hung
         self.failures = 0
         self.inflight = 0
         self.requests = 0
@@ -54,6 +64,22 @@ class Backend:
         self.hash_id = stable_hash(record.id)
         self.last_check = 0.0
         self.last_error: str | None = None
+        # Monotonic time of the last request (keep_alive counts from it) and of the last
+        # supervisor probe; a new backend counts as just used.
+        self.last_used = time.monotonic()
+        self.last_probe = self.last_used
+        self.probe_failures = 0
+
+    @property
+    def checkable(self) -> bool:
+        """True if health checks may put the engine (back) in rotation: its process should
+        be up and serving, and the supervisor has not found it hung."""
+        return self.record.status in ("starting", SERVING, "unhealthy") and not self.hung
+
+    @property
+    def wakeable(self) -> bool:
+        """True if a request may load this engine (unloaded, unloading or asleep)."""
+        return self.record.status in ("unloading", "idle", "sleeping")
 
     def same_process(self, record: EngineRecord) -> bool:
         """True if `record` still describes the process this backend talks to."""
@@ -75,4 +101,5 @@ class Backend:
             "requests": self.requests,
             "errors": self.errors,
             "last_error": self.last_error,
+            "idle_s": round(time.monotonic() - self.last_used, 3),
         }

@@ -167,6 +167,24 @@ class GatewayConfig:
         False, "--slo-reject/--no-slo-reject",
         "Reject (429) requests whose X-SLO-Deadline-Ms can no longer be met.",
     )  # fmt: skip
+    # The supervisor (gateway/supervisor.py, docs/supervisor.md).
+    wake_timeout_s: float = _option(
+        600.0, "--wake-timeout",
+        "Seconds a request waits for an unloaded or sleeping engine to load; then 503.",
+    )  # fmt: skip
+    probe_interval_s: float = _option(
+        30.0, "--probe-interval",
+        "Seconds an engine must be idle between one-token generation probes that find engines "
+        "that answer /health but hang (0 = no probes).",
+    )  # fmt: skip
+    probe_timeout_s: float = _option(
+        30.0, "--probe-timeout", "Seconds a generation probe may take before it counts as failed."
+    )
+    supervise_interval_s: float = _option(
+        1.0, "--supervise-interval",
+        "Seconds between supervisor rounds (restarts due, idle unloads, reaping).",
+        hidden=True,
+    )  # fmt: skip
     # Defence in depth against DNS rebinding and CSRF (auth.RequestGuard).
     allowed_hosts: list[str] = _option(
         None, "--allowed-host",
@@ -218,6 +236,10 @@ class GatewayConfig:
             raise BadInput("--header-timeout and --keep-alive-timeout must be > 0")
         if self.body_timeout_s < 0:
             raise BadInput("--body-timeout must be >= 0", hint="0 means no limit")
+        if self.wake_timeout_s <= 0 or self.probe_timeout_s <= 0 or self.supervise_interval_s <= 0:
+            raise BadInput("--wake-timeout, --probe-timeout and --supervise-interval must be > 0")
+        if self.probe_interval_s < 0:
+            raise BadInput("--probe-interval must be >= 0", hint="0 turns probes off")
         if self.max_queue < 0 or self.queue_timeout_s < 0 or self.max_inflight_per_engine < 0:
             raise BadInput(
                 "--max-queue, --queue-timeout and --max-inflight-per-engine must be >= 0",

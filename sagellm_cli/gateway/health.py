@@ -34,6 +34,8 @@ class HealthChecker:
     async def check(self, backend: Backend) -> bool:
         """One probe. A dead engine process counts as fatal at once (no need to wait K rounds)."""
         record = backend.record
+        if not backend.checkable:
+            return False  # unloaded, asleep, restarting or hung: the supervisor owns it
         if record.pid and not launcher_for(record.node).is_alive(record):
             self.registry.mark_failure(backend, "engine process is gone", fatal=True)
             return False

@@ -85,6 +85,11 @@ def spec_from_body(body: Any, *, allow_remote_config: bool = False) -> EngineSpe
     if not is_loopback(spec.host):
         raise Forbidden(f"engines started through the API bind loopback only, not {spec.host!r}",
                         hint=flag)  # fmt: skip
+    from sagellm_cli.core.launcher import cluster_address
+
+    if cluster_address(spec):  # a Ray node's engine binds the node's address (docs/cluster.md)
+        raise Forbidden("engines on a Ray cluster bind their node's address, not loopback",
+                        hint=flag)  # fmt: skip
     for arg in spec.extra_args:
         name = arg.split("=", 1)[0].replace("_", "-")
         # argparse also takes unambiguous abbreviations (`--trust-rem`).
@@ -129,6 +134,7 @@ class Management:
         registry: Registry,
         admin_check: TokenCheck,
         counters: Callable[[], dict[str, Any]],
+        stats_document: Callable[[float], dict[str, Any]] | None = None,
     ):
         from sagellm_cli.core.engines import EngineManager
 
@@ -136,6 +142,7 @@ class Management:
         self.registry = registry
         self.admin_check = admin_check
         self.counters = counters
+        self.stats_document = stats_document
         self.manager = EngineManager(registry.store)
 
     def routes(self) -> list[Route]:
@@ -154,6 +161,7 @@ class Management:
                 methods=["DELETE"],
             ),
             Route("/v1/management/status", self.guard(self.status), methods=["GET"]),
+            Route("/v1/management/metrics", self.guard(self.metrics), methods=["GET"]),
             Route("/v1/management/gpu", self.guard(self.gpu), methods=["GET"]),
         ]
 
@@ -210,13 +218,9 @@ class Management:
         spec = spec_from_body(body, allow_remote_config=self.config.allow_remote_engine_config)
         wait = _query_bool(request, "wait", True)
         timeout = _query_float(request, "timeout", 600.0)
-        record = await asyncio.to_thread(self.manager.spawn, spec)
-        if not wait:
-            await self.registry.refresh(force=True)
-            return _json(record.to_dict(), 202)
-        record = await asyncio.to_thread(self.manager.wait_ready, record.id, timeout=timeout)
+        record = await asyncio.to_thread(self.manager.start, spec, wait=wait, timeout=timeout)
         await self.registry.refresh(force=True)
-        return _json(record.to_dict(), 201)
+        return _json(record.to_dict(), 201 if wait else 202)
 
     async def stop_engine(self, request: Request) -> Response:
         timeout = _query_float(request, "timeout", 30.0)
@@ -225,6 +229,15 @@ class Management:
         )
         await self.registry.refresh(force=True)
         return _json(record.to_dict())
+
+    async def metrics(self, request: Request) -> Response:
+        """Aggregates over `?window=` seconds (default 60): per model, per engine, in total."""
+        from sagellm_cli.gateway.stats import parse_window
+
+        window = parse_window(request.query_params.get("window"))
+        if self.stats_document is None:
+            return _error(404, "this gateway keeps no aggregate metrics", "not_found")
+        return _json(self.stats_document(window))
 
     async def gpu(self, request: Request) -> Response:
         return _json(await asyncio.to_thread(_gpu_document))
@@ -244,13 +257,9 @@ class Management:
 
 def _gpu_document() -> dict[str, Any]:
     """What `sage llm gpu --json` prints: inventory plus reservations; never raises."""
-    try:
-        from sagellm_cli.core.engines import EngineManager
-        from sagellm_cli.core.gpu import gpu_snapshot
+    from sagellm_cli.core.monitor import gpu_document
 
-        return gpu_snapshot(EngineManager().snapshot()).to_dict()
-    except Exception as exc:  # noqa: BLE001 - GPU info is optional in a status document
-        return {"nvml": False, "gpus": [], "reason": f"{type(exc).__name__}: {exc}"}
+    return gpu_document()
 
 
 def uptime(started: float) -> float:

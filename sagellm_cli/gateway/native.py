@@ -343,8 +343,15 @@ class NativeUpstream:
     async def get_status(self, url: str, timeout: float) -> int:
         return await asyncio.wait_for(self._get_status(url), timeout)
 
+    async def post_status(self, url: str, body: bytes, timeout: float) -> int:
+        return await asyncio.wait_for(self._status(b"POST", url, body), timeout)
+
     async def _get_status(self, url: str) -> int:
-        resp = await self._send(b"GET", url, b"", {})
+        return await self._status(b"GET", url, b"")
+
+    async def _status(self, method: bytes, url: str, body: bytes) -> int:
+        headers = {"Content-Type": "application/json"} if body else {}
+        resp = await self._send(method, url, body, headers)
         try:
             await resp.read()
         finally:

@@ -19,14 +19,19 @@ from typing import TYPE_CHECKING, Any
 from sagellm_cli.gateway.auth import TokenCheck
 from sagellm_cli.gateway.endpoints import PATH_FOR_KIND, Endpoint
 from sagellm_cli.gateway.errors import error_body, send_json
+from sagellm_cli.gateway.policies import engine_cost
 from sagellm_cli.gateway.request import (
+    BODY_COST_BUDGET,
     BODY_DEADLINE,
     BODY_PRIORITY,
     ProxyRequest,
+    deadline_of,
     strip_gateway_fields,
 )
 from sagellm_cli.gateway.routing import InvalidPrompt, RouteInfo
 from sagellm_cli.gateway.scheduling import Rejected
+from sagellm_cli.gateway.stats import GatewayStats
+from sagellm_cli.gateway.supervisor import WakeFailed
 from sagellm_cli.gateway.upstream import UpstreamConnectError
 
 try:  # orjson is ~5x faster for the one parse we do; json is the fallback.
@@ -50,6 +55,7 @@ if TYPE_CHECKING:
     from sagellm_cli.gateway.metrics import Metrics
     from sagellm_cli.gateway.registry import ModelGroup, Registry
     from sagellm_cli.gateway.scheduling import Scheduler
+    from sagellm_cli.gateway.supervisor import Supervisor
     from sagellm_cli.gateway.upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("sagellm.gateway")
@@ -96,6 +102,8 @@ class Proxy:
         metrics: Metrics,
         api_check: TokenCheck,
         scheduler: Scheduler | None = None,
+        stats: GatewayStats | None = None,
+        supervisor: Supervisor | None = None,
     ):
         self.config = config
         self.registry = registry
@@ -103,7 +111,11 @@ class Proxy:
         self.metrics = metrics
         self.api_check = api_check
         self.scheduler = scheduler
+        # The sliding-window figures of /v1/management/metrics (stats.py).
+        self.stats = stats if stats is not None else GatewayStats()
         self.max_body = config.max_body_bytes
+        # Loads unloaded or sleeping engines for requests (None: such engines get 503).
+        self.supervisor = supervisor
 
     # -- request parsing -----------------------------------------------------
 
@@ -222,11 +234,27 @@ class Proxy:
             )
             return
         group, status, err = self._resolve(endpoint.kind, body.get("model"))
+        if (group is None or not group.healthy) and await self.registry.refresh():
+            # An engine started (or became ready) since the last poll of the state file:
+            # `engine start` returned, so the request must not get a 404 or 503 for it.
+            group, status, err = self._resolve(endpoint.kind, body.get("model"))
         if group is None:
             # Unknown names are not used as label values: clients could grow them without bound.
             self.metrics.observe("", "", endpoint.name, status, time.perf_counter() - started)
             await send_json(send, status, err)
             return
+        if not group.healthy and self.supervisor is not None:
+            try:
+                group = await self.supervisor.wake(group)
+            except WakeFailed as exc:
+                message = f"{exc}; try again later"
+                await send_json(
+                    send,
+                    503,
+                    error_body(503, message, code="model_loading"),
+                    [(b"retry-after", b"30")],
+                )
+                return
         stream = body.get("stream") is True and endpoint.streams
         session = body.get("user")
         if not isinstance(session, str):
@@ -244,22 +272,26 @@ class Proxy:
                 return
         ticket = None
         first = None
+        deadline = deadline_of(body, headers)
         if self.scheduler is not None:
             try:
                 ticket = await self.scheduler.admit(group, body, info, headers, receive)
             except Rejected as exc:
                 model = group.backends[0].served_model_name if group.backends else ""
-                self.metrics.observe(
-                    model, "", endpoint.name, exc.status, time.perf_counter() - started
-                )
+                elapsed = time.perf_counter() - started
+                self.metrics.observe(model, "", endpoint.name, exc.status, elapsed)
+                self.stats.finished(model, None, exc.status, elapsed, deadline)
                 await send_json(
                     send, exc.status, error_body(exc.status, exc.message, exc.code), exc.headers()
                 )
                 return
             first = getattr(ticket, "backend", None)
-        if (BODY_PRIORITY in body or BODY_DEADLINE in body) and strip_gateway_fields(body):
+        if (
+            BODY_PRIORITY in body or BODY_DEADLINE in body or BODY_COST_BUDGET in body
+        ) and strip_gateway_fields(body):
             raw = None  # the gateway's own fields never reach the engine
-        req = ProxyRequest(send, receive, endpoint, group, body, raw, info, stream, started, first)
+        req = ProxyRequest(send, receive, endpoint, group, body, raw, info, stream, started, first,
+                           deadline_ms=deadline, cost_budget=getattr(ticket, "budget", None))  # fmt: skip
         try:
             await self._forward(req)
         finally:
@@ -281,6 +313,8 @@ class Proxy:
                 candidates = group.healthy
                 if tried is not None:
                     candidates = [b for b in candidates if b is not tried]
+                if req.cost_budget is not None:  # a retry stays within the request's budget
+                    candidates = [b for b in candidates if engine_cost(b) <= req.cost_budget]
                 if not candidates:
                     break
                 backend = group.strategy.choose(candidates, info)
@@ -304,7 +338,9 @@ class Proxy:
                     return
             backend.inflight += 1
             backend.requests += 1
+            backend.last_used = time.monotonic()  # keep_alive counts from the last request
             status = 0
+            failed = False
             try:
                 if req.stream:
                     status = await self._stream(req, backend, payload, label)
@@ -313,15 +349,24 @@ class Proxy:
                 return
             except _Failure as failure:
                 status = failure.status
+                failed = True
                 backend.errors += 1
                 self.registry.mark_failure(backend, failure.reason)
                 last = failure
                 tried = backend
             finally:
                 backend.inflight -= 1
-                self.metrics.observe(
-                    label, backend.id, req.endpoint.name, status, time.perf_counter() - req.started
-                )
+                backend.last_used = time.monotonic()
+                elapsed = time.perf_counter() - req.started
+                self.metrics.observe(label, backend.id, req.endpoint.name, status, elapsed)
+                if failed:  # may be retried: the request's outcome is recorded below
+                    self.stats.attempt_failed(backend.id, elapsed)
+                else:
+                    self.stats.finished(label, backend.id, status, elapsed, req.deadline_ms)
+        # Every try failed (or no engine was healthy): the answer below is the outcome.
+        final = 503 if last is None else (last.status if last.body is not None else 502)
+        served = group.backends[0].served_model_name if group.backends else model
+        self.stats.finished(served, None, final, time.perf_counter() - req.started, req.deadline_ms)
         if last is not None and last.body is not None:
             # The engine answered 5xx on every try: pass its own error through.
             headers = [
@@ -372,6 +417,7 @@ class Proxy:
             prompt, completion = _usage(data)
             if prompt or completion:
                 self.metrics.usage(model, prompt, completion)
+                self.stats.tokens(model, backend.id, completion)
         await send(
             {
                 "type": "http.response.start",
@@ -443,7 +489,9 @@ class Proxy:
             async for chunk in resp.chunks():
                 if first:
                     first = False
-                    self.metrics.first_token(model, endpoint, time.perf_counter() - started)
+                    ttft = time.perf_counter() - started
+                    self.metrics.first_token(model, endpoint, ttft)
+                    self.stats.first_token(model, backend.id, ttft)
                 if b'"prompt_tokens"' in chunk:
                     usage_chunk = chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -464,6 +512,7 @@ class Proxy:
         if usage_chunk is not None:
             prompt, completion = _usage(usage_chunk)
             self.metrics.usage(model, prompt, completion)
+            self.stats.tokens(model, backend.id, completion)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return 200
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from sagellm_cli.core.records import LIVE_STATUSES
 from sagellm_cli.core.state import State, StateStore
-from sagellm_cli.gateway.backend import Backend
+from sagellm_cli.gateway.backend import SERVING, Backend
 from sagellm_cli.gateway.routing import Strategy, make_strategy
 
 if TYPE_CHECKING:
@@ -66,8 +66,12 @@ class Registry:
                 continue
             old = self.backends.get(record.id)
             if old is not None and old.same_process(record):
-                if record.status == "ready" and old.record.status != "ready":
-                    old.healthy = True
+                if record.status != old.record.status and SERVING in (
+                    record.status,
+                    old.record.status,
+                ):
+                    # Loaded, woken, unloaded or put to sleep by the lifecycle or supervisor.
+                    old.healthy = record.status == SERVING and not old.hung
                 old.record = record
                 old.role = record.role
                 fresh[record.id] = old
@@ -134,9 +138,12 @@ class Registry:
     # -- health --------------------------------------------------------------
 
     def mark_success(self, backend: Backend) -> None:
-        """A request or probe succeeded: reset the failure count, heal if needed."""
+        """A request or probe succeeded: reset the failure count, heal if needed.
+
+        An unloaded, sleeping or hung engine stays drained (see Backend.checkable).
+        """
         backend.failures = 0
-        if not backend.healthy:
+        if not backend.healthy and backend.checkable:
             backend.healthy = True
             backend.last_error = None
             log.warning("engine %s is healthy", backend.id)
@@ -149,6 +156,13 @@ class Registry:
         if backend.healthy and (fatal or backend.failures >= self.config.failure_threshold):
             backend.healthy = False
             log.warning("engine %s marked unhealthy: %s", backend.id, reason)
+            self._health_changed()
+
+    def drain(self, backend: Backend, *, hung: bool = False) -> None:
+        """Stop routing to an engine the supervisor unloads or found hung."""
+        backend.hung = backend.hung or hung
+        if backend.healthy:
+            backend.healthy = False
             self._health_changed()
 
     def _health_changed(self) -> None:

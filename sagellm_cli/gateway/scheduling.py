@@ -25,6 +25,10 @@ hot path pays nothing.
   service) and again when its turn comes (service estimate only). The service
   estimate is `estimator.ServiceEstimator`'s; until 3 requests have finished
   nothing is rejected.
+- **Cost budget.** A request's `X-Cost-Budget` (or body `cost_budget`): the most it may
+  cost per 1k tokens. Only engines whose `cost_per_1k_tokens` is within it may take it
+  (it waits for them rather than spilling onto dearer ones); if no healthy engine of the
+  model is within it, 429 `cost_budget_exceeded`. Every policy honours it.
 - **adaptive** re-picks the sub-policy via `adaptive.AdaptiveSwitcher`.
 - **Metrics** (`metrics.SchedulerMetrics`, on the gateway's registry): queue depth,
   wait-time histogram by priority class, decisions by policy and outcome, adaptive switches.
@@ -51,9 +55,10 @@ from sagellm_cli.gateway.policies import (
     PRIORITY_RANK,
     cheapest,
     costs_differ,
+    engine_cost,
     order_key,
 )
-from sagellm_cli.gateway.request import classify
+from sagellm_cli.gateway.request import InvalidBudget, classify, cost_budget
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -62,6 +67,7 @@ if TYPE_CHECKING:
     from sagellm_cli.gateway.config import GatewayConfig
     from sagellm_cli.gateway.registry import ModelGroup, Registry
     from sagellm_cli.gateway.routing import RouteInfo
+    from sagellm_cli.gateway.stats import GatewayStats
 
 log = logging.getLogger("sagellm.gateway")
 
@@ -138,6 +144,7 @@ class Ticket:
         "dispatched",
         "future",
         "state",
+        "budget",
     )
 
     def __init__(
@@ -149,6 +156,7 @@ class Ticket:
         deadline: float | None,
         arrival: float,
         info: RouteInfo,
+        budget: float | None = None,
     ):
         self.seq = seq
         self.qkey = qkey
@@ -162,6 +170,7 @@ class Ticket:
         self.dispatched = 0.0
         self.future: asyncio.Future | None = None
         self.state = _WAITING
+        self.budget = budget  # most cost per 1k tokens; None = any engine
 
 
 class _Queue:
@@ -185,6 +194,7 @@ class AdmissionScheduler:
         registry: Registry | None = None,
         metrics_registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stats: GatewayStats | None = None,
     ):
         policy = config.scheduling
         if policy not in POLICIES:
@@ -202,11 +212,13 @@ class AdmissionScheduler:
         self._waiting = 0
         self._class_waiting = [0] * len(PRIORITY_CLASSES)
         self._deadline_waiting = 0
+        self._budget_waiting = 0
         self._seq = 0
         self._service = ServiceEstimator()
         self._adaptive = AdaptiveSwitcher() if policy == "adaptive" else None
         self._ticker: asyncio.Task | None = None
         self.metrics = SchedulerMetrics(metrics_registry, self) if metrics_registry else None
+        self.stats = stats
 
     @property
     def switches(self) -> int:
@@ -227,14 +239,22 @@ class AdmissionScheduler:
         limit = self.limit(backend)
         return not limit or self._load.get(backend.id, 0) < limit
 
-    def _suitable(self, group: ModelGroup, info: RouteInfo) -> list[Backend]:
+    def _suitable(
+        self, group: ModelGroup, info: RouteInfo, budget: float | None = None
+    ) -> list[Backend]:
         # Under `length` a long prompt waits for a prefill engine (and a short one for a
         # decode engine) instead of spilling onto the other role when its own is full.
-        return group.strategy.eligible(group.healthy, info)
+        # A cost budget likewise waits for the engines within it.
+        pool = group.strategy.eligible(group.healthy, info)
+        if budget is not None:
+            pool = [b for b in pool if engine_cost(b) <= budget]
+        return pool
 
-    def _place(self, group: ModelGroup, info: RouteInfo) -> Backend | None:
+    def _place(
+        self, group: ModelGroup, info: RouteInfo, budget: float | None = None
+    ) -> Backend | None:
         """The engine that takes the request now (via the routing strategy), or None if full."""
-        pool = self._suitable(group, info)
+        pool = self._suitable(group, info, budget)
         room = [b for b in pool if self._has_room(b)]
         if not room:
             return None
@@ -291,7 +311,11 @@ class AdmissionScheduler:
         qkey = (group.kind, group.name)
         model = group.backends[0].served_model_name if group.backends else group.name
         deadline = now + rel_ms / 1000.0 if rel_ms is not None else None
-        ticket = Ticket(self._seq, qkey, model, cls, deadline, now, info)
+        try:
+            budget = cost_budget(body, headers)
+        except InvalidBudget as exc:
+            raise Rejected(400, str(exc), code="invalid_cost_budget") from None
+        ticket = Ticket(self._seq, qkey, model, cls, deadline, now, info, budget)
         queue = self._queues.get(qkey)
         if self._adaptive is not None and (queue is None or not queue.live):
             self._adapt(now)  # (a request that will queue is judged once it is queued)
@@ -300,8 +324,12 @@ class AdmissionScheduler:
             self._decide(ticket, "no_engine")
             ticket.state = _ADMITTED
             return ticket
+        if budget is not None and not self._suitable(group, info, budget):
+            self._decide(ticket, "rejected_cost_budget")
+            raise Rejected(429, _over_budget(model, budget, group.healthy),
+                           code="cost_budget_exceeded")  # fmt: skip
         if queue is None or not queue.live:
-            backend = self._place(group, info)
+            backend = self._place(group, info, budget)
             if backend is not None:
                 if self.slo_reject and deadline is not None:
                     self._check_deadline(ticket, now, 0.0)
@@ -323,7 +351,7 @@ class AdmissionScheduler:
             )
         if self.slo_reject and deadline is not None:
             service = self.service_estimate(qkey)
-            capacity = self._capacity(self._suitable(group, info))
+            capacity = self._capacity(self._suitable(group, info, budget))
             if service is not None and capacity:
                 wait = (self._ahead(queue, ticket) + 1) * service / capacity
                 self._check_deadline(ticket, now, wait)
@@ -406,6 +434,8 @@ class AdmissionScheduler:
         self._class_waiting[ticket.rank] += 1
         if ticket.deadline is not None:
             self._deadline_waiting += 1
+        if ticket.budget is not None:
+            self._budget_waiting += 1
         if self._adaptive is not None:
             self._adapt(self.clock())
 
@@ -416,6 +446,8 @@ class AdmissionScheduler:
         self._class_waiting[ticket.rank] -= 1
         if ticket.deadline is not None:
             self._deadline_waiting -= 1
+        if ticket.budget is not None:
+            self._budget_waiting -= 1
 
     def _ahead(self, queue: _Queue, ticket: Ticket) -> int:
         key = self._key(ticket)
@@ -470,8 +502,9 @@ class AdmissionScheduler:
                     self._decide(ticket, "no_engine")
                     ticket.future.set_result(None)
             return
-        # Waiters may want different engines (`length`): a blocked one must not hold back the rest.
-        role_split = group.strategy.eligible_varies
+        # Waiters may want different engines (`length`, cost budgets): a blocked one must not
+        # hold back the rest.
+        role_split = group.strategy.eligible_varies or self._budget_waiting > 0
         blocked: list[tuple[tuple, Ticket]] = []
         while queue.heap:
             entry = queue.heap[0]
@@ -497,7 +530,21 @@ class AdmissionScheduler:
                         )
                     )
                     continue
-            backend = self._place(group, ticket.info)
+            if ticket.budget is not None and not self._suitable(group, ticket.info, ticket.budget):
+                # The engines within its budget left rotation while it waited.
+                heapq.heappop(queue.heap)
+                self._leave(queue, ticket)
+                ticket.state = _GONE
+                self._decide(ticket, "rejected_cost_budget")
+                ticket.future.set_exception(
+                    Rejected(
+                        429,
+                        _over_budget(ticket.model, ticket.budget, group.healthy),
+                        code="cost_budget_exceeded",
+                    )
+                )
+                continue
+            backend = self._place(group, ticket.info, ticket.budget)
             if backend is None:
                 if not role_split:
                     break  # every waiter wants the same engines: none can go now
@@ -556,6 +603,8 @@ class AdmissionScheduler:
     def _decide(self, ticket: Ticket, outcome: str, wait: float | None = None) -> None:
         if self.metrics is not None:
             self.metrics.decided(ticket.model, ticket.cls, self.active, outcome, wait)
+        if self.stats is not None:
+            self.stats.decided(ticket.model, outcome)
 
     def queue_depths(self) -> dict[str, int]:
         """Waiting requests per model name."""
@@ -585,6 +634,17 @@ class AdmissionScheduler:
         }
 
 
+def _over_budget(model: str, budget: float, healthy: list[Backend]) -> str:
+    """The 429 message when no healthy engine of `model` is within a request's budget."""
+    prices = sorted({engine_cost(b) for b in healthy})
+    offer = ", ".join(f"{p:g}" for p in prices) or "none healthy"
+    return (
+        f"no engine of model {model!r} fits the cost budget {budget:g} per 1k tokens "
+        f"(engine prices: {offer}); raise X-Cost-Budget or start a cheaper engine "
+        "(--cost-per-1k-tokens)"
+    )
+
+
 async def _disconnected(receive) -> None:
     """Return when the client disconnects (its body was read already)."""
     while True:
@@ -597,8 +657,9 @@ def make_scheduler(
     config: GatewayConfig,
     registry: Registry | None = None,
     metrics_registry: CollectorRegistry | None = None,
+    stats: GatewayStats | None = None,
 ) -> AdmissionScheduler | None:
     """The scheduler for `config.scheduling`, or None for "none" (no admission control)."""
     if not config.scheduling or config.scheduling == "none":
         return None
-    return AdmissionScheduler(config, registry, metrics_registry)
+    return AdmissionScheduler(config, registry, metrics_registry, stats=stats)

@@ -80,7 +80,7 @@ def connection_cap(config: GatewayConfig, nofile: int) -> int:
     return config.max_connections
 
 
-def _uvicorn_server(app, config: GatewayConfig, on_started, on_stopped, max_connections=None):
+def uvicorn_server(app, config: GatewayConfig, on_started, on_stopped, max_connections=None):
     import uvicorn
 
     guard = None
@@ -148,7 +148,7 @@ def serve(
     )
     cap = connection_cap(config, raise_nofile_limit())
     gateway = create_app(config)
-    server = _uvicorn_server(gateway, config, on_started, on_stopped, max_connections=cap)
+    server = uvicorn_server(gateway, config, on_started, on_stopped, max_connections=cap)
     try:
         server.run(sockets=[sock])
     finally:

@@ -13,6 +13,7 @@ from sagellm_cli.core.gpu.plan import (
     gpu_snapshot,
     plan_gpu,
     plan_model,
+    reservation_fits,
 )
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "plan_model",
     "read_inventory",
     "recommend_layouts",
+    "reservation_fits",
 ]

@@ -426,7 +426,9 @@ def engine_pid_map(state: Any) -> dict[int, str]:
     """
     import psutil
 
-    live = [r for r in state.engines.values() if r.is_live and (r.pid or r.pgid)]
+    live = [
+        r for r in state.engines.values() if r.is_live and r.status != "idle" and (r.pid or r.pgid)
+    ]
     if not live:
         return {}
     by_pgid = {r.pgid: r for r in live if r.pgid}

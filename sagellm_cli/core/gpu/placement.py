@@ -93,7 +93,7 @@ def capacities(inventory: Inventory, reservations: Iterable[GpuReservation]) -> 
         reserved: dict[str, float] = {}
         for res in ledger:
             if gpu.index in res.gpus:
-                reserved[res.engine_id] = reserved.get(res.engine_id, 0.0) + res.gib_per_gpu
+                reserved[res.engine_id] = reserved.get(res.engine_id, 0.0) + res.held_gib
         engine_used: dict[str, float] = {}
         for proc in gpu.processes:
             if proc.engine_id and proc.used_mib is not None:

@@ -147,6 +147,22 @@ def plan_gpu(
     )
 
 
+def reservation_fits(state: State, reservation: GpuReservation) -> bool:
+    """True if a sleeping engine's full reservation fits again beside the rest of the ledger.
+
+    Its own process's current use (the part that stayed on the GPU) counts as available.
+    """
+    inventory = read_inventory(engine_pid_map(state))
+    others = [r for r in state.reservations.values() if r.engine_id != reservation.engine_id]
+    caps = {c.index: c for c in algo.capacities(inventory, others)}
+    return all(
+        i in caps
+        and caps[i].free_gib + caps[i].engine_used.get(reservation.engine_id, 0.0)
+        >= reservation.gib_per_gpu
+        for i in reservation.gpus
+    )
+
+
 # --------------------------------------------------------------------------- `sage llm gpu`
 
 

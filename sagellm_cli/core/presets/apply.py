@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sagellm_cli.core.engines import Reuse
 from sagellm_cli.core.errors import BadInput, ExitCode, OperationFailed, SageError
 from sagellm_cli.core.presets.plan import KEEP, REPLACE, RESTART, PresetPlan
 from sagellm_cli.core.records import AppliedPreset, EngineRecord
@@ -230,10 +231,10 @@ class _Apply:
         for item in self.plan.to_start:
             self.emit(item.label, "spawning")
             spec = dataclasses.replace(item.spec, port=item.port)
-            reuse = item.existing_id if item.action == RESTART else None
+            reuse = Reuse(item.existing_id) if item.action == RESTART and item.existing_id else None
             t0 = time.monotonic()
             try:
-                record = self.manager.spawn(spec, reuse_id=reuse)
+                record = self.manager.spawn(spec, reuse=reuse)
             except Exception as exc:  # noqa: BLE001 - any spawn error rolls back
                 self.fail(item.label, None, exc)
                 continue

@@ -352,6 +352,7 @@ def _place(
     Engines that the apply stops (`going`) free their port and GPU memory for the new ones.
     """
     from sagellm_cli.core.gpu import engine_pid_map, plan_gpu, read_inventory
+    from sagellm_cli.core.launcher import cluster_address
     from sagellm_cli.core.runtimes import build_launch
 
     for engine_id in going:
@@ -363,6 +364,10 @@ def _place(
         if item.action == KEEP:
             continue
         spec = item.spec
+        if cluster_address(spec):  # a Ray node gives port and GPUs at start (docs/cluster.md)
+            item.port = spec.port  # type: ignore[assignment]  # None: a free port on the node
+            item.notes.append(f"placed on a node of the Ray cluster {cluster_address(spec)}")
+            continue
         try:
             if spec.port is not None:
                 # A port held by an engine this apply stops is free by the time it starts.

@@ -26,7 +26,7 @@ MAX_REPLICAS = 64
 # --------------------------------------------------------------------------- models
 
 
-class EngineConfig(engine_options_model()):
+class EngineConfig(engine_options_model(preset=True)):
     """One `engines:` entry: EngineSpec's options plus a name and `replicas: N`
     (N identical engines)."""
 

@@ -1,0 +1,187 @@
+"""External engines: OpenAI-compatible servers that something else runs and we only route to.
+
+The seeds' deployment model (instances registered by host and port): a Kubernetes service,
+another team's vLLM, an SGLang or llama.cpp server. `sage llm engine register URL` records
+one with `runtime: external`; the gateway routes to it, health-checks it (`GET /v1/models`:
+the one route every such server has) and drains it like any other engine. Stopping it only
+unregisters it: no signal ever goes anywhere (`ExternalLauncher`).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from sagellm_cli.core.errors import BadInput, OperationFailed, ResourceUnavailable
+from sagellm_cli.core.process import ProcessHandle
+from sagellm_cli.core.records import EngineRecord, EngineSpec
+
+if TYPE_CHECKING:
+    from sagellm_cli.core.engines import EngineManager
+
+EXTERNAL = "external"
+NODE_PREFIX = "external:"
+# The route every OpenAI-compatible server answers; /health is not universal.
+HEALTH_PATH = "/v1/models"
+CHECK_TIMEOUT_S = 10.0
+
+
+def normalise_url(url: str) -> str:
+    """`http(s)://host[:port][/prefix]` without a trailing `/` or `/v1` (BadInput otherwise)."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadInput(
+            f"{url!r} is not an http(s) URL", hint="e.g. http://10.0.0.5:8000 (without /v1)"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise BadInput(f"{url!r} has an invalid port") from None
+    if parts.query or parts.fragment or parts.username:
+        raise BadInput(f"{url!r} must not carry a query, a fragment or credentials")
+    path = parts.path.rstrip("/").removesuffix("/v1")
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def served_models(url: str, timeout: float = CHECK_TIMEOUT_S) -> list[str]:
+    """The model ids `GET URL/v1/models` lists (OperationFailed if it does not answer)."""
+    parts = urlsplit(url)
+    conn_cls = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
+    conn = conn_cls(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", f"{parts.path}{HEALTH_PATH}")
+        resp = conn.getresponse()
+        body = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        raise OperationFailed(
+            f"{url} does not answer {HEALTH_PATH}: {exc}",
+            hint="check the URL, or register anyway with --no-check",
+        ) from None
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise OperationFailed(f"{url}{HEALTH_PATH} answered {resp.status}", hint="--no-check skips")
+    try:
+        return [str(m["id"]) for m in json.loads(body)["data"]]
+    except (ValueError, KeyError, TypeError):
+        raise OperationFailed(f"{url}{HEALTH_PATH} is not an OpenAI model list") from None
+
+
+@dataclass
+class Registration:
+    """What `engine register` and the management API ask for."""
+
+    url: str
+    model: str | None = None
+    kind: str = "llm"
+    label: str | None = None
+    role: str = "general"
+    max_inflight: int | None = None
+    cost_per_1k_tokens: float | None = None
+    check: bool = True
+
+
+def register(manager: EngineManager, reg: Registration) -> EngineRecord:
+    """Record an external engine as `ready` (after checking it serves the model)."""
+    from sagellm_cli.core.spec_schema import parse_engine_options
+
+    url = normalise_url(reg.url)
+    models = served_models(url) if reg.check else []
+    model = reg.model
+    if model is None:
+        if len(models) != 1:
+            raise BadInput(
+                f"{url} serves {', '.join(models) or 'no model'}: say which with --model",
+            )
+        model = models[0]
+    if reg.check and model not in models:
+        raise BadInput(f"{url} does not serve {model!r}; it serves {', '.join(models) or 'none'}")
+    spec = parse_engine_options(
+        {
+            "model": model, "kind": reg.kind, "runtime": EXTERNAL, "label": reg.label,
+            "role": reg.role, "max_inflight": reg.max_inflight,
+            "cost_per_1k_tokens": reg.cost_per_1k_tokens,
+        },
+        what="registration",
+    )  # fmt: skip
+    parts = urlsplit(url)
+    with manager.store.transaction() as state:
+        manager.reconcile(state)
+        if spec.label and any(r.label == spec.label for r in state.engines.values() if r.is_live):
+            raise BadInput(
+                f"label {spec.label!r} is already used by a running engine",
+                hint="choose another --label or stop that engine first",
+            )
+        engine_id = _new_id(state.engines)
+        now = time.time()
+        record = EngineRecord(
+            id=engine_id, kind=spec.kind, runtime=EXTERNAL, model=model, served_model_name=model,
+            host=parts.hostname, port=parts.port or (443 if parts.scheme == "https" else 80),
+            label=spec.label, status="ready", created_at=now, started_at=now, ready_at=now,
+            role=spec.role, node=NODE_PREFIX + parts.hostname, base_url=url,
+            served_models=models, spec=spec,
+        )  # fmt: skip
+        state.engines[engine_id] = record
+        return record
+
+
+def _new_id(engines: dict) -> str:
+    import os
+
+    while (candidate := os.urandom(4).hex()) in engines:
+        pass
+    return candidate
+
+
+class ExternalLauncher:
+    """The launcher of engines something else runs: nothing to spawn, signal or clean."""
+
+    def __init__(self, node: str):
+        self.node = node
+
+    def allocate_port(self, host, taken) -> int:
+        raise BadInput("external engines are registered, not started", hint=_HINT)
+
+    check_port = allocate_port
+
+    def engine_host(self, spec: EngineSpec) -> str:
+        return spec.host
+
+    def place(self, spec, runtime, state, live):
+        raise BadInput("external engines are registered, not started", hint=_HINT)
+
+    def scratch_dir(self, engine_id: str) -> Path:
+        raise BadInput("external engines have no scratch space", hint=_HINT)
+
+    def spawn(self, engine_id, argv, env, log_path) -> ProcessHandle:
+        raise ResourceUnavailable("external engines are registered, not started", hint=_HINT)
+
+    def is_alive(self, record: EngineRecord) -> bool:
+        """Always: only health checks can tell, and they drain it like any engine."""
+        return True
+
+    def has_leftovers(self, record: EngineRecord) -> bool:
+        return False
+
+    def terminate(self, record: EngineRecord, timeout: float) -> int:
+        """Never signals anything: stopping an external engine only unregisters it."""
+        return 0
+
+    def exit_code(self, record: EngineRecord) -> int | None:
+        return None
+
+    def wait_port_free(self, record: EngineRecord, timeout: float = 5.0) -> None:
+        return None
+
+    def cleanup(self, record: EngineRecord, *, forget: bool = False) -> None:
+        return None
+
+
+_HINT = "use `sage llm engine register URL --model NAME`"
