@@ -294,16 +294,17 @@ class ControlPlane:
         record = self.manager.get(id_or_label, probe_health=False)
         return logs.tail_lines(record.log_path, lines)
 
-    def register_instance(self, url: str, model: str, kind: str = "llm", **options: Any):
-        """Route to an engine this machine did not start (a remote vLLM, a Ray actor).
+    def register_instance(
+        self, url: str, model: str | None = None, kind: str = "llm", **options: Any
+    ) -> EngineRecord:
+        """Route to an engine this machine did not start (a Kubernetes service, another
+        team's vLLM, SGLang, llama.cpp): `sage llm engine register`. Options: `label`,
+        `role`, `max_inflight`, `cost_per_1k_tokens`, `check` (default True: URL/v1/models
+        must list `model`). `stop_engine` only unregisters it."""
+        from sagellm_cli.core.external import parse_registration, register
 
-        Not available yet: it needs the scale-out issue (Ray and external engines) to
-        land. Until then, start engines here with `start_engine` or a preset."""
-        raise NotImplementedError(
-            "register_instance needs external engines, which the scale-out issue (Ray and "
-            "external engines) adds; until it lands, start engines with "
-            "ControlPlane.start_engine() or `sage llm engine start` (docs/library.md)"
-        )
+        registration = parse_registration({"url": url, "model": model, "kind": kind, **options})
+        return register(self.manager, registration)
 
     # -- presets -----------------------------------------------------------------
 

@@ -111,8 +111,8 @@ def test_engines_presets_gpus_and_errors(plane, engines, lib_home):
         plane.stop_engine("no-such-engine")
     with pytest.raises(NotFound):
         plane.plan("no-such-preset")
-    with pytest.raises(NotImplementedError, match="scale-out"):
-        plane.register_instance("http://10.0.0.2:8000", "m")
+    with pytest.raises(BadInput, match="not an http URL"):
+        plane.register_instance("ftp://10.0.0.2:8000", "m")
     with pytest.raises(BadInput, match="an open ControlPlane"):
         type(plane)(home=lib_home.parent / "other")
 

@@ -86,10 +86,11 @@ def test_engine_start_reaches_every_spec_field(home, monkeypatch):
         assert getattr(spec, name) == SAMPLES[name], f"engine start does not set {name}"
 
 
-def test_preset_keys_are_the_spec_options_plus_name_and_replicas():
+def test_preset_keys_are_the_spec_options_plus_name_replicas_and_url():
     from sagellm_cli.core.presets.schema import ENGINE_KEYS
 
-    assert set(ENGINE_KEYS) == set(option_fields()) | {"name", "replicas"}
+    # `url` registers an external engine (docs/cluster.md) instead of starting one.
+    assert set(ENGINE_KEYS) == set(option_fields()) | {"name", "replicas", "url"}
 
 
 def test_a_preset_entry_maps_onto_the_spec(home, tmp_path):

@@ -198,6 +198,37 @@ def start(
         typer.echo(record.id)
 
 
+@app.command("register")
+def register_external(
+    url: str = typer.Argument(..., help="Base URL of an OpenAI-compatible server (no /v1)."),
+    model: str | None = typer.Option(
+        None, help="The model name it serves (default: its only one, from /v1/models)."
+    ),
+    engine_kind: str = typer.Option(
+        spec_default("kind"), "--engine-kind", "--kind", "-k", help="llm or embedding."
+    ),
+    label: str | None = typer.Option(None, help="A name to refer to the engine by."),
+    role: str = typer.Option(spec_default("role"), help="general, prefill or decode."),
+    max_inflight: int | None = typer.Option(None, min=1, help="Gateway scheduling limit."),
+    cost_per_1k_tokens: float | None = typer.Option(None, min=0, help="For `cost` scheduling."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Check URL/v1/models first."),
+    json_out: bool = typer.Option(False, "--json", help="Print the record as JSON."),
+) -> None:
+    """Register an engine something else runs (Kubernetes, another vLLM, SGLang, llama.cpp):
+    the gateway routes to it and health-checks it; `engine stop` only unregisters it."""
+    from sagellm_cli.core.external import Registration, register
+
+    record = register(
+        _manager(),
+        Registration(url, model, engine_kind, label, role, max_inflight, cost_per_1k_tokens, check),
+    )
+    if json_out:
+        emit_json(record.to_dict())
+    else:
+        info(f"engine {record.id} registered: {record.url} serves {record.served_model_name!r}")
+        typer.echo(record.id)
+
+
 @app.command("stop")
 def stop(
     ref: str | None = typer.Argument(None, help="Engine id, id prefix or label."),
@@ -221,7 +252,9 @@ def stop(
         info("no running engines")
     for record in records:
         already = record.stopped_at is not None and record.stopped_at < began
-        info(f"engine {record.id} {'was already ' if already else ''}{record.status}")
+        what = "unregistered (external: nothing was signalled)"
+        status = what if record.runtime == "external" and record.status == "stopped" else None
+        info(f"engine {record.id} {'was already ' if already else ''}{status or record.status}")
 
 
 def _duration(text: str, flag: str) -> float:
@@ -246,6 +279,7 @@ def _render_table(records) -> None:
         "PORT",
         "PID",
         "STATUS",
+        "NODE",
         "GPUS",
         "UPTIME",
         "RESTARTS",
@@ -272,7 +306,8 @@ def _render_table(records) -> None:
             str(r.port),
             str(r.pid or "-"),
             f"[{color}]{status}[/]",
-            ",".join(map(str, r.gpus)) or "cpu",
+            r.node,
+            ",".join(map(str, r.gpus)) or ("-" if r.runtime == "external" else "cpu"),
             uptime(r.started_at, r.has_process),
             str(r.restarts),
         )

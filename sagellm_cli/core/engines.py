@@ -83,6 +83,11 @@ def validate_spec(spec: EngineSpec) -> str:
 
     if not spec.model or not spec.model.strip():
         raise BadInput("MODEL is empty", hint="give a model path or a Hugging Face id")
+    if spec.runtime == "external":
+        raise BadInput(
+            "external engines are registered, not started",
+            hint="use `sage llm engine register URL --model NAME`",
+        )
     runtime = resolve_runtime(spec.kind, spec.runtime)
     if spec.tensor_parallel < 1 or spec.pipeline_parallel < 1:
         raise BadInput("tensor and pipeline parallel sizes must be at least 1")
@@ -566,6 +571,10 @@ class EngineManager:
         on_progress: ProgressCallback | None = None,
     ) -> EngineRecord:
         """Stop and start again with the same id, port and options."""
+        if self.get(ref, probe_health=False).runtime == "external":
+            raise BadInput(
+                "an external engine is not ours to restart", hint="restart it where it runs"
+            )
         record = self.stop(ref, timeout=stop_timeout)
         spec = dataclasses.replace(record.spec, port=record.port)
         fresh = self.spawn(spec, reuse=Reuse(record.id))

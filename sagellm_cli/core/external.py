@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from sagellm_cli.core.errors import BadInput, OperationFailed, ResourceUnavailable
@@ -32,12 +32,15 @@ CHECK_TIMEOUT_S = 10.0
 
 
 def normalise_url(url: str) -> str:
-    """`http(s)://host[:port][/prefix]` without a trailing `/` or `/v1` (BadInput otherwise)."""
+    """`http://host[:port][/prefix]` without a trailing `/` or `/v1` (BadInput otherwise)."""
     parts = urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme == "https":
         raise BadInput(
-            f"{url!r} is not an http(s) URL", hint="e.g. http://10.0.0.5:8000 (without /v1)"
+            f"{url!r}: the gateway reaches engines over plain http:// only (no TLS yet)",
+            hint="register the server's in-cluster http:// address, or one of a local proxy",
         )
+    if parts.scheme != "http" or not parts.hostname:
+        raise BadInput(f"{url!r} is not an http URL", hint="e.g. http://10.0.0.5:8000")
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
@@ -88,7 +91,56 @@ class Registration:
     check: bool = True
 
 
-def register(manager: EngineManager, reg: Registration) -> EngineRecord:
+def parse_registration(data: Any) -> Registration:
+    """A management API body as a Registration: strict types, unknown keys refused."""
+    import dataclasses
+    import typing
+
+    from pydantic import ConfigDict, ValidationError, create_model
+
+    from sagellm_cli.core.spec_schema import error_message, key_path
+
+    if not isinstance(data, dict):
+        raise BadInput("the registration must be a JSON object with at least 'url'")
+    hints = typing.get_type_hints(Registration)
+    fields = {
+        f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(Registration)
+    }
+    # Strict, as engine specs: "2" is not a number, unknown keys are errors.
+    model = create_model(
+        "Registration", __config__=ConfigDict(extra="forbid", strict=True), **fields
+    )
+    try:
+        return Registration(**model.model_validate(data).model_dump())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "extra_forbidden":
+            message = f"unknown field {str(first['loc'][-1])!r}"
+        else:
+            message = error_message(first, key_path(tuple(first["loc"])))
+        raise BadInput(f"invalid registration: {message}") from None
+
+
+def is_link_local(url: str) -> bool:
+    """True for link-local, unspecified or multicast IP literals (cloud metadata services
+    live at 169.254.169.254: the management API must not proxy to them by default)."""
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(urlsplit(url).hostname or "")
+    except ValueError:
+        return False
+    return address.is_link_local or address.is_unspecified or address.is_multicast
+
+
+def register(
+    manager: EngineManager,
+    reg: Registration,
+    *,
+    preset: str | None = None,
+    preset_engine: str | None = None,
+) -> EngineRecord:
     """Record an external engine as `ready` (after checking it serves the model)."""
     from sagellm_cli.core.spec_schema import parse_engine_options
 
@@ -111,6 +163,7 @@ def register(manager: EngineManager, reg: Registration) -> EngineRecord:
         },
         what="registration",
     )  # fmt: skip
+    spec.preset, spec.preset_engine = preset, preset_engine
     parts = urlsplit(url)
     with manager.store.transaction() as state:
         manager.reconcile(state)
@@ -123,9 +176,9 @@ def register(manager: EngineManager, reg: Registration) -> EngineRecord:
         now = time.time()
         record = EngineRecord(
             id=engine_id, kind=spec.kind, runtime=EXTERNAL, model=model, served_model_name=model,
-            host=parts.hostname, port=parts.port or (443 if parts.scheme == "https" else 80),
+            host=parts.hostname, port=parts.port or 80,
             label=spec.label, status="ready", created_at=now, started_at=now, ready_at=now,
-            role=spec.role, node=NODE_PREFIX + parts.hostname, base_url=url,
+            role=spec.role, node=NODE_PREFIX + parts.hostname, base_url=url, preset=preset,
             served_models=models, spec=spec,
         )  # fmt: skip
         state.engines[engine_id] = record

@@ -213,12 +213,17 @@ def launcher_for_spec(spec: EngineSpec) -> Launcher:
 
 
 def launcher_for(node: str) -> Launcher:
-    """The launcher of a node: `local`, or `ray:<node id>` for an engine on a Ray node."""
+    """The launcher of a node: `local`, `ray:<node id>` for an engine on a Ray node, or
+    `external:<host>` for a registered engine that something else runs."""
     launcher = _LAUNCHERS.get(node)
     if launcher is None and node.startswith("ray:"):
         from sagellm_cli.core.ray_launcher import RayLauncher
 
         launcher = _LAUNCHERS.setdefault(node, RayLauncher(node))
+    elif launcher is None and node.startswith("external:"):
+        from sagellm_cli.core.external import ExternalLauncher
+
+        launcher = _LAUNCHERS.setdefault(node, ExternalLauncher(node))
     if launcher is None:
         raise NotImplementedError(f"no launcher for node {node!r}")
     return launcher

@@ -60,7 +60,8 @@ class EngineSpec:
 
     model: Annotated[str, Field(min_length=1)]
     kind: Literal["llm", "embedding"] = "llm"
-    runtime: Literal["vllm", "sentence-transformers"] | None = None
+    # `external`: a server something else runs, registered by URL (core/external.py).
+    runtime: Literal["vllm", "sentence-transformers", "external"] | None = None
     use_gpu: bool | None = None
     tensor_parallel: Annotated[int, Field(ge=1)] = 1
     pipeline_parallel: Annotated[int, Field(ge=1)] = 1
@@ -165,6 +166,10 @@ class EngineRecord:
     next_restart_at: float | None = None
     # Set while the engine fails generation probes although its process runs.
     unresponsive_since: float | None = None
+    # External engines (runtime `external`): the URL they were registered with, and the
+    # models it listed then.
+    base_url: str | None = None
+    served_models: list[str] = field(default_factory=list)
     # What was asked for; a record made without one gets the spec its own fields imply.
     spec: EngineSpec | None = None
 
@@ -179,6 +184,8 @@ class EngineRecord:
     @property
     def url(self) -> str:
         """The engine's routable base URL (no `/v1`)."""
+        if self.base_url:
+            return self.base_url
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         if ":" in host:
             host = f"[{host}]"
@@ -191,8 +198,11 @@ class EngineRecord:
 
     @property
     def has_process(self) -> bool:
-        """True if a running process is expected (live, and not idle or awaiting a restart)."""
-        return self.is_live and self.status not in NO_PROCESS_STATUSES
+        """True if a process of ours is expected to run (live, not idle or awaiting a
+        restart, and not an external engine, which health checks alone judge)."""
+        return (
+            self.is_live and self.status not in NO_PROCESS_STATUSES and self.runtime != "external"
+        )
 
     def to_state(self) -> dict[str, Any]:
         """The record as the state file keeps it (plus `url`), secrets included."""

@@ -53,7 +53,11 @@ class State:
 
     def taken_ports(self, *, exclude: set[str] = frozenset()) -> set[int]:
         """Ports held by live engines (except `exclude`) and by the gateway."""
-        taken = {r.port for r in self.engines.values() if r.is_live and r.id not in exclude}
+        taken = {
+            r.port
+            for r in self.engines.values()
+            if r.is_live and r.id not in exclude and r.runtime != "external"  # ports elsewhere
+        }
         if self.gateway:
             taken.add(self.gateway.port)
         return taken

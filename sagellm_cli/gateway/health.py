@@ -1,4 +1,5 @@
-"""Active health checks: GET /health on every engine at an interval.
+"""Active health checks: GET /health on every engine at an interval (`/v1/models` for an
+external engine, which may have no /health).
 
 Passive checks (connection errors and 5xx on real requests) are counted by the
 proxy through the same `Registry.mark_failure` / `mark_success`; K consecutive
@@ -11,7 +12,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from sagellm_cli.core.launcher import launcher_for
+from sagellm_cli.core.external import HEALTH_PATH as EXTERNAL_HEALTH_PATH
+from sagellm_cli.core.launcher import LOCAL, launcher_for
 
 if TYPE_CHECKING:
     from sagellm_cli.gateway.backend import Backend
@@ -36,11 +38,12 @@ class HealthChecker:
         record = backend.record
         if not backend.checkable:
             return False  # unloaded, asleep, restarting or hung: the supervisor owns it
-        if record.pid and not launcher_for(record.node).is_alive(record):
+        if record.pid and not await _alive(record):
             self.registry.mark_failure(backend, "engine process is gone", fatal=True)
             return False
         try:
-            status = await self.upstream.get_status(backend.url + "/health", self.timeout)
+            path = EXTERNAL_HEALTH_PATH if record.runtime == "external" else "/health"
+            status = await self.upstream.get_status(backend.url + path, self.timeout)
         except Exception as exc:  # noqa: BLE001 - any failure to answer is a failed probe
             self.registry.mark_failure(backend, f"health check failed: {type(exc).__name__}")
             return False
@@ -67,3 +70,12 @@ class HealthChecker:
             except Exception as exc:  # noqa: BLE001 - the loop must survive anything
                 log.warning("health round failed: %s", exc)
             await asyncio.sleep(self.interval)
+
+
+async def _alive(record) -> bool:
+    """The launcher's liveness check: two /proc reads here, a remote call (in a thread, off
+    the event loop) for an engine on a Ray node."""
+    launcher = launcher_for(record.node)
+    if record.node == LOCAL:
+        return launcher.is_alive(record)
+    return await asyncio.to_thread(launcher.is_alive, record)

@@ -151,6 +151,11 @@ class Management:
             Route("/v1/management/engines", self.guard(self.list_engines), methods=["GET"]),
             Route("/v1/management/engines", self.guard(self.start_engine), methods=["POST"]),
             Route(
+                "/v1/management/engines/register",
+                self.guard(self.register_engine),
+                methods=["POST"],
+            ),
+            Route(
                 "/v1/management/engines/{engine_id}",
                 self.guard(self.get_engine),
                 methods=["GET"],
@@ -221,6 +226,19 @@ class Management:
         record = await asyncio.to_thread(self.manager.start, spec, wait=wait, timeout=timeout)
         await self.registry.refresh(force=True)
         return _json(record.to_dict(), 201 if wait else 202)
+
+    async def register_engine(self, request: Request) -> Response:
+        from sagellm_cli.core.external import is_link_local, parse_registration, register
+
+        registration = parse_registration(await self._body(request))
+        if is_link_local(registration.url) and not self.config.allow_remote_engine_config:
+            raise Forbidden(
+                f"'url': {registration.url} is a link-local or unspecified address",
+                hint="start the gateway with --allow-remote-engine-config to allow it",
+            )
+        record = await asyncio.to_thread(register, self.manager, registration)
+        await self.registry.refresh(force=True)
+        return _json(record.to_dict(), 201)
 
     async def stop_engine(self, request: Request) -> Response:
         timeout = _query_float(request, "timeout", 30.0)

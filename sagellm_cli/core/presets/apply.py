@@ -234,15 +234,20 @@ class _Apply:
             reuse = Reuse(item.existing_id) if item.action == RESTART and item.existing_id else None
             t0 = time.monotonic()
             try:
-                record = self.manager.spawn(spec, reuse=reuse)
+                if item.url is not None:
+                    record = _register(self.manager, item)
+                else:
+                    record = self.manager.spawn(spec, reuse=reuse)
             except Exception as exc:  # noqa: BLE001 - any spawn error rolls back
                 self.fail(item.label, None, exc)
                 continue
             self.started[item.label] = record.id
             self.emit(item.label, "starting", "", record.id, at=t0)
-            thread = threading.Thread(
-                target=self._wait_one, args=(item.label, record.id, t0), daemon=True
-            )
+            if item.url is not None:  # registered ready: nothing to wait for
+                waiter, args = self.done.put, ((item.label, record, None),)
+            else:
+                waiter, args = self._wait_one, (item.label, record.id, t0)
+            thread = threading.Thread(target=waiter, args=args, daemon=True)
             thread.start()
             self.waiters.append(thread)
 
@@ -360,3 +365,15 @@ def down(preset: str, manager: EngineManager) -> list[EngineRecord]:
         with manager.store.transaction() as state:
             state.presets.pop(preset, None)
     return stopped
+
+
+def _register(manager: EngineManager, item) -> EngineRecord:
+    """An external engine of the preset (`url:`): registered, after its /v1/models check."""
+    from sagellm_cli.core.external import Registration, register
+
+    spec = item.spec
+    registration = Registration(
+        item.url, spec.model or None, spec.kind, spec.label, spec.role, spec.max_inflight,
+        spec.cost_per_1k_tokens,
+    )  # fmt: skip
+    return register(manager, registration, preset=spec.preset, preset_engine=spec.preset_engine)

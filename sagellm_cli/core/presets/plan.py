@@ -6,10 +6,12 @@ run leaves the state file byte-for-byte unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from sagellm_cli.core import paths, ports
 from sagellm_cli.core.credentials import redact_argv, redact_env
@@ -122,6 +124,8 @@ class PlannedEngine:
     notes: list[str] = field(default_factory=list)
     # Why this engine can't start yet (a model to prepare); the plan still shows it.
     blocker: str | None = None
+    # An external engine (`url:` in the preset): registered, not started.
+    url: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         import shlex
@@ -148,6 +152,7 @@ class PlannedEngine:
             "env": redact_env(self.env),
             "notes": self.notes,
             "blocker": self.blocker,
+            "url": self.url,
             "spec": self.spec.public_dict(),
         }
 
@@ -296,6 +301,9 @@ def _decide_actions(
     models: dict[tuple[str, str], ModelInfo] = {}
     planned: list[PlannedEngine] = []
     for cfg in config.engines:
+        if cfg.url is not None:
+            planned.append(_plan_external(cfg, name, live, dead, others))
+            continue
         key = (cfg.model, cfg.kind)
         model = models.get(key) or models.setdefault(key, resolve_model(cfg.model, cfg.kind))
         for replica in range(1, cfg.replicas + 1):
@@ -344,6 +352,40 @@ def _decide_actions(
     return planned, live
 
 
+def _plan_external(cfg: EngineConfig, preset: str, live, dead, others) -> PlannedEngine:
+    """An engine given by `url:`: kept while its record points at the same server."""
+    from sagellm_cli.core.external import EXTERNAL, normalise_url
+
+    label = cfg.engine_label(preset, 1)
+    try:
+        url = normalise_url(cfg.url)
+    except SageError as exc:
+        raise _engine_error(exc, label) from None
+    if label in others:
+        raise BadInput(f"engine {label!r}: label is used by running engine {others[label].id}")
+    model_name = cfg.served_model()
+    spec = EngineSpec(
+        model=model_name or "", kind=cfg.kind, runtime=EXTERNAL, label=label, role=cfg.role,
+        max_inflight=cfg.max_inflight, cost_per_1k_tokens=cfg.cost_per_1k_tokens,
+        preset=preset, preset_engine=cfg.name,
+    )  # fmt: skip
+    existing = live.get(label)
+    if existing is not None:
+        same = existing.base_url == url and model_name in (None, existing.model)
+        same = same and _same_spec(existing.spec, dataclasses.replace(spec, model=existing.model))
+        action = KEEP if same else REPLACE
+    else:
+        action = START
+    model = ModelInfo(model_name or "(the server's only model)", "", None, EXTERNAL, True)
+    return PlannedEngine(
+        engine=cfg.name, replica=1, replicas=1, label=label, spec=spec, runtime=EXTERNAL,
+        model=model, port=urlsplit(url).port or 0, action=action, argv=[], env={},
+        existing_id=existing.id if existing else None,
+        existing_status=existing.status if existing else None,
+        notes=[f"registered at {url}, not started here (external)"], url=url,
+    )  # fmt: skip
+
+
 def _place(
     planned: list[PlannedEngine], state: State, going: set[str], inventory: Inventory | None
 ) -> None:
@@ -361,8 +403,8 @@ def _place(
     taken = state.taken_ports(exclude=going)
     scratch = paths.scratch_dir(ENGINE_ID_PLACEHOLDER)
     for item in planned:
-        if item.action == KEEP:
-            continue
+        if item.action == KEEP or item.url is not None:
+            continue  # kept as it runs, or external (nothing to place)
         spec = item.spec
         if cluster_address(spec):  # a Ray node gives port and GPUs at start (docs/cluster.md)
             item.port = spec.port  # type: ignore[assignment]  # None: a free port on the node

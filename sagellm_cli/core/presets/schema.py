@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.records import NAME_PATTERN
@@ -34,6 +41,28 @@ class EngineConfig(engine_options_model(preset=True)):
 
     name: str = Field(pattern=NAME_PATTERN)
     replicas: int = Field(1, ge=1, le=MAX_REPLICAS)
+    # An engine something else runs (docs/cluster.md): registered by URL, never started;
+    # `model` then names the model it serves (default: the only one its /v1/models lists).
+    url: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_stands_for_model(cls, data: Any) -> Any:
+        # Without `model`, the URL stands in for it until registration asks the server
+        # (`served_model()`); `model` stays required for engines started here.
+        if isinstance(data, dict) and data.get("url") and "model" not in data:
+            return {**data, "model": data["url"]}
+        return data
+
+    @model_validator(mode="after")
+    def _one_server(self) -> EngineConfig:
+        if self.url is not None and self.replicas != 1:
+            raise ValueError("an engine given by 'url' is one server: no 'replicas'")
+        return self
+
+    def served_model(self) -> str | None:
+        """An external engine's model as written, None when left to the server."""
+        return None if self.model == self.url else self.model
 
     @field_validator("env", mode="before")
     @classmethod
