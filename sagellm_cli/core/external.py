@@ -53,24 +53,17 @@ def normalise_url(url: str) -> str:
 
 def served_models(url: str, timeout: float = CHECK_TIMEOUT_S) -> list[str]:
     """The model ids `GET URL/v1/models` lists (OperationFailed if it does not answer)."""
-    parts = urlsplit(url)
-    conn_cls = (
-        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    )
-    conn = conn_cls(parts.hostname, parts.port, timeout=timeout)
+    from sagellm_cli.core import probe
+
     try:
-        conn.request("GET", f"{parts.path}{HEALTH_PATH}")
-        resp = conn.getresponse()
-        body = resp.read()
+        status, body = probe.get(url, HEALTH_PATH, timeout)
     except (OSError, http.client.HTTPException) as exc:
         raise OperationFailed(
             f"{url} does not answer {HEALTH_PATH}: {exc}",
             hint="check the URL, or register anyway with --no-check",
         ) from None
-    finally:
-        conn.close()
-    if resp.status != 200:
-        raise OperationFailed(f"{url}{HEALTH_PATH} answered {resp.status}", hint="--no-check skips")
+    if status != 200:
+        raise OperationFailed(f"{url}{HEALTH_PATH} answered {status}", hint="--no-check skips")
     try:
         return [str(m["id"]) for m in json.loads(body)["data"]]
     except (ValueError, KeyError, TypeError):

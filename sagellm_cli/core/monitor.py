@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
+from sagellm_cli.core import probe
 from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
 
 if TYPE_CHECKING:
@@ -67,18 +68,14 @@ def fetch_metrics(
     if parts.scheme != "http" or not parts.hostname:
         raise BadInput(f"gateway URL {url!r} is not http://HOST:PORT")
     headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
-    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    query = f"{METRICS_PATH}?{urlencode({'window': window})}"
     try:
-        conn.request("GET", f"{METRICS_PATH}?{urlencode({'window': window})}", headers=headers)
-        resp = conn.getresponse()
-        status, body = resp.status, resp.read()
+        status, body = probe.get(url, query, timeout, headers)
     except (OSError, http.client.HTTPException) as exc:
         raise OperationFailed(
             f"cannot reach the gateway at {url}: {exc}",
             hint="is it running? see `sage llm serve --status`",
         ) from None
-    finally:
-        conn.close()
     if status == 401:
         raise OperationFailed(
             f"the gateway at {url} refused the admin token",

@@ -7,11 +7,14 @@ import json
 from urllib.parse import urlsplit
 
 
-def _get(url: str, path: str, timeout: float) -> tuple[int, bytes]:
+def get(
+    url: str, path: str, timeout: float, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """`GET url+path` over plain HTTP: (status, body). Raises OSError or HTTPException."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request("GET", parts.path.rstrip("/") + path, headers=headers or {})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -21,7 +24,7 @@ def _get(url: str, path: str, timeout: float) -> tuple[int, bytes]:
 def health_ok(url: str, timeout: float = 1.0) -> bool:
     """True if `GET /health` answers 200."""
     try:
-        return _get(url, "/health", timeout)[0] == 200
+        return get(url, "/health", timeout)[0] == 200
     except (OSError, http.client.HTTPException):
         return False
 
@@ -29,12 +32,12 @@ def health_ok(url: str, timeout: float = 1.0) -> bool:
 def is_ready(url: str, kind: str, served_model_name: str, timeout: float = 2.0) -> bool:
     """True once `/health` answers 200 and, for llm engines, `/v1/models` lists the model."""
     try:
-        status, _ = _get(url, "/health", timeout)
+        status, _ = get(url, "/health", timeout)
         if status != 200:
             return False
         if kind != "llm":
             return True
-        status, body = _get(url, "/v1/models", timeout)
+        status, body = get(url, "/v1/models", timeout)
         if status != 200:
             return False
         models = json.loads(body).get("data", [])

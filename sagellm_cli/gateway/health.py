@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from sagellm_cli.core.external import HEALTH_PATH as EXTERNAL_HEALTH_PATH
 from sagellm_cli.core.launcher import LOCAL, launcher_for
+from sagellm_cli.gateway.loops import every
 
 if TYPE_CHECKING:
     from sagellm_cli.gateway.backend import Backend
@@ -62,14 +63,7 @@ class HealthChecker:
 
     async def run(self) -> None:
         """Probe forever."""
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
-                log.warning("health round failed: %s", exc)
-            await asyncio.sleep(self.interval)
+        await every(self.interval, self.run_once, "health round failed")
 
 
 async def _alive(record) -> bool:

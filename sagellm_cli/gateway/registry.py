@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from sagellm_cli.core.records import LIVE_STATUSES
 from sagellm_cli.core.state import State, StateStore
 from sagellm_cli.gateway.backend import SERVING, Backend
+from sagellm_cli.gateway.loops import every
 from sagellm_cli.gateway.routing import Strategy, make_strategy
 
 if TYPE_CHECKING:
@@ -125,15 +126,8 @@ class Registry:
         return True
 
     async def watch(self) -> None:
-        """Poll the state file's mtime forever."""
-        while True:
-            try:
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a bad state file must not kill the gateway
-                log.warning("could not read the state file: %s", exc)
-            await asyncio.sleep(self.config.state_poll_s)
+        """Poll the state file's mtime forever (a bad state file must not kill the gateway)."""
+        await every(self.config.state_poll_s, self.refresh, "could not read the state file")
 
     # -- health --------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from prometheus_client import Counter
 
 from sagellm_cli.core.engines import EngineManager
 from sagellm_cli.core.errors import ResourceUnavailable, SageError
+from sagellm_cli.gateway.loops import every
 
 if TYPE_CHECKING:
     from sagellm_cli.core.records import EngineRecord
@@ -86,14 +87,8 @@ class Supervisor:
 
     async def run(self) -> None:
         """Supervise forever (reconciling the state file every round)."""
-        while True:
-            await asyncio.sleep(self.config.supervise_interval_s)
-            try:
-                await self.round()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
-                log.warning("supervisor round failed: %s", exc)
+        interval = self.config.supervise_interval_s
+        await every(interval, self.round, "supervisor round failed", wait_first=True)
 
     async def round(self) -> None:
         """Reconcile (dead engines found, their helpers reaped), then act on what is due."""
