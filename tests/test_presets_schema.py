@@ -361,3 +361,17 @@ def test_every_builtin_preset_plans_offline_on_a_mock_gpu(home, monkeypatch, nam
     unknown = [e for e in plan["engines"] if any("conservative" in n for n in e["notes"])]
     for engine in unknown:  # a model of unknown size is planned with a stated default
         assert engine["placement"]["estimate"]["params_source"] == "unknown"
+
+
+def test_a_top_level_cluster_applies_to_every_engine_that_names_none(tmp_path):
+    from sagellm_cli.core.presets.loader import load_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "version: 1\nname: c\ncluster: 10.0.0.1:6379\nengines:\n"
+        "  - {name: a, model: m}\n"
+        "  - {name: b, model: m, cluster: 10.0.0.2:6379}\n"
+        "  - {name: x, url: 'http://10.0.0.3:8000'}\n"
+    )
+    a, b, x = load_file(path).config.engines
+    assert (a.cluster, b.cluster, x.cluster) == ("10.0.0.1:6379", "10.0.0.2:6379", None)

@@ -93,7 +93,16 @@ class PresetConfig(BaseModel):
     version: Literal[1]
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
+    # A Ray cluster for every engine that names none (docs/cluster.md).
+    cluster: str | None = Field(None, min_length=1)
     engines: list[EngineConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cluster_for_every_engine(self) -> PresetConfig:
+        for engine in self.engines:
+            if engine.cluster is None and engine.url is None:
+                engine.cluster = self.cluster
+        return self
 
 
 ENGINE_KEYS: tuple[str, ...] = tuple(EngineConfig.model_fields)
