@@ -192,7 +192,7 @@ def test_kill_9_restarts_and_an_explicit_stop_is_never_undone(home):
         assert again["last_exit"] == 128 + signal.SIGKILL
         assert again["port"] == port  # the same port, as it was free
         assert _embed(gateway, "emb").status_code == 200
-        assert _metric(gateway, "sagellm_engine_restarts_total", record["id"]) == 1
+        _wait_metric(gateway, "sagellm_engine_restarts_total", record["id"], 1)
         assert "restarting engine" in gateway.log_text()
 
         sage("llm", "engine", "stop", "emb", home=home, check=True)
@@ -343,7 +343,7 @@ def test_models_that_do_not_fit_together_swap_least_recently_used_first(home, mo
 
         assert _embed(gateway, "model-b").status_code == 200  # a is unloaded for it
         assert _engine(home, "a")["status"] == "idle" and not _engine_processes(a["id"])
-        assert _engine(home, "b")["status"] in ("ready", "idle")
+        assert _engine(home, "b")["status"] in ("ready", "unloading", "idle")  # keep_alive 0
         assert "to make room for" in gateway.log_text()
 
         back = _embed(gateway, "model-a")  # and back
