@@ -111,6 +111,21 @@ def invoke(*args: str):
     return _runner.invoke(app, list(args))
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
+    """`predicate()`'s first truthy value, polled every `interval`; AssertionError naming
+    `what` after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(interval)
+
+
 def sage(*args: str, home: Path, timeout: float = 300, check: bool = False, env=None):
     """Run `sage ...` as a real subprocess under `home`."""
     full_env = {**os.environ, "SAGELLM_HOME": str(home), **(env or {})}

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from conftest import needs_st, sage, sage_json
+from conftest import needs_st, sage, sage_json, wait_for
 from test_gateway_support import running_gateway
 
 MINILM = "all-MiniLM-L6-v2"
@@ -91,17 +91,6 @@ def _kill_leftovers(home: Path) -> None:
     for proc in _engine_processes(home):
         with contextlib.suppress(psutil.Error):
             proc.kill()
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.3)
 
 
 def _records(home: Path) -> dict[str, dict]:
@@ -219,8 +208,8 @@ def test_engine_start_on_the_cluster_and_cluster_status(cluster, ray_home):
 
     stopped = sage_json("llm", "engine", "stop", "solo", home=ray_home)
     assert stopped[0]["status"] == "stopped"
-    _wait(lambda: not _engine_processes(ray_home, record["id"]), 15, "engine process gone")
-    _wait(lambda: not _named_actors(cluster.address), 30, "no engine actor left")
+    wait_for(lambda: not _engine_processes(ray_home, record["id"]), 15, "engine process gone")
+    wait_for(lambda: not _named_actors(cluster.address), 30, "no engine actor left")
 
 
 @needs_ray
@@ -283,11 +272,11 @@ def test_preset_across_nodes_node_loss_and_supervision(cluster, ray_home, tmp_pa
             current = _records(ray_home)[lost["id"]]
             return current if current["status"] == "failed" else None
 
-        dead = _wait(failed, 60, "the lost node's engine turns failed")
+        dead = wait_for(failed, 60, "the lost node's engine turns failed")
         assert dead["error"]
         assert _records(ray_home)[kept["id"]]["status"] == "ready"
         # The engine does not outlive its actor: the watchdog stopped it.
-        _wait(lambda: not _engine_processes(ray_home, lost["id"]), 30, "lost engine stopped")
+        wait_for(lambda: not _engine_processes(ray_home, lost["id"]), 30, "lost engine stopped")
         # Traffic moves to the rest (the gateway drained the dead engine).
         assert set(_embed_through(gateway, "emb", 6)) == {kept["id"]}
         status = sage_json("llm", "cluster", "status", home=ray_home)
@@ -300,7 +289,9 @@ def test_preset_across_nodes_node_loss_and_supervision(cluster, ray_home, tmp_pa
         records = [r for r in _records(ray_home).values() if r["preset"] == "ray-emb"]
         live = [r for r in records if r["status"] == "ready"]
         assert len(live) == 2 and {r["node"] for r in live} == {_node_name(head)}
-        _wait(lambda: len(set(_embed_through(gateway, "emb", 4))) == 2, 30, "both replicas serve")
+        wait_for(
+            lambda: len(set(_embed_through(gateway, "emb", 4))) == 2, 30, "both replicas serve"
+        )
 
         # Supervision works through the launcher: a crashed Ray engine is restarted.
         sup = sage_json(
@@ -316,14 +307,14 @@ def test_preset_across_nodes_node_loss_and_supervision(cluster, ray_home, tmp_pa
             fresh = current["status"] == "ready" and current["pid"] not in (None, sup["pid"])
             return current if fresh else None
 
-        again = _wait(restarted, 120, "the supervisor restarts the Ray engine")
+        again = wait_for(restarted, 120, "the supervisor restarts the Ray engine")
         assert again["restarts"] == 1 and again["last_exit"] == 128 + signal.SIGKILL
         assert set(_embed_through(gateway, "sup", 2)) == {sup["id"]}
 
     stopped = sage_json("llm", "engine", "stop", "--all", home=ray_home)
     assert all(r["status"] in ("stopped", "failed") for r in stopped)
-    _wait(lambda: not _engine_processes(ray_home), 30, "no engine process left")
-    _wait(lambda: not _named_actors(cluster.address), 30, "no engine actor left")
+    wait_for(lambda: not _engine_processes(ray_home), 30, "no engine process left")
+    wait_for(lambda: not _named_actors(cluster.address), 30, "no engine actor left")
 
 
 # --------------------------------------------------------------------------- GPUs

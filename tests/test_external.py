@@ -16,7 +16,7 @@ import time
 
 import httpx
 import pytest
-from conftest import needs_st, sage, sage_json
+from conftest import needs_st, sage, sage_json, wait_for
 from test_gateway_support import _kill, free_port, running_gateway
 
 from sagellm_cli.core.errors import BadInput
@@ -93,21 +93,20 @@ def test_a_registered_server_is_routed_health_checked_and_only_unregistered(home
         assert "external:127.0.0.1" in listed
 
         body = {"model": "ext", "input": ["hello"]}
-        deadline = time.monotonic() + 10  # the gateway picks the new record up
-        while (
-            answer := httpx.post(gateway.v1 + "/embeddings", json=body, timeout=30)
-        ).status_code != 200:
-            assert time.monotonic() < deadline, answer.text
-            time.sleep(0.2)
+        answer = wait_for(  # the gateway picks the new record up
+            lambda: (r := httpx.post(gateway.v1 + "/embeddings", json=body, timeout=30))
+            .status_code == 200 and r,
+            10, "the registered engine answers through the gateway",
+        )  # fmt: skip
         assert answer.headers["x-sagellm-engine"] == record["id"]
 
         # The server dies: health checks (GET /v1/models) drain it; no process of ours
         # was watched, and the record is not failed by a liveness check.
         _kill(proc)
-        deadline = time.monotonic() + 15
-        while httpx.get(gateway.v1 + "/models").json()["data"][0]["ready"]:
-            assert time.monotonic() < deadline, "the dead external engine was not drained"
-            time.sleep(0.3)
+        wait_for(
+            lambda: not httpx.get(gateway.v1 + "/models").json()["data"][0]["ready"],
+            15, "the dead external engine is drained",
+        )  # fmt: skip
         answer = httpx.post(gateway.v1 + "/embeddings", json=body, timeout=30)
         assert answer.status_code == 503 and answer.json()["error"]["code"] == "no_ready_engine"
         engines = httpx.get(gateway.v1 + "/management/engines", headers=gateway.admin).json()

@@ -93,17 +93,6 @@ def engine_gib(record: dict, gpu: int, pids: set[int] | None = None) -> float:
     return sum(mib for pid, mib in nvml_by_pid()[gpu].items() if pid in pids) / 1024
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 def chat_ok(record: dict) -> bool:
     r = httpx.post(
         record["url"] + "/v1/chat/completions",

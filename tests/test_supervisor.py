@@ -17,7 +17,7 @@ import time
 import httpx
 import psutil
 import pytest
-from conftest import invoke, needs_st, needs_vllm, sage, sage_json
+from conftest import invoke, needs_st, needs_vllm, sage, sage_json, wait_for
 from test_gateway_support import running_gateway
 
 from sagellm_cli.core.durations import format_duration, parse_duration
@@ -150,10 +150,7 @@ def _metric(gateway, name: str, engine_id: str) -> float:
 
 
 def _wait_metric(gateway, name: str, engine_id: str, value: float, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while (seen := _metric(gateway, name, engine_id)) != value:
-        assert time.monotonic() < deadline, f"{name} is {seen}, not {value}"
-        time.sleep(0.2)
+    wait_for(lambda: _metric(gateway, name, engine_id) == value, timeout, f"{name} = {value}")
 
 
 def _engine_processes(engine_id: str) -> list[psutil.Process]:
@@ -295,10 +292,10 @@ def test_lazy_engine_loads_once_for_concurrent_requests_and_unloads_again(home, 
         )  # fmt: skip
         assert lazy["status"] == "idle" and lazy["pid"] is None
         assert not _engine_processes(lazy["id"])
-        deadline = time.monotonic() + 10  # the gateway re-reads the state file twice a second
-        while not (models := httpx.get(gateway.v1 + "/models", timeout=10).json()["data"]):
-            assert time.monotonic() < deadline, "the lazy engine never reached /v1/models"
-            time.sleep(0.2)
+        models = wait_for(  # the gateway re-reads the state file twice a second
+            lambda: httpx.get(gateway.v1 + "/models", timeout=10).json()["data"],
+            10, "the lazy engine reaches /v1/models",
+        )  # fmt: skip
         assert [(m["id"], m["ready"]) for m in models] == [(str(tiny_model), False)]
 
         with concurrent.futures.ThreadPoolExecutor(3) as pool:

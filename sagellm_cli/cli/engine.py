@@ -253,7 +253,7 @@ def stop(
     for record in records:
         already = record.stopped_at is not None and record.stopped_at < began
         what = "unregistered (external: nothing was signalled)"
-        status = what if record.runtime == "external" and record.status == "stopped" else None
+        status = what if record.is_external and record.status == "stopped" else None
         info(f"engine {record.id} {'was already ' if already else ''}{status or record.status}")
 
 
@@ -307,7 +307,7 @@ def _render_table(records) -> None:
             str(r.pid or "-"),
             f"[{color}]{status}[/]",
             r.node,
-            ",".join(map(str, r.gpus)) or ("-" if r.runtime == "external" else "cpu"),
+            ",".join(map(str, r.gpus)) or ("-" if r.is_external else "cpu"),
             uptime(r.started_at, r.has_process),
             str(r.restarts),
         )

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +26,13 @@ from sagellm_cli.core.errors import (
     SageError,
 )
 from sagellm_cli.core.launcher import LOCAL, launcher_for, launcher_for_spec
-from sagellm_cli.core.records import EXPECTED_EXIT, ROLES, EngineRecord, EngineSpec
+from sagellm_cli.core.records import (
+    EXPECTED_EXIT,
+    EXTERNAL,
+    ROLES,
+    EngineRecord,
+    EngineSpec,
+)
 from sagellm_cli.core.state import State, StateStore
 
 if TYPE_CHECKING:
@@ -83,7 +89,7 @@ def validate_spec(spec: EngineSpec) -> str:
 
     if not spec.model or not spec.model.strip():
         raise BadInput("MODEL is empty", hint="give a model path or a Hugging Face id")
-    if spec.runtime == "external":
+    if spec.runtime == EXTERNAL:
         raise BadInput(
             "external engines are registered, not started",
             hint="use `sage llm engine register URL --model NAME`",
@@ -342,17 +348,13 @@ class EngineManager:
             raise OperationFailed(f"engine {reuse_id} was stopped meanwhile; not started")
         live = [r for r in state.engines.values() if r.is_live and r.id != reuse_id]
         taken = state.taken_ports(exclude={reuse_id} if reuse_id else set())
-        if spec.label and any(r.label == spec.label for r in live):
-            raise BadInput(
-                f"label {spec.label!r} is already used by a running engine",
-                hint="choose another --label or stop that engine first",
-            )
+        check_label_free(live, spec.label)
         launcher = launcher_for_spec(spec)
         port = _choose_port(launcher, spec, taken, reuse.port if reuse else None)
         if reuse_id:
             state.release(reuse_id)  # a restart may take its own reservation again
         placement, cpu_cores = _place(launcher, spec, runtime, state, live, reuse)
-        engine_id = reuse_id or _new_id(state)
+        engine_id = reuse_id or new_engine_id(state)
         now = time.time()
         record = EngineRecord(
             id=engine_id,
@@ -571,7 +573,7 @@ class EngineManager:
         on_progress: ProgressCallback | None = None,
     ) -> EngineRecord:
         """Stop and start again with the same id, port and options."""
-        if self.get(ref, probe_health=False).runtime == "external":
+        if self.get(ref, probe_health=False).is_external:
             raise BadInput(
                 "an external engine is not ours to restart", hint="restart it where it runs"
             )
@@ -833,11 +835,21 @@ def _place(launcher, spec, runtime, state, live, reuse: Reuse | None):
     return launcher.place(spec, runtime, state, live)
 
 
-def _new_id(state: State) -> str:
+def new_engine_id(state: State) -> str:
+    """A fresh random engine id (8 hex digits) that no record has."""
     while True:
         candidate = os.urandom(4).hex()
         if candidate not in state.engines:
             return candidate
+
+
+def check_label_free(live: Iterable[EngineRecord], label: str | None) -> None:
+    """BadInput (exit 2) if a live engine already has `label` (labels name one engine)."""
+    if label and any(r.label == label for r in live):
+        raise BadInput(
+            f"label {label!r} is already used by a running engine",
+            hint="choose another --label or stop that engine first",
+        )
 
 
 def _probe_ready(record: EngineRecord, timeout: float = 2.0) -> bool:

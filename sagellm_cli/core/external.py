@@ -19,12 +19,11 @@ from urllib.parse import urlsplit
 
 from sagellm_cli.core.errors import BadInput, OperationFailed, ResourceUnavailable
 from sagellm_cli.core.process import ProcessHandle
-from sagellm_cli.core.records import EngineRecord, EngineSpec
+from sagellm_cli.core.records import EXTERNAL, EngineRecord, EngineSpec
 
 if TYPE_CHECKING:
     from sagellm_cli.core.engines import EngineManager
 
-EXTERNAL = "external"
 NODE_PREFIX = "external:"
 # The route every OpenAI-compatible server answers; /health is not universal.
 HEALTH_PATH = "/v1/models"
@@ -135,6 +134,7 @@ def register(
     preset_engine: str | None = None,
 ) -> EngineRecord:
     """Record an external engine as `ready` (after checking it serves the model)."""
+    from sagellm_cli.core.engines import check_label_free, new_engine_id
     from sagellm_cli.core.spec_schema import parse_engine_options
 
     url = normalise_url(reg.url)
@@ -160,12 +160,8 @@ def register(
     parts = urlsplit(url)
     with manager.store.transaction() as state:
         manager.reconcile(state)
-        if spec.label and any(r.label == spec.label for r in state.engines.values() if r.is_live):
-            raise BadInput(
-                f"label {spec.label!r} is already used by a running engine",
-                hint="choose another --label or stop that engine first",
-            )
-        engine_id = _new_id(state.engines)
+        check_label_free((r for r in state.engines.values() if r.is_live), spec.label)
+        engine_id = new_engine_id(state)
         now = time.time()
         record = EngineRecord(
             id=engine_id, kind=spec.kind, runtime=EXTERNAL, model=model, served_model_name=model,
@@ -176,14 +172,6 @@ def register(
         )  # fmt: skip
         state.engines[engine_id] = record
         return record
-
-
-def _new_id(engines: dict) -> str:
-    import os
-
-    while (candidate := os.urandom(4).hex()) in engines:
-        pass
-    return candidate
 
 
 class ExternalLauncher:

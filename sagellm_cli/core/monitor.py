@@ -30,13 +30,11 @@ METRICS_PATH = "/v1/management/metrics"
 
 def recorded_gateway(store: StateStore | None = None) -> GatewayRecord | None:
     """The gateway recorded in the state file if its process still runs, else None."""
-    from sagellm_cli.core import process
     from sagellm_cli.core.state import StateStore
+    from sagellm_cli.core.supervision import gateway_alive
 
     record = (store or StateStore()).read().gateway
-    if record is None or not process.is_alive(record.pid, record.create_time):
-        return None
-    return record
+    return record if gateway_alive(record) else None
 
 
 def gateway_url(store: StateStore | None = None) -> str:

@@ -37,6 +37,8 @@ EXPECTED_EXIT = {"stopping": "stopped", "unloading": "idle"}
 NO_PROCESS_STATUSES = frozenset({"restarting", "idle"})
 ROLES: tuple[str, ...] = ("general", "prefill", "decode")
 RESTART_POLICIES: tuple[str, ...] = ("no", "on-failure", "always")
+# The runtime of engines something else runs, registered by URL (core/external.py).
+EXTERNAL = "external"
 # Preset engines differ from `engine start` in one default: they come back after a crash.
 PRESET_DEFAULTS: dict[str, Any] = {"restart": "on-failure"}
 
@@ -200,9 +202,12 @@ class EngineRecord:
     def has_process(self) -> bool:
         """True if a process of ours is expected to run (live, not idle or awaiting a
         restart, and not an external engine, which health checks alone judge)."""
-        return (
-            self.is_live and self.status not in NO_PROCESS_STATUSES and self.runtime != "external"
-        )
+        return self.is_live and self.status not in NO_PROCESS_STATUSES and not self.is_external
+
+    @property
+    def is_external(self) -> bool:
+        """True for a registered server something else runs (no process of ours)."""
+        return self.runtime == EXTERNAL
 
     def to_state(self) -> dict[str, Any]:
         """The record as the state file keeps it (plus `url`), secrets included."""

@@ -56,7 +56,7 @@ class State:
         taken = {
             r.port
             for r in self.engines.values()
-            if r.is_live and r.id not in exclude and r.runtime != "external"  # ports elsewhere
+            if r.is_live and r.id not in exclude and not r.is_external  # ports elsewhere
         }
         if self.gateway:
             taken.add(self.gateway.port)

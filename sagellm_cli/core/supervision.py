@@ -9,7 +9,7 @@ is simply `failed`, as a container is without dockerd.
 from __future__ import annotations
 
 from sagellm_cli.core import logs, process
-from sagellm_cli.core.records import EngineRecord
+from sagellm_cli.core.records import EngineRecord, GatewayRecord
 from sagellm_cli.core.state import State
 
 # Restarts within this window count towards `max_restarts` (then: crash loop).
@@ -19,10 +19,14 @@ BACKOFF_MAX_S = 60.0
 CRASH_LOG_LINES = 3
 
 
+def gateway_alive(record: GatewayRecord | None) -> bool:
+    """True if the recorded gateway process still runs (same pid and create time)."""
+    return record is not None and process.is_alive(record.pid, record.create_time)
+
+
 def supervised(state: State) -> bool:
     """True while a recorded `sage llm serve` runs (its supervisor applies the policies)."""
-    gateway = state.gateway
-    return gateway is not None and process.is_alive(gateway.pid, gateway.create_time)
+    return gateway_alive(state.gateway)
 
 
 def unsupervised(state: State) -> list[str]:

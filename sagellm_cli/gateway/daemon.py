@@ -25,6 +25,7 @@ from sagellm_cli.core.credentials import ADMIN_TOKEN_ENV, API_KEY_ENV
 from sagellm_cli.core.errors import BadInput, OperationFailed, ResourceUnavailable
 from sagellm_cli.core.records import GatewayRecord
 from sagellm_cli.core.state import StateStore
+from sagellm_cli.core.supervision import gateway_alive
 from sagellm_cli.gateway.config import GatewayConfig
 
 SECRET_FIELDS = ("api_key", "admin_token")
@@ -35,19 +36,14 @@ def log_path():
     return paths.logs_dir() / "gateway.log"
 
 
-def is_alive(record: GatewayRecord | None) -> bool:
-    """True if the recorded gateway process still runs (same pid and create time)."""
-    return record is not None and process.is_alive(record.pid, record.create_time)
-
-
 def current(store: StateStore | None = None) -> GatewayRecord | None:
     """The live gateway record, reconciling a dead one away."""
     store = store or StateStore()
     record = store.read().gateway
-    if record is None or is_alive(record):
+    if record is None or gateway_alive(record):
         return record
     with store.transaction() as state:
-        if state.gateway and not is_alive(state.gateway):
+        if state.gateway and not gateway_alive(state.gateway):
             state.gateway = None
     return None
 
@@ -72,7 +68,7 @@ def record_self(config: GatewayConfig, store: StateStore | None = None) -> bool:
     me = psutil.Process()
     pgid = os.getpgid(0)
     with store.transaction() as state:
-        if state.gateway and state.gateway.pid != me.pid and is_alive(state.gateway):
+        if state.gateway and state.gateway.pid != me.pid and gateway_alive(state.gateway):
             return False
         background = os.environ.get("SAGELLM_GATEWAY_BACKGROUND") == "1"
         state.gateway = GatewayRecord(

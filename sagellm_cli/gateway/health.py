@@ -43,7 +43,7 @@ class HealthChecker:
             self.registry.mark_failure(backend, "engine process is gone", fatal=True)
             return False
         try:
-            path = EXTERNAL_HEALTH_PATH if record.runtime == "external" else "/health"
+            path = EXTERNAL_HEALTH_PATH if record.is_external else "/health"
             status = await self.upstream.get_status(backend.url + path, self.timeout)
         except Exception as exc:  # noqa: BLE001 - any failure to answer is a failed probe
             self.registry.mark_failure(backend, f"health check failed: {type(exc).__name__}")

@@ -192,7 +192,7 @@ class Supervisor:
         interval = self.config.probe_interval_s
         return (
             interval > 0
-            and backend.record.runtime != "external"  # someone else's server, maybe paid per token
+            and not backend.record.is_external  # someone else's server, maybe paid per token
             and backend.inflight == 0
             and now - backend.last_used >= interval
             and now - backend.last_probe >= interval

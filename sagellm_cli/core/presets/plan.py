@@ -18,7 +18,7 @@ from sagellm_cli.core.credentials import redact_argv, redact_env
 from sagellm_cli.core.errors import BadInput, SageError
 from sagellm_cli.core.presets.loader import LoadedPreset
 from sagellm_cli.core.presets.schema import EngineConfig, PresetConfig
-from sagellm_cli.core.records import EngineRecord, EngineSpec, option_fields
+from sagellm_cli.core.records import EXTERNAL, EngineRecord, EngineSpec, option_fields
 from sagellm_cli.core.state import State
 
 if TYPE_CHECKING:
@@ -354,7 +354,7 @@ def _decide_actions(
 
 def _plan_external(cfg: EngineConfig, preset: str, live, dead, others) -> PlannedEngine:
     """An engine given by `url:`: kept while its record points at the same server."""
-    from sagellm_cli.core.external import EXTERNAL, normalise_url
+    from sagellm_cli.core.external import normalise_url
 
     label = cfg.engine_label(preset, 1)
     try:
