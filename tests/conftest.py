@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("SAGELLM_DISABLE_NVML", "1")
+
+
+def _interrupt_on_sigterm(signum, frame):
+    """SIGTERM (CI's time limit, `kill`) ends the run like Ctrl-C: pytest then tears every
+    fixture down, which stops the engines and clusters the tests started."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
 
 MODEL_CACHE = Path(os.environ.get("SAGELLM_TEST_MODELS", ROOT / ".tinymodels"))
 

@@ -51,17 +51,30 @@ def ray_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ray") / "sagellm"
 
 
+@contextlib.contextmanager
+def _our_sigterm():
+    """Every Ray node started in this process installs a SIGTERM handler (sys.exit), which
+    would raise SystemExit inside whatever test runs when CI stops the suite: keep ours."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+
+
 @pytest.fixture(scope="module")
 def cluster(ray_home):
     """Head (4 logical CPUs) and one worker node (4 CPUs); everything stopped afterwards."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 4, "_system_config": FAST_HEALTH},
-    )
+    with _our_sigterm():
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 4, "_system_config": FAST_HEALTH},
+        )
     try:
-        cluster.add_node(num_cpus=4)
+        with _our_sigterm():
+            cluster.add_node(num_cpus=4)
         cluster.wait_for_nodes()
         yield cluster
     finally:
@@ -366,7 +379,8 @@ print(json.dumps(out))
 def test_gpu_engines_get_a_placement_group_and_rays_gpu_ids(cluster, ray_home, tmp_path):
     """On a node with two (logical) GPUs: TP 2 takes both through one placement-group
     bundle, the process sees CUDA_VISIBLE_DEVICES=0,1, and stopping frees them."""
-    gpu_node = cluster.add_node(num_cpus=1, num_gpus=2)
+    with _our_sigterm():
+        gpu_node = cluster.add_node(num_cpus=1, num_gpus=2)
     try:
         cluster.wait_for_nodes()
         env = {**os.environ, "SAGELLM_HOME": str(ray_home)}

@@ -96,7 +96,10 @@ def test_state_file_changes_are_picked_up_and_errors_are_openai_shaped(local_hom
                 assert time.monotonic() - t0 < 3, "a new engine must be routable within seconds"
                 assert (await gw.get("/ready")).status_code == 200
                 models = (await gw.get("/v1/models")).json()["data"]
-                assert [m["id"] for m in models] == ["fake"]
+                # Every name that routes is listed: the served name and the label.
+                assert [m["id"] for m in models] == ["fake", "f1"]
+                assert [m["owned_by"] for m in models] == ["fake0001", "fake0001"]
+                assert models[1]["root"] == "fake"
                 assert models[0]["engines"][0]["id"] == "fake0001"
                 # The label reaches the same engine; the upstream sees its served name.
                 r = await gw.post(CHAT_PATH, json={**CHAT, "model": "f1"})
@@ -125,7 +128,7 @@ def test_state_file_changes_are_picked_up_and_errors_are_openai_shaped(local_hom
 
 async def _engine_count(gw) -> int:
     models = (await gw.get("/v1/models")).json()["data"]
-    return sum(len(m["engines"]) for m in models)
+    return len({e["id"] for m in models for e in m["engines"]})
 
 
 def test_retry_on_refused_connection_and_5xx_then_unhealthy(local_home):

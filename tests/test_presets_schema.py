@@ -375,3 +375,58 @@ def test_a_top_level_cluster_applies_to_every_engine_that_names_none(tmp_path):
     )
     a, b, x = load_file(path).config.engines
     assert (a.cluster, b.cluster, x.cluster) == ("10.0.0.1:6379", "10.0.0.2:6379", None)
+
+
+def _squash(text: str) -> str:
+    return "".join(ch for ch in text.lower() if ch.isalnum())
+
+
+def test_every_builtin_description_names_each_of_its_engines():
+    """What `preset list` says a built-in starts is what it starts: every engine's model
+    (its name after the organisation) appears in the description."""
+    from sagellm_cli.core.presets.loader import list_builtin
+
+    for preset in list_builtin():
+        description = _squash(preset.config.description)
+        for engine in preset.config.engines:
+            model = engine.model.rsplit("/", 1)[-1]
+            assert _squash(model) in description, (preset.name, engine.model)
+
+
+def test_the_headline_preset_plans_whole_on_a_machine_without_a_gpu(home, monkeypatch):
+    """No GPU (NVML off): the built-in's `use_gpu: true` falls back to the CPU with a note,
+    and every engine is planned (the seed's first example must work on any machine)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("apply", "-n", "qwen-mini-with-embeddings", "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["startable"] is True
+    engines = {e["label"]: e for e in plan["engines"]}
+    assert set(engines) == {"chat-qwen15b", "embedding-bge", "embedding-bge-m3-gpu"}
+    assert all(e["gpus"] == [] and e["blocker"] is None for e in engines.values())
+    m3 = engines["embedding-bge-m3-gpu"]
+    assert any("runs on the CPU instead" in n for n in m3["notes"])
+    assert (
+        "--device" in m3["command"] and m3["command"][m3["command"].index("--device") + 1] == "cpu"
+    )
+
+
+def test_a_users_own_use_gpu_true_is_strict_and_names_the_preset_field(home, tmp_path):
+    """The same engines in the user's own file: the dry run still shows the whole plan,
+    marking the one that cannot be placed, and exits 4 as apply does; apply names the
+    field and the file, and starts nothing."""
+    own = tmp_path / "mine.yaml"
+    own.write_text((ROOT / "presets" / "qwen-mini-with-embeddings.yaml").read_text())
+    result = _dry_run(own, "--json")
+    assert result.exit_code == 4, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["startable"] is False
+    blockers = {e["label"]: e["blocker"] for e in plan["engines"]}
+    assert blockers["chat-qwen15b"] is None and blockers["embedding-bge"] is None
+    assert "no GPU available" in blockers["embedding-bge-m3-gpu"]
+    applied = invoke("apply", "--file", str(own))
+    assert applied.exit_code == 4, applied.output
+    line = applied.stderr.strip()
+    assert "embedding-bge-m3-gpu" in line and "`use_gpu: true`" in line and str(own) in line
+    assert "--use-gpu" not in line and "Traceback" not in applied.stderr
+    assert not (home / "logs").exists()

@@ -120,3 +120,60 @@ def test_cpu_cores_become_the_vllm_thread_binding(tmp_path):
     )
     assert launch.env["VLLM_CPU_OMP_THREADS_BIND"] == "2,3"
     assert launch.env["OMP_NUM_THREADS"] == "2"
+
+
+# --------------------------------------------------------------------------- CPU dtype
+
+
+def _checkpoint(tmp_path, dtype):
+    model = tmp_path / f"m-{dtype}"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"torch_dtype": dtype}))
+    return str(model)
+
+
+AVX2 = frozenset({"avx", "avx2"})
+AVX512_BF16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
+AMX = AVX512_BF16 | {"amx_tile", "amx_bf16"}
+
+
+@pytest.mark.skipif(__import__("os").uname().machine != "x86_64", reason="x86 rules")
+@pytest.mark.parametrize(
+    ("dtype", "flags", "amx_ok", "expected"),
+    [
+        ("float32", AMX, True, "float32"),  # never downcast a float32 checkpoint
+        ("bfloat16", AMX, False, "float32"),  # AMX advertised, the kernel refuses it
+        ("bfloat16", AMX, True, None),  # working AMX: vLLM's own bf16
+        ("bfloat16", AVX512_BF16, None, None),  # native bf16 without AMX
+        ("bfloat16", AVX2, None, "float32"),  # no native bf16: emulated, slower
+    ],
+)
+def test_cpu_dtype_rules(tmp_path, dtype, flags, amx_ok, expected):
+    from sagellm_cli.core import cpu_dtype
+
+    choice = cpu_dtype.choose(_checkpoint(tmp_path, dtype), [], flags=flags, amx_ok=amx_ok)
+    assert choice.dtype == expected
+    assert (choice.reason is None) == (expected is None)
+    # A --dtype of the user's always wins.
+    assert cpu_dtype.choose(_checkpoint(tmp_path, "x"), ["--dtype=bfloat16"]).dtype is None
+
+
+def test_cpu_llm_is_started_in_the_checkpoints_float32_and_says_so(tmp_path):
+    launch = _build(EngineSpec(model=_checkpoint(tmp_path, "float32")), tmp_path=tmp_path)
+    assert _flag(launch.argv, "--dtype") == "float32"
+    assert any("float32" in note for note in launch.notes)
+    own = _build(
+        EngineSpec(model=_checkpoint(tmp_path, "f"), extra_args=["--dtype", "bfloat16"]),
+        tmp_path=tmp_path,
+    )
+    assert own.argv.count("--dtype") == 1 and _flag(own.argv, "--dtype") == "bfloat16"
+
+
+def test_amx_permission_is_asked_of_this_kernel():
+    """The probe really asks the kernel: it agrees with the CPU flags on a host without
+    AMX (refused), and never raises."""
+    from sagellm_cli.core import cpu_dtype
+
+    granted = cpu_dtype.amx_granted()
+    if "amx_tile" not in cpu_dtype.cpu_flags():
+        assert granted is False

@@ -180,6 +180,8 @@ def start(
         return
     if not json_out:
         info(f"engine {record.id} starting on {record.url} (log: {record.log_path})")
+        for note in record.notes:
+            info(f"engine {record.id}: {note}")
     if wait:
         try:
             record = wait_with_spinner(

@@ -58,6 +58,8 @@ def _plan_table(plan):
         local = "yes" if e.model.exists_locally else "[yellow]no[/]"
         gib = f"{e.gib_per_gpu:.1f}" if e.gib_per_gpu else "-"
         action = e.action + (f" ({e.existing_id})" if e.existing_id else "")
+        if e.blocker:
+            action = f"[red]cannot {action}[/]"
         table.add_row(
             escape(e.label),
             e.spec.kind,
@@ -267,7 +269,11 @@ def validate(
 def apply(
     name: str | None = NAME_OPT,
     file: Path | None = FILE_OPT,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan; start nothing."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print the whole plan; start nothing (exit 4 if it can't be placed).",
+    ),
     no_rollback: bool = typer.Option(
         False, "--no-rollback", help="On failure keep the engines that came up healthy."
     ),
@@ -287,6 +293,10 @@ def apply(
             emit_json({"dry_run": True, **plan.to_dict()})
         else:
             _print_plan(plan)
+    if dry_run:
+        # The whole plan is printed first; an engine this machine cannot place fails it
+        # (exit 4 for no GPU or no room), a model still to prepare does not.
+        plan.check_placeable()
         return
     plan.check_startable()
     confirm = yes

@@ -48,6 +48,8 @@ SERIAL_ENV = "SAGELLM_SERIAL_GPU_STARTS"
 # wait_ready: how often /health is probed, and how often the record and log are looked at.
 PROBE_INTERVAL_S = 0.05
 STATE_INTERVAL_S = 0.5
+# A first generation can take seconds (kernels warm up); a refused connection returns at once.
+READY_PROBE_TIMEOUT_S = 30.0
 # Polls (50 ms apart) for the exit code of an engine found dead.
 EXIT_CODE_POLLS = 10
 # How long a dead engine's helpers get to exit on SIGTERM before SIGKILL.
@@ -188,7 +190,9 @@ class EngineManager:
         ]
         if not due:
             return state
-        healthy = {r.id: (r.pid, _probe_ready(r, timeout=1.0)) for r in due}
+        healthy = {
+            r.id: (r.pid, _probe_ready(r, 1.0, generate=r.status == "starting").ready) for r in due
+        }
         with self.store.transaction() as state:
             self.reconcile(state)
             now = time.time()
@@ -240,7 +244,8 @@ class EngineManager:
         elif not (
             supervision.supervised(state) and supervision.schedule_restart(record, now, reason)
         ):
-            record.status, record.error = "failed", reason
+            tail = logs.tail_summary(record.log_path, supervision.CRASH_LOG_LINES)
+            record.status, record.error = "failed", f"{reason}; last log lines: {tail}"
         record.stopped_at = now if record.status == "restarting" else record.stopped_at or now
         if launcher.has_leftovers(record):
             record.orphans = True  # reap() stops them and then releases the reservation
@@ -302,7 +307,7 @@ class EngineManager:
                 if spec.cache == "private"
                 else None,
             )
-            record.command = launch.argv
+            record.command, record.notes = launch.argv, launch.notes
         if record.status == "queued":
             self._wait_turn(record)
         # The gateway's credentials never reach an engine, even when it starts one.
@@ -315,6 +320,7 @@ class EngineManager:
                 f"\n[sagellm] {time.strftime('%Y-%m-%d %H:%M:%S')} starting engine "
                 f"{record.id}: {shlex.join(redact_argv(launch.argv))}\n"
             )
+            log.writelines(f"[sagellm] {note}\n" for note in launch.notes)
         try:
             # Taken before the spawn: every process of the engine is younger (see group_members).
             spawned_at = time.time()
@@ -454,7 +460,14 @@ class EngineManager:
                 if on_progress:
                     phase, line = logs.loading_view(record.log_path)
                     on_progress(Progress(engine_id, phase or record.status, elapsed, line))
-            if record.pid is not None and _probe_ready(record, timeout=1.0):
+            check = _probe_ready(record, READY_PROBE_TIMEOUT_S) if record.pid else None
+            if check is not None and check.failure:
+                self._stop_record(engine_id, timeout=30.0, final_status="failed",
+                                  error=f"engine is up but {check.failure}")  # fmt: skip
+                raise self._load_failure(
+                    engine_id, f"engine {engine_id} is up but {check.failure}; it was stopped"
+                )
+            if check is not None and check.ready:
                 with self.store.transaction() as state:
                     current = state.engines.get(engine_id)
                     if current is not None and current.status in ("starting", "unhealthy"):
@@ -852,7 +865,10 @@ def check_label_free(live: Iterable[EngineRecord], label: str | None) -> None:
         )
 
 
-def _probe_ready(record: EngineRecord, timeout: float = 2.0) -> bool:
+def _probe_ready(record: EngineRecord, timeout: float = 2.0, *, generate: bool = True):
+    """A `probe.ReadyCheck`: a starting engine must answer one real request to be ready."""
     from sagellm_cli.core import probe  # http.client costs start-up time: only when a probe is due
 
-    return probe.is_ready(record.url, record.kind, record.served_model_name, timeout=timeout)
+    return probe.check_ready(
+        record.url, record.kind, record.served_model_name, timeout, generate=generate
+    )

@@ -39,6 +39,13 @@ def tail_lines(path: str | Path, n: int) -> list[str]:
     return [_ANSI.sub("", line) for line in lines[-n:]]
 
 
+def tail_summary(path: str | Path, n: int) -> str:
+    """The last `n` non-blank lines on one line, ` | `-joined (`-` when there are none):
+    what a failed record's `error` quotes."""
+    lines = [line.strip() for line in tail_lines(path, n) if line.strip()]
+    return " | ".join(lines) or "-"
+
+
 def _messages(path: str | Path, n: int) -> list[str]:
     """The last `n` log lines as messages: stripped, vLLM's timestamp prefix dropped."""
     return [_VLLM_PREFIX.sub("", line.strip()) for line in tail_lines(path, n)]

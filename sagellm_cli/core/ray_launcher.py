@@ -284,9 +284,10 @@ def engines_per_node() -> dict[str, int]:
 
 def gpus_wanted(spec: EngineSpec, cluster_gpus: float) -> int:
     """GPUs an engine asks Ray for: TP x PP when it runs on GPUs, else 0 (CPU)."""
-    if spec.use_gpu is False or (spec.use_gpu is None and spec.kind == "embedding"):
+    wants = spec.wants_gpu()
+    if wants is False:
         return 0
-    if spec.use_gpu is None and cluster_gpus <= 0:
+    if wants is None and cluster_gpus <= 0:
         return 0  # an llm without GPUs in the cluster runs on vLLM's CPU build, as locally
     return spec.tensor_parallel * spec.pipeline_parallel
 

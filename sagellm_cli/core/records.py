@@ -102,6 +102,15 @@ class EngineSpec:
         """A plain dict for JSON, secrets included (the state file, comparisons)."""
         return dataclasses.asdict(self)
 
+    def wants_gpu(self) -> bool | None:
+        """False: runs on the CPU. True: must have a GPU. None: a GPU if there is one.
+
+        `use_gpu` left out means a GPU for llm engines and the CPU for embedding engines.
+        """
+        if self.use_gpu is None and self.kind == "embedding":
+            return False
+        return self.use_gpu
+
     def public_dict(self) -> dict[str, Any]:
         """`to_dict()` with secret env values and flag values masked, for output."""
         return redact_spec(self.to_dict())
@@ -157,6 +166,8 @@ class EngineRecord:
     role: str = "general"
     node: str = "local"
     command: list[str] = field(default_factory=list)
+    # Choices sagellm made for the user at launch (a CPU dtype, say), shown by `engine start`.
+    notes: list[str] = field(default_factory=list)
     # The main process is gone but helpers (vLLM's EngineCore, workers) still run: the next
     # reconcile stops them, and only then releases the engine's GPU reservation.
     orphans: bool = False

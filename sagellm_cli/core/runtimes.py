@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sagellm_cli.core import cpu_dtype
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.model_cache import model_argument
 from sagellm_cli.core.paths import engine_python
@@ -32,6 +33,8 @@ class LaunchSpec:
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    # Choices made for the user, said in the engine log and the plan (e.g. a CPU dtype).
+    notes: list[str] = field(default_factory=list)
 
 
 def resolve_runtime(kind: str, runtime: str | None) -> str:
@@ -125,6 +128,7 @@ def _vllm(
     if spec.kind == "embedding":
         argv += ["--runner", "pooling"]
     env: dict[str, str] = {"TMPDIR": str(scratch_dir)}
+    notes: list[str] = []
     if cache_dir is not None:  # `cache: private`; otherwise vLLM's own (or the user's) cache
         env["VLLM_CACHE_ROOT"] = str(cache_dir)
     max_len = spec.max_model_len
@@ -143,6 +147,9 @@ def _vllm(
         argv += ["--enforce-eager", "--kv-cache-memory-bytes", _bytes_arg(kv_gb)]
         argv += ["--distributed-executor-backend", "uni"]
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        dtype = cpu_dtype.choose(model, spec.extra_args)
+        argv += dtype.argv()
+        notes += [dtype.reason] if dtype.reason else []
     else:
         argv += [
             "--tensor-parallel-size",
@@ -162,7 +169,7 @@ def _vllm(
     if max_len is not None:
         argv += ["--max-model-len", str(max_len)]
     argv += spec.extra_args
-    return LaunchSpec(argv=argv, env=env)
+    return LaunchSpec(argv=argv, env=env, notes=notes)
 
 
 def _bytes_arg(gib: float) -> str:

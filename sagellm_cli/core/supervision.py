@@ -64,14 +64,12 @@ def schedule_restart(record: EngineRecord, now: float, reason: str) -> bool:
     recent = [t for t in record.restart_times if now - t < CRASH_WINDOW_S]
     record.restart_times = recent
     if len(recent) >= record.spec.max_restarts:
-        tail = " | ".join(
-            line.strip() for line in logs.tail_lines(record.log_path, CRASH_LOG_LINES)
-        )
+        tail = logs.tail_summary(record.log_path, CRASH_LOG_LINES)
         record.status = "failed"
         record.next_restart_at = None
         record.error = (
             f"crash loop: {len(recent)} restarts within {CRASH_WINDOW_S / 60:.0f} min "
-            f"({reason}); last log lines: {tail or '-'}"
+            f"({reason}); last log lines: {tail}"
         )
         return True
     record.status = "restarting"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from sagellm_cli.core.external import HEALTH_PATH as EXTERNAL_HEALTH_PATH
 from sagellm_cli.core.launcher import LOCAL, launcher_for
+from sagellm_cli.core.probe import probe_request
 from sagellm_cli.gateway.loops import every
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from sagellm_cli.gateway.upstream import Upstream
 
 log = logging.getLogger("sagellm.gateway")
+STARTING = "starting"
 
 
 class HealthChecker:
@@ -43,8 +45,13 @@ class HealthChecker:
             self.registry.mark_failure(backend, "engine process is gone", fatal=True)
             return False
         try:
-            path = EXTERNAL_HEALTH_PATH if record.is_external else "/health"
-            status = await self.upstream.get_status(backend.url + path, self.timeout)
+            if record.status == STARTING:
+                # Into rotation only once it answers a real request (ready means it answers).
+                path, payload = probe_request(record.kind, record.served_model_name)
+                status = await self.upstream.post_status(backend.url + path, payload, self.timeout)
+            else:
+                path = EXTERNAL_HEALTH_PATH if record.is_external else "/health"
+                status = await self.upstream.get_status(backend.url + path, self.timeout)
         except Exception as exc:  # noqa: BLE001 - any failure to answer is a failed probe
             self.registry.mark_failure(backend, f"health check failed: {type(exc).__name__}")
             return False

@@ -190,18 +190,31 @@ class Registry:
         names = self.model_names(kind)
         return self.groups[kind].get(names[0]) if len(names) == 1 else None
 
+    def listed_names(self, kind: str) -> list[str]:
+        """What `/v1/models` lists for `kind`: every served name and label the gateway routes
+        (the name a user sends is a name they see), in engine order."""
+        names: dict[str, None] = {}
+        for backend in self.backends.values():
+            if backend.kind == kind:
+                names[backend.served_model_name] = None
+                if backend.record.label:
+                    names[backend.record.label] = None
+        return list(names)
+
     def models_document(self) -> dict:
-        """The `/v1/models` body: each served model with the engines behind it."""
+        """The `/v1/models` body: each routable name with the engines behind it, their ids
+        as `owned_by` and the served model as `root` (vLLM's field for the base model)."""
         data = []
         for kind, by_name in self.groups.items():
-            for name in self.model_names(kind):
+            for name in self.listed_names(kind):
                 group = by_name[name]
                 data.append(
                     {
                         "id": name,
                         "object": "model",
                         "created": int(min(b.record.created_at for b in group.backends)),
-                        "owned_by": "sagellm",
+                        "owned_by": ",".join(b.id for b in group.backends),
+                        "root": group.backends[0].served_model_name,
                         "kind": kind,
                         "ready": bool(group.healthy),
                         "engines": [

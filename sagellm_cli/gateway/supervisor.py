@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from prometheus_client import Counter
 
 from sagellm_cli.core.engines import EngineManager
 from sagellm_cli.core.errors import ResourceUnavailable, SageError
+from sagellm_cli.core.probe import probe_request
 from sagellm_cli.gateway.loops import every
 
 if TYPE_CHECKING:
@@ -41,10 +41,6 @@ SLEEP_TIMEOUT_S = 120.0
 # What a sleeping vLLM engine keeps on each GPU, for the ledger (NVML's real figure counts
 # where larger). Measured on an H200: 19.7 GiB awake, 1.3 GiB for the whole GPU asleep.
 ASLEEP_GIB = 1.0
-_PROBE_BODY = {
-    "llm": ("/v1/completions", {"prompt": "ping", "max_tokens": 1}),
-    "embedding": ("/v1/embeddings", {"input": ["ping"]}),
-}
 
 
 class WakeFailed(Exception):
@@ -203,8 +199,7 @@ class Supervisor:
         answers /health but hangs fails it. K failures in a row: drained and, under a
         restart policy, killed and restarted."""
         backend.last_probe = time.monotonic()
-        path, body = _PROBE_BODY[backend.kind]
-        payload = json.dumps({"model": backend.served_model_name, **body}).encode()
+        path, payload = probe_request(backend.kind, backend.served_model_name)
         try:
             status = await asyncio.wait_for(
                 self.upstream.post_status(backend.url + path, payload, self.config.probe_timeout_s),

@@ -81,15 +81,6 @@ class Placement:
         }
 
 
-def _wants_gpu(spec: EngineSpec) -> bool | None:
-    """False: CPU. True: must have a GPU. None: a GPU if there is one."""
-    if spec.use_gpu is False:
-        return False
-    if spec.use_gpu is None and spec.kind == "embedding":
-        return False
-    return True if spec.use_gpu else None
-
-
 def _describe(spec: EngineSpec) -> str:
     layout = f"tp {spec.tensor_parallel} x pp {spec.pipeline_parallel}"
     return f"{spec.model} ({spec.kind}, {layout})"
@@ -105,7 +96,7 @@ def plan_gpu(
     transaction. Raises BadInput (bad --gpus, TP/PP, placement, unknown size)
     or ResourceUnavailable (no GPU when --use-gpu, nothing fits).
     """
-    wants = _wants_gpu(spec)
+    wants = spec.wants_gpu()
     if wants is False:
         return None
     if spec.placement not in algo.PLACEMENTS:

@@ -122,8 +122,10 @@ class PlannedEngine:
     gpus: list[int] = field(default_factory=list)
     gib_per_gpu: float | None = None
     notes: list[str] = field(default_factory=list)
-    # Why this engine can't start yet (a model to prepare); the plan still shows it.
+    # Why this engine can't start yet (a model to prepare, no room on a GPU); the plan still
+    # shows it, and apply refuses with `blocker_error` (its exit code) before starting any.
     blocker: str | None = None
+    blocker_error: SageError | None = field(default=None, repr=False)
     # An external engine (`url:` in the preset): registered, not started.
     url: str | None = None
 
@@ -172,11 +174,19 @@ class PresetPlan:
         return [e for e in self.engines if e.action in (START, RESTART, REPLACE)]
 
     def check_startable(self) -> None:
-        """BadInput (exit 2) naming the first engine that can't start yet (a model to
-        prepare), before anything is stopped or started."""
+        """Raise for the first engine that can't start (a model to prepare: exit 2; no GPU
+        or no room: exit 4), naming it, before anything is stopped or started."""
         blocked = [e for e in self.to_start if e.blocker]
         if blocked:
-            raise BadInput(f"engine {blocked[0].label!r}: {blocked[0].blocker}")
+            first = blocked[0]
+            raise first.blocker_error or BadInput(f"engine {first.label!r}: {first.blocker}")
+
+    def check_placeable(self) -> None:
+        """Raise for the first engine this machine cannot place (no GPU, no room, a port
+        taken); a model still to prepare is not such a failure."""
+        for engine in self.to_start:
+            if engine.blocker_error is not None:
+                raise engine.blocker_error
 
     @property
     def noop(self) -> bool:
@@ -193,6 +203,7 @@ class PresetPlan:
             "file": self.file,
             "description": self.description,
             "noop": self.noop,
+            "startable": not any(e.blocker for e in self.to_start),
             "engines": [e.to_dict() for e in self.engines],
             "remove": [
                 {"id": r.id, "label": r.label, "model": r.model, "port": r.port}
@@ -270,7 +281,7 @@ def make_plan(
     labels = {p.label for p in planned}
     remove = [r for r in live.values() if r.label not in labels]
     going = {p.existing_id for p in planned if p.action == REPLACE} | {r.id for r in remove}
-    _place(planned, state, going, inventory)
+    _place(planned, state, going, inventory, preset)
     return PresetPlan(
         preset=config.name,
         file=str(preset.path),
@@ -386,14 +397,43 @@ def _plan_external(cfg: EngineConfig, preset: str, live, dead, others) -> Planne
     )  # fmt: skip
 
 
+def _gpu_for(
+    item: PlannedEngine, state: State, inventory: Inventory, preset: LoadedPreset
+) -> Placement | None:
+    """GPUs for one engine. A built-in preset's `use_gpu: true` is a preference: without a
+    GPU the engine runs on the CPU, said in a note. A user's own is strict, and the error
+    names the preset field to change."""
+    from sagellm_cli.core.errors import ResourceUnavailable
+    from sagellm_cli.core.gpu import plan_gpu
+
+    spec = item.spec
+    if spec.use_gpu and not inventory.available:
+        reason = inventory.reason or "no usable GPU"
+        if preset.builtin:
+            item.spec = dataclasses.replace(spec, use_gpu=False)
+            item.notes.append(f"no GPU here ({reason}): runs on the CPU instead")
+            return None
+        raise ResourceUnavailable(
+            f"no GPU available: {reason}",
+            hint=f"the preset asks `use_gpu: true` for engine {item.engine!r}: remove it to "
+            f"run on the CPU ({preset.path}), or set SAGELLM_MOCK_GPUS=1x80 to test placement",
+        )
+    return plan_gpu(spec, state, inventory=inventory)
+
+
 def _place(
-    planned: list[PlannedEngine], state: State, going: set[str], inventory: Inventory | None
+    planned: list[PlannedEngine],
+    state: State,
+    going: set[str],
+    inventory: Inventory | None,
+    preset: LoadedPreset,
 ) -> None:
     """Pass 2: ports, GPUs and command lines, cumulatively across the preset.
 
     Engines that the apply stops (`going`) free their port and GPU memory for the new ones.
+    An engine that can't be placed gets a blocker and the others are still planned.
     """
-    from sagellm_cli.core.gpu import engine_pid_map, plan_gpu, read_inventory
+    from sagellm_cli.core.gpu import engine_pid_map, read_inventory
     from sagellm_cli.core.launcher import cluster_address
     from sagellm_cli.core.runtimes import build_launch
 
@@ -420,12 +460,16 @@ def _place(
                 port = ports.allocate_port(spec.host, taken | freed_ports)
             taken.add(port)
             placement = None
-            if not (spec.use_gpu is False or (spec.kind == "embedding" and spec.use_gpu is None)):
+            if spec.wants_gpu() is not False:
                 if inventory is None:
                     inventory = read_inventory(engine_pid_map(state))
-                placement = plan_gpu(spec, state, inventory=inventory)
+                placement = _gpu_for(item, state, inventory, preset)
+                spec = item.spec
         except SageError as exc:
-            raise _engine_error(exc, item.label) from None
+            item.blocker_error = _engine_error(exc, item.label)
+            item.blocker = exc.one_line()
+            item.notes.append(f"cannot start: {item.blocker}")
+            continue
         if placement is not None:
             state.reservations[f"planned:{item.label}"] = placement.reservation(item.label)
             item.gpus, item.gib_per_gpu = list(placement.gpus), placement.gib_per_gpu
@@ -446,3 +490,4 @@ def _place(
         )
         item.argv = launch.argv
         item.env = {**spec.env, **launch.env}
+        item.notes.extend(launch.notes)
