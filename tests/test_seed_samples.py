@@ -35,7 +35,7 @@ def servers(tmp_path_factory, tiny_model):
     global PORT
     home = tmp_path_factory.mktemp("seed-engines") / "sagellm"
     llm_args = ("llm", "engine", "start", str(tiny_model), "--served-model-name", MODEL,
-                "--label", "tiny", "--max-model-len", "2048", "--kv-cache-gb", "0.0625",
+                "--label", "tiny", "--max-model-len", "1024", "--kv-cache-gb", "0.0625",
                 "--timeout", "400")  # fmt: skip
     emb_args = ("llm", "engine", "start", "all-MiniLM-L6-v2", "--engine-kind", "embedding",
                 "--label", "minilm", "--timeout", "300")  # fmt: skip
@@ -191,16 +191,16 @@ def test_seed001_pd_separation_routes_by_tokens(seed_home):
     manager.register_instance(decoding_instance)
 
     # The checks: the threshold counts tokens. A registered instance's tokenizer is not
-    # at hand, so the estimate (chars / 4) applies: 3500 chars are 875 tokens (prefill),
-    # 3000 chars 750 (decode), although both are over the 2048-*character* default.
+    # at hand, so the estimate (chars / 4) applies: 3304 chars are 826 tokens (prefill),
+    # 2800 chars 700 (decode), although both are over the 2048-*character* default.
     labels = _labels(seed_home)
     assert labels["prefill-1"]["role"] == "prefill" and labels["decode-1"]["role"] == "decode"
     assert labels["decode-1"]["spec"]["max_inflight"] == 200
 
     async def run():
         served = {}
-        for name, words in (("long", 700), ("short", 600)):
-            request = RequestMetadata(prompt="word " * words, max_tokens=2)
+        for name, words in (("long", 826), ("short", 700)):
+            request = RequestMetadata(prompt="the " * words, max_tokens=2)
             result = await manager.wait_for_result(await manager.submit_request(request), 300)
             served[name] = result.engine
         await manager.stop()
