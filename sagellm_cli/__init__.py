@@ -11,7 +11,6 @@ __version__ = "0.1.0"
 # name -> module that defines it (PEP 562 lazy attributes).
 _LAZY = {
     "ControlPlane": "sagellm_cli.library",
-    "ControlPlaneManager": "sagellm_cli.library",
     "GatewayHandle": "sagellm_cli.library",
     "InferenceResult": "sagellm_cli.library",
     "RequestHandle": "sagellm_cli.library",
@@ -26,6 +25,21 @@ _LAZY = {
     "ResourceUnavailable": "sagellm_cli.core.errors",
     "OperationFailed": "sagellm_cli.core.errors",
     "EngineRecord": "sagellm_cli.core.records",
+    # The seeds' control-plane names (docs/library.md, "The seeds' names").
+    "ControlPlaneManager": "sagellm_cli.seed.manager",
+    "PerformanceMetrics": "sagellm_cli.seed.manager",
+    "RequestState": "sagellm_cli.seed.manager",
+    "process_request": "sagellm_cli.seed.manager",
+    "RequestMetadata": "sagellm_cli.seed.types",
+    "RequestPriority": "sagellm_cli.seed.types",
+    "ExecutionInstance": "sagellm_cli.seed.types",
+    "ExecutionInstanceType": "sagellm_cli.seed.types",
+    "PDSeparationConfig": "sagellm_cli.seed.types",
+    "PrefillingConfig": "sagellm_cli.seed.types",
+    "DecodingConfig": "sagellm_cli.seed.types",
+    "ParallelismConfig": "sagellm_cli.seed.types",
+    "GPUResourceManager": "sagellm_cli.seed.lifecycle",
+    "EngineLifecycleManager": "sagellm_cli.seed.lifecycle",
 }
 # The names for core types that already exist under another name.
 _ALIASES = {

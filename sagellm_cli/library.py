@@ -465,6 +465,7 @@ class ControlPlane:
         model: str | None = None,
         priority: str = "normal",
         slo_deadline_ms: float | None = None,
+        request_id: str | None = None,
         **params: Any,
     ) -> RequestHandle:
         """Send one request through the gateway's scheduler and return at once.
@@ -473,7 +474,7 @@ class ControlPlane:
         `/v1/chat/completions`. `priority` (critical, high, normal, low) and
         `slo_deadline_ms` become the gateway's headers, so the `--scheduling` policy
         orders it; `params` go into the body (max_tokens, temperature, cost_budget, ...).
-        Returns a handle: `handle.result(timeout)` or `await handle`.
+        `request_id` names the request (default: a new `req-PID-N`). Returns a handle: `handle.result(timeout)` or `await handle`.
         """
         from sagellm_cli.client import PRIORITIES
 
@@ -491,7 +492,7 @@ class ControlPlane:
             gateway["cost_budget"] = params.pop("cost_budget")
         body = {**params, **body, **({"model": model} if model else {})}
         client = self.client()
-        request_id = f"req-{os.getpid()}-{next(_request_ids)}"
+        request_id = request_id or f"req-{os.getpid()}-{next(_request_ids)}"
         chat = path == "/chat/completions"
 
         def run() -> InferenceResult:
@@ -545,63 +546,18 @@ class ControlPlane:
         self.close()
 
 
-class ControlPlaneManager(ControlPlane):
-    """`ControlPlane` under the seeds' name (001, 002, 004), with their method names where
-    they mean the same here: `start()`/`stop()` run the gateway (in this process, with
-    `scheduling_policy` and `routing_strategy`, seed aliases accepted),
-    `get_metrics()`, `get_request_status(id)`, `wait_for_result(id)`. `submit_request`
-    is ControlPlane's: awaiting it gives the result, not a request id (`handle.request_id`).
-    """
+def __getattr__(name: str) -> Any:
+    # ControlPlaneManager lives with the other seed names (sagellm_cli/seed/); still
+    # importable from here, loaded on first use.
+    if name == "ControlPlaneManager":
+        from sagellm_cli.seed.manager import ControlPlaneManager
 
-    def __init__(
-        self,
-        scheduling_policy: str = "adaptive",
-        routing_strategy: str = "load_balanced",
-        enable_pd_separation: bool = False,
-        *,
-        home: str | os.PathLike[str] | None = None,
-        port: int = 0,
-        **gateway_options: Any,
-    ):
-        super().__init__(home)
-        self.scheduling_policy = scheduling_policy
-        # The seeds' "PD separation" is our request-level `length` routing (docs/gateway.md).
-        self.routing_strategy = "length" if enable_pd_separation else routing_strategy
-        self._port = port
-        self._options = gateway_options
-
-    async def start(self) -> GatewayHandle:
-        """Start the gateway in this process (seed: start the control plane's tasks)."""
-        return await asyncio.to_thread(
-            self.serve, self._port, routing=self.routing_strategy,
-            scheduling=self.scheduling_policy, background=False, **self._options,
-        )  # fmt: skip
-
-    async def stop(self) -> None:
-        """Stop the gateway `start` started (engines keep running)."""
-        await asyncio.to_thread(self.close)
-
-    def get_metrics(self, window: float = 60.0) -> GatewayMetrics:
-        """`metrics()`: requests_per_second, p95_latency_ms, slo_compliance_rate, ..."""
-        return self.metrics(window)
-
-    async def get_request_status(self, request_id: str) -> RequestStatus:
-        """running, completed or failed."""
-        return self.request(request_id).status
-
-    async def wait_for_result(
-        self, request_id: str, timeout: float | None = None
-    ) -> InferenceResult:
-        """The request's result (its error is raised)."""
-        handle = self.request(request_id)
-        if timeout is None:
-            return await handle
-        return await asyncio.wait_for(asyncio.wrap_future(handle._future), timeout)
+        return ControlPlaneManager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "ControlPlane",
-    "ControlPlaneManager",
     "GatewayHandle",
     "InferenceResult",
     "RequestHandle",

@@ -202,7 +202,7 @@ def test_metrics_have_percentiles_per_model_and_engine(plane, gateway, engines):
 
 
 def test_control_plane_manager_with_seed_names(lib_home, engines):
-    from sagellm_cli import ControlPlaneManager
+    from sagellm_cli import ControlPlaneManager, RequestMetadata, RequestPriority
 
     async def main():
         manager = ControlPlaneManager(
@@ -210,17 +210,22 @@ def test_control_plane_manager_with_seed_names(lib_home, engines):
         )
         handle = await manager.start()
         try:
-            request = manager.submit_request("x", model="tiny", max_tokens=3)
-            result = await manager.wait_for_result(request.request_id, timeout=60)
-            status = await manager.get_request_status(request.request_id)
+            request = RequestMetadata(prompt="x", model_name="tiny", max_tokens=3,
+                                      priority=RequestPriority.HIGH)  # fmt: skip
+            request_id = await manager.submit_request(request)
+            result = await manager.wait_for_result(request_id, timeout=60)
+            status = await manager.get_request_status(request_id)
             metrics = manager.get_metrics()
         finally:
             await manager.stop()
-        return handle, result, status, metrics
+        return handle, request_id, result, status, metrics
 
-    handle, result, status, metrics = asyncio.run(main())
-    assert result.usage["completion_tokens"] == 3 and status.value == "completed"
-    assert metrics.scheduling["policy"] == "cost" and metrics.completed_requests == 1
+    handle, request_id, result, status, metrics = asyncio.run(main())
+    assert request_id.startswith("req-") and result.request_id == request_id
+    assert result.usage["completion_tokens"] == 3 and status.state == "completed"
+    assert status.output == result.text and status.error is None
+    assert metrics.gateway.scheduling["policy"] == "cost" and metrics.completed_requests == 1
+    assert metrics.total_requests == 1 and metrics.active_requests == 0
     assert not handle.running
 
 

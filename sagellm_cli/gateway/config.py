@@ -73,8 +73,8 @@ class GatewayConfig:
     routing: str = _option(
         "round_robin",
         "--routing",
-        "round_robin, least_loaded (load_balanced), random, power_of_two, affinity, prefix "
-        "(locality) or length.",
+        "round_robin, least_loaded (load_balanced, topology_aware), random, power_of_two, "
+        "affinity, prefix (locality) or length.",
     )
     # Per-model strategy overrides: served name (or label / model id) -> strategy.
     model_routing: dict[str, str] = _option(
@@ -146,6 +146,11 @@ class GatewayConfig:
     length_threshold_chars: int = _option(
         2048, "--length-threshold", "`length` routing: prompts longer than this (chars) go to "
         "prefill.",
+    )  # fmt: skip
+    length_threshold_tokens: int = _option(
+        0, "--length-threshold-tokens",
+        "`length` routing: when > 0, the threshold in prompt tokens instead of characters (the "
+        "model's tokenizer if its directory is local, else characters / 4).",
     )  # fmt: skip
     # Admission control and queueing (scheduling.py): "none" installs no scheduler at all.
     scheduling: str = _option(
@@ -223,6 +228,8 @@ class GatewayConfig:
             raise BadInput(f"port {self.port} is out of range", hint="use 1-65535")
         if self.failure_threshold < 1:
             raise BadInput("--failure-threshold must be at least 1")
+        if self.length_threshold_tokens < 0:
+            raise BadInput("--length-threshold-tokens must be 0 (use characters) or more")
         if self.scheduling not in ("none", *POLICIES):
             raise BadInput(
                 f"unknown scheduling policy {self.scheduling!r}",

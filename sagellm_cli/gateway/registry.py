@@ -111,6 +111,7 @@ class Registry:
                 prefix_chars=config.prefix_chars,
                 prefix_load_factor=config.prefix_load_factor,
                 length_threshold_chars=config.length_threshold_chars,
+                length_threshold_tokens=config.length_threshold_tokens,
             )
             self._strategies[key] = strategy
         return strategy

@@ -244,18 +244,35 @@ class Length(BaseStrategy):
     This is seed 001/002's PD separation, honestly named: it routes whole
     requests by prompt length; it does not split prefill from decode. A role
     with no replica falls back to every replica. Within a role: least loaded.
+    The threshold is in characters, or, with `threshold_tokens` > 0, in tokens
+    (`core.tokens.count_tokens`: the model's tokenizer when its directory is local,
+    else characters / 4).
     """
 
     name = "length"
     uses_prompt = True
     eligible_varies = True
 
-    def __init__(self, threshold_chars: int = 2048) -> None:
+    def __init__(self, threshold_chars: int = 2048, threshold_tokens: int = 0) -> None:
         self.threshold = threshold_chars
+        self.threshold_tokens = threshold_tokens
         self._inner = LeastLoaded()
 
+    def is_long(self, backends: list[Backend], info: RouteInfo) -> bool:
+        """True when the prompt is over the threshold (so it belongs to `prefill`)."""
+        if self.threshold_tokens <= 0:
+            return len(info.prompt_text(self.threshold + 1)) > self.threshold
+        from sagellm_cli.core.tokens import count_tokens
+
+        text = info.prompt_text()
+        # A token is at least one UTF-8 byte: a prompt of few bytes needs no tokenizer.
+        if len(text) <= self.threshold_tokens and len(text.encode()) <= self.threshold_tokens:
+            return False
+        model = backends[0].record.model if backends else None  # one model per group
+        return count_tokens(text, model) > self.threshold_tokens
+
     def _pool(self, backends: list[Backend], info: RouteInfo) -> list[Backend]:
-        role = "prefill" if len(info.prompt_text(self.threshold + 1)) > self.threshold else "decode"
+        role = "prefill" if self.is_long(backends, info) else "decode"
         return [b for b in backends if b.role == role] or backends
 
     def eligible(self, backends: list[Backend], info: RouteInfo) -> list[Backend]:
@@ -271,7 +288,13 @@ STRATEGIES = {
     cls.name: cls for cls in (RoundRobin, LeastLoaded, Random, PowerOfTwo, Affinity, Prefix, Length)
 }
 # The seeds' names (docs/gateway.md has the table), accepted wherever a strategy is named.
-ROUTING_ALIASES = {"load_balanced": "least_loaded", "locality": "prefix"}
+# `topology_aware` is least_loaded: topology (NVLink, NUMA) is applied when an engine's GPUs
+# are placed (core/gpu/placement.py); between running replicas there is none left to weigh.
+ROUTING_ALIASES = {
+    "load_balanced": "least_loaded",
+    "locality": "prefix",
+    "topology_aware": "least_loaded",
+}
 
 
 def make_strategy(
@@ -280,10 +303,11 @@ def make_strategy(
     prefix_chars: int = 256,
     prefix_load_factor: float = 1.25,
     length_threshold_chars: int = 2048,
+    length_threshold_tokens: int = 0,
 ) -> Strategy:
     """A fresh strategy instance (each model keeps its own counters)."""
     if name == "prefix":
         return Prefix(prefix_chars, prefix_load_factor)
     if name == "length":
-        return Length(length_threshold_chars)
+        return Length(length_threshold_chars, length_threshold_tokens)
     return STRATEGIES[name]()
