@@ -59,8 +59,10 @@ _KW = inspect.Parameter.KEYWORD_ONLY
 
 def _config(values: dict[str, Any]):
     """The GatewayConfig the options describe."""
+    from sagellm_cli.core.paths import trusted_state_dir
     from sagellm_cli.gateway.config import GatewayConfig, cli_options
 
+    trusted_state_dir()  # exit 2 before anything starts if others can write to it
     converted = {}
     for name, option in cli_options().items():
         value = values[name]

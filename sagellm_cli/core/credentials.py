@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,14 +24,53 @@ GATEWAY_SECRETS = (ADMIN_TOKEN_ENV, API_KEY_ENV)
 MASK = "***"
 
 # Environment an engine may get from a management API request (without
-# --allow-remote-engine-config), and whose values output shows. Everything else
-# (LD_*, PYTHON*, BROWSER, VLLM_PLUGINS, logging config paths, ...) can run code.
-SAFE_ENV_PREFIXES = ("HF_", "CUDA_", "NCCL_", "OMP_")
+# --allow-remote-engine-config), and whose values output shows: exact names only.
+# Everything else can run code or redirect what is loaded: LD_*, PYTHON*, BROWSER,
+# VLLM_PLUGINS, logging config paths, CUDA_INJECTION64_PATH (a library CUDA loads),
+# NCCL_NET_PLUGIN / NCCL_TUNER_PLUGIN, OMP_TOOL_LIBRARIES, HF_ENDPOINT (where weights and
+# tokenizers come from), HF_HOME (which cache they are read from), ...
 SAFE_ENV_KEYS = frozenset(
     {
-        "TOKENIZERS_PARALLELISM",
-        "PYTORCH_CUDA_ALLOC_CONF",
+        # Hugging Face: credentials and download behaviour, never where files come from.
+        "HF_TOKEN",
+        "HF_HUB_OFFLINE",
+        "HF_HUB_DISABLE_TELEMETRY",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "HF_HUB_ENABLE_HF_TRANSFER",
+        "HF_HUB_DOWNLOAD_TIMEOUT",
+        "HF_HUB_ETAG_TIMEOUT",
         "TRANSFORMERS_OFFLINE",
+        "TOKENIZERS_PARALLELISM",
+        # CUDA and PyTorch device selection and allocation.
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+        "CUDA_LAUNCH_BLOCKING",
+        "CUDA_DEVICE_MAX_CONNECTIONS",
+        "CUDA_MODULE_LOADING",
+        "PYTORCH_CUDA_ALLOC_CONF",
+        # NCCL tuning (no *_PLUGIN, *_FILE or topology file names).
+        "NCCL_DEBUG",
+        "NCCL_DEBUG_SUBSYS",
+        "NCCL_P2P_DISABLE",
+        "NCCL_SHM_DISABLE",
+        "NCCL_IB_DISABLE",
+        "NCCL_SOCKET_IFNAME",
+        "NCCL_CUMEM_ENABLE",
+        "NCCL_NVLS_ENABLE",
+        "NCCL_ALGO",
+        "NCCL_PROTO",
+        "NCCL_MIN_NCHANNELS",
+        "NCCL_MAX_NCHANNELS",
+        "NCCL_BUFFSIZE",
+        # Threads (no OMP_TOOL*, which loads a library).
+        "OMP_NUM_THREADS",
+        "OMP_PROC_BIND",
+        "OMP_PLACES",
+        "OMP_SCHEDULE",
+        "OMP_DYNAMIC",
+        "OMP_WAIT_POLICY",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
         # vLLM tuning knobs; none of them loads code or a file.
         "VLLM_ATTENTION_BACKEND",
         "VLLM_CPU_KVCACHE_SPACE",
@@ -59,7 +99,7 @@ def is_secret_name(name: str) -> bool:
 
 def env_allowed_remotely(name: str) -> bool:
     """True if a management API request may set this engine environment variable."""
-    return name in SAFE_ENV_KEYS or name.startswith(SAFE_ENV_PREFIXES)
+    return name in SAFE_ENV_KEYS
 
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -110,13 +150,31 @@ def admin_token_path() -> Path:
 
 
 def _read_token_file(path: Path) -> str | None:
+    """The file's token; refused (exit 2) unless it is a regular file of this user that
+    nobody else can read or write, in a state dir nobody else can write (trust on first
+    use, checked every use: a token someone else planted is never used)."""
+    paths.trusted_dir(path.parent)
     try:
-        token = path.read_text(encoding="utf-8").strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise BadInput(
-            f"cannot read the admin token file {path}: {exc}",
+            f"cannot read the admin token file {path}: {exc.strerror}",
+            hint=f"remove it (a new one is made by `sage llm serve`), or set {ADMIN_TOKEN_ENV}",
+        ) from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise BadInput(f"the admin token file {path} is not a regular file",
+                           hint="remove it (a new one is made by `sage llm serve`)")  # fmt: skip
+        paths.check_owned(path, info, private=True)
+        raw = fh.read(4096)
+    try:
+        token = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadInput(
+            f"the admin token file {path} is not UTF-8 text",
             hint=f"fix or remove it, or set {ADMIN_TOKEN_ENV}",
         ) from None
     return token or None
@@ -138,7 +196,6 @@ def ensure_admin_token() -> str:
     existing = _read_token_file(path)
     if existing:
         return existing
-    paths.ensure_private_dir(path.parent)
     token = secrets.token_urlsafe(32)
     tmp = path.with_name(f".admin-token-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

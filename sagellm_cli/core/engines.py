@@ -26,6 +26,7 @@ from sagellm_cli.core.errors import (
     SageError,
 )
 from sagellm_cli.core.launcher import LOCAL, launcher_for, launcher_for_spec
+from sagellm_cli.core.limits import check_exec_size
 from sagellm_cli.core.records import (
     EXPECTED_EXIT,
     EXTERNAL,
@@ -308,11 +309,14 @@ class EngineManager:
                 else None,
             )
             record.command, record.notes = launch.argv, launch.notes
+            # The gateway's credentials never reach an engine, even when it starts one.
+            env = {**engine_environ(), **launch.env, **spec.env, "SAGELLM_ENGINE_ID": record.id}
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            # Over ARG_MAX the spawn would fail (E2BIG) after the record exists: refuse
+            # here, inside the transaction, so nothing is recorded.
+            check_exec_size(launch.argv, env)
         if record.status == "queued":
             self._wait_turn(record)
-        # The gateway's credentials never reach an engine, even when it starts one.
-        env = {**engine_environ(), **launch.env, **spec.env, "SAGELLM_ENGINE_ID": record.id}
-        env.setdefault("PYTHONUNBUFFERED", "1")
         log_path = Path(record.log_path)
         paths.ensure_private_dir(log_path.parent)
         with open(log_path, "a", encoding="utf-8") as log:

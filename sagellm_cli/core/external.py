@@ -135,8 +135,18 @@ def register(
 ) -> EngineRecord:
     """Record an external engine as `ready` (after checking it serves the model)."""
     from sagellm_cli.core.engines import check_label_free, new_engine_id
+    from sagellm_cli.core.limits import (
+        MAX_LABEL_CHARS,
+        MAX_MODEL_CHARS,
+        MAX_NAME_CHARS,
+        check_length,
+    )
     from sagellm_cli.core.spec_schema import parse_engine_options
 
+    # Before the URL is asked anything, and before a message could quote a huge value.
+    check_length("'url'", reg.url, MAX_NAME_CHARS)
+    check_length("'model'", reg.model, MAX_MODEL_CHARS)
+    check_length("'label'", reg.label, MAX_LABEL_CHARS)
     url = normalise_url(reg.url)
     models = served_models(url) if reg.check else []
     model = reg.model

@@ -135,9 +135,16 @@ def resolve_model(name: str) -> ResolvedModel:
     if not name or not name.strip():
         raise BadInput("empty model name", hint="give a path, a cached name or a hub id")
     expanded = Path(name).expanduser()
-    if expanded.exists():
-        return ResolvedModel(name, str(expanded.resolve()), "local-path", True)
-    cached = _cached_path(name)
+    try:
+        if expanded.exists():
+            return ResolvedModel(name, str(expanded.resolve()), "local-path", True)
+        cached = _cached_path(name)
+    except OSError as exc:  # a component over NAME_MAX (255 bytes), a loop, ...
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise BadInput(
+            f"model {shown!r} is not a usable path: {exc.strerror}",
+            hint="give an existing path, a cached name or a hub id",
+        ) from None
     if cached is not None:
         return ResolvedModel(name, str(cached), "cache", True)
     packaged = resolve_embedding_model(name)

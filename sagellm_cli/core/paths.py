@@ -109,6 +109,57 @@ def models_dir() -> Path:
     return state_dir() / "models"
 
 
+def check_owned(path: Path, info: os.stat_result, *, private: bool) -> None:
+    """Refuse (exit 2) a file or folder of another user, or one others may write to
+    (with `private`, also read): a token or state others control is never used."""
+    from sagellm_cli.core.errors import BadInput
+
+    uid = os.getuid()
+    if info.st_uid != uid:
+        raise BadInput(
+            f"{path} belongs to uid {info.st_uid}, not to you (uid {uid}); sagellm does not "
+            "trust files others control",
+            hint=f"if it is yours: chown {uid} {path}; else remove it or set SAGELLM_HOME",
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & (0o077 if private else 0o022):
+        what = "readable or writable" if private else "writable"
+        fix = "chmod 600" if private else "chmod go-w"
+        raise BadInput(
+            f"{path} is {what} by group or others (mode {mode:04o}); sagellm does not "
+            "trust files others could have changed",
+            hint=f"{fix} {path} if its contents are yours, else remove it",
+        )
+
+
+def trusted_dir(path: Path) -> Path:
+    """`path`, created 0700 if missing; else refused unless it is a folder of this user
+    that group and others cannot write (trust on first use, checked every use)."""
+    from sagellm_cli.core.errors import BadInput
+
+    try:
+        path.mkdir(mode=0o700)
+        os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+        return path
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return trusted_dir(path)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise BadInput(f"cannot create {path}: {exc.strerror}", hint="set SAGELLM_HOME") from None
+    info = path.stat()
+    if not stat.S_ISDIR(info.st_mode):
+        raise BadInput(f"{path} is not a directory", hint="remove it or set SAGELLM_HOME")
+    check_owned(path, info, private=False)
+    return path
+
+
+def trusted_state_dir() -> Path:
+    """The state directory, created or checked (see trusted_dir)."""
+    return trusted_dir(state_dir())
+
+
 def ensure_private_dir(path: Path) -> Path:
     """Create `path` (mode 0700) if missing and return it."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)

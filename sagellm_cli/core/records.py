@@ -12,6 +12,16 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from sagellm_cli.core.credentials import redact_argv, redact_env
 from sagellm_cli.core.durations import parse_duration, restart_policy
+from sagellm_cli.core.limits import (  # used in EngineSpec's (string) annotations
+    MAX_ARG_CHARS,
+    MAX_ENV_VALUE_CHARS,
+    MAX_ENV_VARS,
+    MAX_EXTRA_ARGS,
+    MAX_LABEL_CHARS,
+    MAX_LIST_ITEMS,
+    MAX_MODEL_CHARS,
+    MAX_NAME_CHARS,
+)
 
 if TYPE_CHECKING:  # the annotations below are strings; pydantic resolves them on demand
     from pydantic import BeforeValidator, Field
@@ -60,7 +70,7 @@ class EngineSpec:
     presets, the management API and `engine start` alike.
     """
 
-    model: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)]
     kind: Literal["llm", "embedding"] = "llm"
     # `external`: a server something else runs, registered by URL (core/external.py).
     runtime: Literal["vllm", "sentence-transformers", "external"] | None = None
@@ -68,16 +78,26 @@ class EngineSpec:
     tensor_parallel: Annotated[int, Field(ge=1)] = 1
     pipeline_parallel: Annotated[int, Field(ge=1)] = 1
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
-    label: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
-    served_model_name: Annotated[str, Field(min_length=1)] | None = None
+    host: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] = "127.0.0.1"
+    label: Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_LABEL_CHARS)] | None = None
+    served_model_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
     max_model_len: Annotated[int, Field(ge=1)] | None = None
     kv_cache_gb: Annotated[float, Field(gt=0)] | None = None
     gpu_memory_gb: Annotated[float, Field(gt=0)] | None = None
-    gpus: list[Annotated[int, Field(ge=0)]] | None = None
+    gpus: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_LIST_ITEMS)] | None = (
+        None
+    )
     placement: Literal["pack", "spread"] = "pack"
-    extra_args: list[str] = field(default_factory=list)
-    env: dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], str] = field(default_factory=dict)
+    extra_args: Annotated[
+        list[Annotated[str, Field(max_length=MAX_ARG_CHARS)]], Field(max_length=MAX_EXTRA_ARGS)
+    ] = field(default_factory=list)
+    env: Annotated[
+        dict[
+            Annotated[str, Field(pattern=ENV_NAME_PATTERN, max_length=MAX_NAME_CHARS)],
+            Annotated[str, Field(max_length=MAX_ENV_VALUE_CHARS)],
+        ],
+        Field(max_length=MAX_ENV_VARS),
+    ] = field(default_factory=dict)
     role: Literal["general", "prefill", "decode"] = "general"
     cost_per_1k_tokens: Annotated[float, Field(ge=0)] | None = None
     max_inflight: Annotated[int, Field(ge=1)] | None = None
@@ -94,7 +114,7 @@ class EngineSpec:
     unload: Literal["stop", "sleep"] = "stop"
     # A Ray cluster (`ray://HOST:PORT` or the head's `HOST:PORT`) to place the engine on,
     # instead of this machine (docs/cluster.md); SAGELLM_RAY_ADDRESS is the default.
-    cluster: Annotated[str, Field(min_length=1)] | None = None
+    cluster: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
     preset: str | None = field(default=None, metadata=INTERNAL)
     preset_engine: str | None = field(default=None, metadata=INTERNAL)
 

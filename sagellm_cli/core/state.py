@@ -170,7 +170,7 @@ class StateStore:
 
     @contextlib.contextmanager
     def _locked(self, exclusive: bool) -> Iterator[None]:
-        paths.ensure_private_dir(self.path.parent)
+        paths.trusted_dir(self.path.parent)  # never a state dir others can write to
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from sagellm_cli.core import paths
 from sagellm_cli.core.credentials import ensure_admin_token
 from sagellm_cli.core.state import StateStore
 from sagellm_cli.gateway.auth import RequestGuard, TokenCheck
@@ -53,6 +54,8 @@ class Gateway:
         store: StateStore | None = None,
         scheduler: Scheduler | None = None,
     ):
+        # Refuse to start on a state dir others can write (it holds the token and records).
+        paths.trusted_dir((store.path if store else paths.state_file()).parent)
         self.config = config
         self.started_at = time.time()
         self.registry = Registry(config, store or StateStore())

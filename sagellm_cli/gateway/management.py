@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sagellm_cli.core.credentials import env_allowed_remotely
+from sagellm_cli.core.engine_args import refused_api_arg
 from sagellm_cli.core.errors import BadInput, ExitCode, SageError
 from sagellm_cli.core.records import EngineSpec
 from sagellm_cli.gateway.auth import is_loopback
@@ -36,15 +37,6 @@ if TYPE_CHECKING:
 
 # The `engine start` option names the API accepts besides EngineSpec's own fields.
 _ALIASES = {"engine_kind": "kind", "tp": "tensor_parallel", "pp": "pipeline_parallel"}
-# vLLM flags that make the engine import or run code chosen by the request.
-CODE_LOADING_FLAGS = (
-    "--trust-remote-code",
-    "--tool-parser-plugin",
-    "--reasoning-parser-plugin",
-    "--middleware",
-    "--worker-extension-cls",
-    "--logits-processors",
-)
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -66,7 +58,8 @@ def spec_from_body(body: Any, *, allow_remote_config: bool = False) -> EngineSpe
     """Validate a POST body with the same strict model as presets, then apply the API's limits.
 
     Without `allow_remote_config` a request may not set env outside the allow-list, bind
-    the engine off loopback, or pass flags that load code (see docs/security.md).
+    the engine off loopback, or pass flags outside core/engine_args.API_ENGINE_FLAGS
+    (see docs/security.md).
     """
     from sagellm_cli.core.spec_schema import parse_engine_options
 
@@ -80,7 +73,7 @@ def spec_from_body(body: Any, *, allow_remote_config: bool = False) -> EngineSpe
         if not env_allowed_remotely(name):
             raise Forbidden(
                 f"env {name!r} may not be set through the API (it could run code)",
-                hint=f"allowed: HF_*, CUDA_*, NCCL_*, OMP_* and vLLM tuning keys; {flag}",
+                hint=f"allowed: the exact names listed in docs/security.md; {flag}",
             )
     if not is_loopback(spec.host):
         raise Forbidden(f"engines started through the API bind loopback only, not {spec.host!r}",
@@ -90,12 +83,12 @@ def spec_from_body(body: Any, *, allow_remote_config: bool = False) -> EngineSpe
     if cluster_address(spec):  # a Ray node's engine binds the node's address (docs/cluster.md)
         raise Forbidden("engines on a Ray cluster bind their node's address, not loopback",
                         hint=flag)  # fmt: skip
-    for arg in spec.extra_args:
-        name = arg.split("=", 1)[0].replace("_", "-")
-        # argparse also takes unambiguous abbreviations (`--trust-rem`).
-        if len(name) > 4 and any(flag.startswith(name) for flag in CODE_LOADING_FLAGS):
-            raise Forbidden(f"extra arg {arg!r} loads code and is refused through the API",
-                            hint=flag)  # fmt: skip
+    refused = refused_api_arg(spec.extra_args)
+    if refused is not None:
+        arg, why = refused
+        raise Forbidden(f"extra arg {arg[:80]!r} is refused through the API: {why}",
+                        hint=f"flags that cannot load code are listed in docs/security.md; "
+                        f"{flag}")  # fmt: skip
     return spec
 
 

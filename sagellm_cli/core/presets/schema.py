@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from sagellm_cli.core.errors import BadInput
+from sagellm_cli.core.limits import MAX_PRESET_EXPANDED_BYTES, MAX_PRESET_FILE_BYTES
 from sagellm_cli.core.records import NAME_PATTERN
 from sagellm_cli.core.spec_schema import STRICT, engine_options_model, error_message
 from sagellm_cli.core.spec_schema import key_path as spec_key
@@ -197,10 +198,11 @@ class _TooComplex(Exception):
 
 def _measure(node: yaml.Node) -> None:
     """Raise _TooComplex if `node`, with aliases expanded, is too big, deep or aliased."""
-    seen: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded size, height)
+    # id(node) -> (expanded values, height, expanded bytes of its scalars)
+    seen: dict[int, tuple[int, int, int]] = {}
     aliases = 0
 
-    def walk(current: yaml.Node, depth: int) -> tuple[int, int]:
+    def walk(current: yaml.Node, depth: int) -> tuple[int, int, int]:
         nonlocal aliases
         if depth > MAX_YAML_DEPTH:
             raise _TooComplex(f"nested more than {MAX_YAML_DEPTH} levels deep")
@@ -219,14 +221,21 @@ def _measure(node: yaml.Node) -> None:
         elif isinstance(current, yaml.MappingNode):
             children = [n for pair in current.value for n in pair]
         size, height = 1, 0
+        # A scalar's characters: what constructing, validating and printing it costs.
+        nbytes = len(current.value) if isinstance(current, yaml.ScalarNode) else 0
         for child in children:
-            child_size, child_height = walk(child, depth + 1)
+            child_size, child_height, child_bytes = walk(child, depth + 1)
             size += child_size
+            nbytes += child_bytes
             height = max(height, child_height + 1)
             if size > MAX_YAML_NODES:
                 raise _TooComplex(f"more than {MAX_YAML_NODES} values once aliases are expanded")
-        seen[id(current)] = (size, height)
-        return size, height
+            if nbytes > MAX_PRESET_EXPANDED_BYTES:
+                raise _TooComplex(
+                    f"more than {MAX_PRESET_EXPANDED_BYTES} bytes once aliases are expanded"
+                )
+        seen[id(current)] = (size, height, nbytes)
+        return size, height, nbytes
 
     walk(node, 0)
 
@@ -434,6 +443,10 @@ def _semantic_problems(preset: PresetConfig, raw: Any, file: str) -> list[Proble
 
 def parse_preset(text: str, file: str) -> PresetConfig:
     """Parse and validate a preset document; raise PresetInvalid listing every problem."""
+    if len(text) > MAX_PRESET_FILE_BYTES:
+        raise PresetInvalid(
+            [Problem(file, None, f"the preset is larger than {MAX_PRESET_FILE_BYTES} bytes")]
+        )
     raw = load_yaml(text, file)
     if not isinstance(raw, dict):
         raise PresetInvalid(
@@ -466,7 +479,15 @@ def read_preset_file(path: Path) -> PresetConfig:
     from sagellm_cli.core.errors import NotFound
 
     try:
-        text = path.read_text(encoding="utf-8")
+        # Read one byte past the limit only: a huge file (or /dev/zero) is never loaded.
+        with path.open("rb") as fh:
+            data = fh.read(MAX_PRESET_FILE_BYTES + 1)
+        if len(data) > MAX_PRESET_FILE_BYTES:
+            raise BadInput(
+                f"preset file {path} is larger than {MAX_PRESET_FILE_BYTES} bytes",
+                hint="a preset is a few KiB; split it or remove what is not needed",
+            )
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise NotFound(f"preset file {path} does not exist") from None
     except IsADirectoryError:
