@@ -44,3 +44,17 @@ def is_ready(url: str, kind: str, served_model_name: str, timeout: float = 2.0) 
         return any(m.get("id") == served_model_name for m in models)
     except (OSError, http.client.HTTPException, ValueError, AttributeError):
         return False
+
+
+def post_json(url: str, path: str, body: dict, timeout: float) -> tuple[int, bytes]:
+    """`POST url+path` with a JSON body over plain HTTP: (status, body). Raises OSError or
+    HTTPException."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        headers = {"Content-Type": "application/json"}
+        conn.request("POST", parts.path.rstrip("/") + path, json.dumps(body), headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()

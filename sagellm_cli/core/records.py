@@ -95,12 +95,24 @@ class EngineSpec:
     # A Ray cluster (`ray://HOST:PORT` or the head's `HOST:PORT`) to place the engine on,
     # instead of this machine (docs/cluster.md); SAGELLM_RAY_ADDRESS is the default.
     cluster: Annotated[str, Field(min_length=1)] | None = None
+    # LoRA (vLLM only): serve adapters, loaded at start from `lora_adapters` (name -> path)
+    # and at runtime by `sage llm engine lora add`, which records them here.
+    enable_lora: bool = False
+    max_lora_rank: Annotated[int, Field(ge=1)] | None = None
+    lora_adapters: dict[
+        Annotated[str, Field(pattern=NAME_PATTERN)], Annotated[str, Field(min_length=1)]
+    ] = field(default_factory=dict)
     preset: str | None = field(default=None, metadata=INTERNAL)
     preset_engine: str | None = field(default=None, metadata=INTERNAL)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict for JSON, secrets included (the state file, comparisons)."""
         return dataclasses.asdict(self)
+
+    @property
+    def lora(self) -> bool:
+        """True if the engine is started with LoRA support (asked for, or adapters listed)."""
+        return self.enable_lora or bool(self.lora_adapters)
 
     def public_dict(self) -> dict[str, Any]:
         """`to_dict()` with secret env values and flag values masked, for output."""

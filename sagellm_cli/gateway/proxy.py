@@ -329,8 +329,9 @@ class Proxy:
             if attempt:
                 self.metrics.retry(label)
             payload = req.raw
-            if payload is None or body.get("model") != backend.served_model_name:
-                body["model"] = backend.served_model_name
+            target = group.adapter or label  # a LoRA adapter keeps its own name upstream
+            if payload is None or body.get("model") != target:
+                body["model"] = target
                 try:
                     payload = _dumps(body)
                 except (TypeError, ValueError, RecursionError):

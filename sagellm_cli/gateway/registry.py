@@ -35,6 +35,8 @@ class ModelGroup:
     backends: list[Backend]
     strategy: Strategy
     healthy: list[Backend] = field(default_factory=list)
+    # A LoRA adapter's group: the engines get this model name (else their served name).
+    adapter: str | None = None
 
     def refresh_healthy(self) -> None:
         """Rebuild the healthy list (only when some engine's health changed)."""
@@ -93,6 +95,17 @@ class Registry:
             groups[backend.kind][backend.id] = ModelGroup(
                 backend.id, backend.kind, [backend], self._strategy_for(backend.kind, backend.id)
             )
+        # LoRA adapters are models of their own, on every engine that loaded them; a name
+        # that is already another model's stays that model's (`lora add` refuses those).
+        for backend in sorted(fresh.values(), key=lambda b: (b.record.created_at, b.id)):
+            for name in backend.adapters:
+                group = groups[backend.kind].get(name)
+                if group is None:
+                    strategy = self._strategy_for(backend.kind, name)
+                    group = ModelGroup(name, backend.kind, [], strategy, adapter=name)
+                    groups[backend.kind][name] = group
+                if group.adapter == name:
+                    group.backends.append(backend)
         for by_name in groups.values():
             for group in by_name.values():
                 group.refresh_healthy()
@@ -219,8 +232,35 @@ class Registry:
                         ),
                     }
                 )
+            for group in by_name.values():
+                if group.adapter is not None:
+                    data.append(_adapter_entry(group))
         return {"object": "list", "data": data}
 
     def any_ready(self) -> bool:
         """True while at least one engine is healthy."""
         return any(b.healthy for b in self.backends.values())
+
+
+def _adapter_entry(group: ModelGroup) -> dict:
+    """A LoRA adapter in `/v1/models`: `parent` names the base model, as vLLM's does."""
+    return {
+        "id": group.name,
+        "object": "model",
+        "created": int(min(b.record.created_at for b in group.backends)),
+        "owned_by": "sagellm",
+        "kind": group.kind,
+        "parent": group.backends[0].served_model_name,
+        "ready": bool(group.healthy),
+        "engines": [
+            {
+                "id": b.id,
+                "label": b.record.label,
+                "url": b.url,
+                "role": b.role,
+                "healthy": b.healthy,
+            }
+            for b in group.backends
+        ],
+        "aliases": [],
+    }
