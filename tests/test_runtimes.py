@@ -87,6 +87,26 @@ def test_vllm_pooling_runner_for_embeddings(tmp_path):
     assert "--kv-cache-memory-bytes" in argv  # vLLM CPU needs the bound for pooling too
 
 
+def test_lora_flags_env_and_recorded_adapters(tmp_path):
+    plain = _build(EngineSpec(model="m"), tmp_path=tmp_path)
+    assert "--enable-lora" not in plain.argv and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in plain.env
+    spec = EngineSpec(model="m", max_lora_rank=8, lora_adapters={"a": "/x/a", "b": "/x/b"})
+    launch = _build(spec, tmp_path=tmp_path)
+    argv = launch.argv
+    assert "--enable-lora" in argv and _flag(argv, "--max-lora-rank") == "8"
+    i = argv.index("--lora-modules")  # one flag, several values: vLLM keeps the last flag only
+    assert argv[i + 1 : i + 3] == ["a=/x/a", "b=/x/b"]
+    assert launch.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+
+
+def test_lora_needs_an_llm_on_vllm():
+    from sagellm_cli.core.engines import validate_spec
+
+    spec = EngineSpec(model="m", kind="embedding", enable_lora=True)
+    with pytest.raises(BadInput, match="LoRA"):
+        validate_spec(spec)
+
+
 @pytest.mark.parametrize(("kind", "runtime"), [("llm", "sentence-transformers"), ("video", None)])
 def test_bad_runtime_pairs(kind, runtime):
     with pytest.raises(BadInput):

@@ -42,6 +42,9 @@ SAMPLES = {
     "keep_alive": 300.0,
     "unload": "sleep",
     "cluster": "ray://head.example:10001",
+    "enable_lora": True,
+    "max_lora_rank": 32,
+    "lora_adapters": {"sql": "/adapters/sql"},
 }
 # Options whose CLI form is not `--field-name VALUE`.
 CLI_FORMS = {
@@ -51,6 +54,8 @@ CLI_FORMS = {
     "gpus": lambda v: ["--gpus", ",".join(map(str, v))],
     "extra_args": lambda v: [arg for a in v for arg in ("--extra-arg", a)],
     "env": lambda v: [arg for k, x in v.items() for arg in ("--env", f"{k}={x}")],
+    "enable_lora": lambda v: ["--enable-lora"] if v else [],
+    "lora_adapters": lambda v: [a for k, x in v.items() for a in ("--lora-adapter", f"{k}={x}")],
 }
 
 

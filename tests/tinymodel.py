@@ -10,6 +10,7 @@ Usage:  python tests/tinymodel.py DEST [--broken]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -217,6 +218,44 @@ def default_tiny_model() -> Path:
         ".tinymodels"
     )
     return build_tiny_qwen2(Path(root) / "tiny-qwen2")
+
+
+def build_tiny_lora(dest: Path, base: Path, *, rank: int = 8, seed: int = 0) -> Path:
+    """A random rank-`rank` LoRA adapter (q_proj, v_proj) for the tiny model at `base`,
+    written by hand in PEFT's format (no peft needed); rebuilt only if missing."""
+    import torch
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    if (dest / "adapter_model.safetensors").exists():
+        return dest
+    config = json.loads((Path(base) / "config.json").read_text())
+    hidden = config["hidden_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    out = {"q_proj": hidden, "v_proj": config["num_key_value_heads"] * head_dim}
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, out_dim in out.items():
+            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, hidden, generator=gen) * 0.02
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_dim, rank, generator=gen) * 0.02
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    try:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        adapter_config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+            "lora_dropout": 0.0, "bias": "none", "target_modules": list(out),
+            "base_model_name_or_path": str(base), "fan_in_fan_out": False,
+            "modules_to_save": None, "use_rslora": False, "use_dora": False,
+        }  # fmt: skip
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+        # Another builder may have won the race; theirs is as good as ours.
+        with contextlib.suppress(OSError):
+            tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,13 +65,13 @@ def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
-def parse_env(pairs: list[str] | None) -> dict[str, str]:
-    """Turn repeated `K=V` options into a dict."""
+def parse_env(pairs: list[str] | None, option: str = "--env") -> dict[str, str]:
+    """Turn repeated `K=V` options (`--env`, or `option`) into a dict."""
     env: dict[str, str] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise BadInput(f"--env {pair!r} is not K=V", hint="write it as --env NAME=value")
+            raise BadInput(f"{option} {pair!r} is not K=V", hint=f"write it as {option} NAME=value")
         env[key] = value
     return env
 

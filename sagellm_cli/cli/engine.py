@@ -1,4 +1,4 @@
-"""`sage llm engine`: start, stop, list, show, logs, restart, prune."""
+"""`sage llm engine`: start, stop, list, show, logs, restart, prune, lora."""
 
 from __future__ import annotations
 
@@ -124,6 +124,17 @@ def start(
         help="Place the engine on a Ray cluster's node: ray://HOST:PORT or the head's "
         "HOST:PORT (default: $SAGELLM_RAY_ADDRESS; docs/cluster.md).",
     ),
+    enable_lora: bool = typer.Option(
+        spec_default("enable_lora"),
+        "--enable-lora",
+        help="Serve LoRA adapters (vLLM), added with `sage llm engine lora add`.",
+    ),
+    max_lora_rank: int | None = typer.Option(
+        None, min=1, help="The largest adapter rank to serve (vLLM's default: 16)."
+    ),
+    lora_adapter: list[str] | None = typer.Option(
+        None, "--lora-adapter", help="NAME=PATH of a LoRA adapter to load (repeatable)."
+    ),
     extra_arg: list[str] | None = typer.Option(
         None, "--extra-arg", help="Passed to the runtime verbatim (repeatable)."
     ),
@@ -165,6 +176,9 @@ def start(
         keep_alive=_duration(keep_alive, "--keep-alive"),
         unload=unload,
         cluster=cluster,
+        enable_lora=enable_lora,
+        max_lora_rank=max_lora_rank,
+        lora_adapters=parse_env(lora_adapter, "--lora-adapter"),
         extra_args=list(extra_arg or []),
         env=parse_env(env),
     )
@@ -437,3 +451,70 @@ def prune(json_out: bool = typer.Option(False, "--json")) -> None:
         emit_json([r.id for r in removed])
     else:
         info(f"removed {len(removed)} engine record(s)")
+
+
+lora_app = typer.Typer(
+    help="LoRA adapters of a running vLLM engine (started with --enable-lora).",
+    no_args_is_help=True,
+)
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("add")
+def lora_add(
+    ref: str = typer.Argument(..., help="Engine id, id prefix or label."),
+    name: str = typer.Argument(..., help="The adapter's model name for requests."),
+    path: str = typer.Argument(..., help="The adapter's directory (PEFT format)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the engine record as JSON."),
+) -> None:
+    """Load an adapter into the engine and record it (a restart loads it again)."""
+    from sagellm_cli.core.lora import add_adapter
+
+    record = add_adapter(_manager(), ref, name, path)
+    if json_out:
+        emit_json(record.to_dict())
+    else:
+        info(f"adapter {name!r} added to engine {record.id}: requests use model {name!r}")
+
+
+@lora_app.command("remove")
+def lora_remove(
+    ref: str = typer.Argument(..., help="Engine id, id prefix or label."),
+    name: str = typer.Argument(..., help="The adapter's name."),
+    json_out: bool = typer.Option(False, "--json", help="Print the engine record as JSON."),
+) -> None:
+    """Unload an adapter from the engine and forget it."""
+    from sagellm_cli.core.lora import remove_adapter
+
+    record = remove_adapter(_manager(), ref, name)
+    if json_out:
+        emit_json(record.to_dict())
+    else:
+        info(f"adapter {name!r} removed from engine {record.id}")
+
+
+@lora_app.command("list")
+def lora_list(
+    ref: str = typer.Argument(..., help="Engine id, id prefix or label."),
+    json_out: bool = typer.Option(False, "--json", help="Print [{name, path, loaded}]."),
+) -> None:
+    """The engine's adapters, and whether the engine has each loaded now."""
+    from sagellm_cli.core.lora import list_adapters
+
+    record, adapters = list_adapters(_manager(), ref)
+    if json_out:
+        emit_json([a.to_dict() for a in adapters])
+        return
+    if not adapters:
+        info(f"engine {record.id} has no LoRA adapters")
+        return
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("NAME", "PATH", "LOADED"):
+        table.add_column(column, overflow="fold")
+    for a in adapters:
+        loaded = "-" if a.loaded is None else ("yes" if a.loaded else "no")
+        table.add_row(escape(a.name), escape(a.path), loaded)
+    stdout_console().print(table)

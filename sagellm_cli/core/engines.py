@@ -88,7 +88,7 @@ def validate_spec(spec: EngineSpec) -> str:
     """Check a spec before anything is reserved; return its runtime."""
     import math
 
-    from sagellm_cli.core.runtimes import resolve_runtime  # spawn path only: keep `list` fast
+    from sagellm_cli.core.runtimes import VLLM, resolve_runtime  # spawn path only: keep `list` fast
 
     if not spec.model or not spec.model.strip():
         raise BadInput("MODEL is empty", hint="give a model path or a Hugging Face id")
@@ -121,6 +121,11 @@ def validate_spec(spec: EngineSpec) -> str:
         raise BadInput(f"unknown role {spec.role!r}", hint=f"use one of {', '.join(ROLES)}")
     if spec.placement not in ("pack", "spread"):
         raise BadInput(f"unknown placement {spec.placement!r}", hint="use pack or spread")
+    if spec.lora and (spec.kind != "llm" or runtime != VLLM):
+        raise BadInput(
+            f"LoRA adapters need an llm engine on vLLM (this is {spec.kind} on {runtime})",
+            hint="drop --enable-lora and --lora-adapter",
+        )
     # The checks above word the common mistakes in the CLI's terms; the strict model that
     # presets and the management API use then covers every field the same way.
     from sagellm_cli.core.spec_schema import check_spec

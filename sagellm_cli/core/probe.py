@@ -98,3 +98,8 @@ def check_ready(
         return NOT_YET  # still loading behind its API server
     text = body.decode("utf-8", errors="replace").strip().replace("\n", " ")[:300]
     return ReadyCheck(False, f"its first {path} request answered {status}: {text}")
+
+
+def post_json(url: str, path: str, body: dict, timeout: float) -> tuple[int, bytes]:
+    """`post()` with a dict body encoded as JSON."""
+    return post(url, path, json.dumps(body).encode(), timeout)

@@ -115,6 +115,17 @@ class EngineSpec:
     # A Ray cluster (`ray://HOST:PORT` or the head's `HOST:PORT`) to place the engine on,
     # instead of this machine (docs/cluster.md); SAGELLM_RAY_ADDRESS is the default.
     cluster: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
+    # LoRA (vLLM only): serve adapters, loaded at start from `lora_adapters` (name -> path)
+    # and at runtime by `sage llm engine lora add`, which records them here.
+    enable_lora: bool = False
+    max_lora_rank: Annotated[int, Field(ge=1)] | None = None
+    lora_adapters: Annotated[
+        dict[
+            Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_LABEL_CHARS)],
+            Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)],
+        ],
+        Field(max_length=MAX_LIST_ITEMS),
+    ] = field(default_factory=dict)
     preset: str | None = field(default=None, metadata=INTERNAL)
     preset_engine: str | None = field(default=None, metadata=INTERNAL)
 
@@ -130,6 +141,11 @@ class EngineSpec:
         if self.use_gpu is None and self.kind == "embedding":
             return False
         return self.use_gpu
+
+    @property
+    def lora(self) -> bool:
+        """True if the engine is started with LoRA support (asked for, or adapters listed)."""
+        return self.enable_lora or bool(self.lora_adapters)
 
     def public_dict(self) -> dict[str, Any]:
         """`to_dict()` with secret env values and flag values masked, for output."""

@@ -21,6 +21,9 @@ SENTENCE_TRANSFORMERS = "sentence-transformers"
 RUNTIMES_BY_KIND = {"llm": (VLLM,), "embedding": (SENTENCE_TRANSFORMERS, VLLM)}
 DEFAULT_RUNTIME = {"llm": VLLM, "embedding": SENTENCE_TRANSFORMERS}
 
+# vLLM serves /v1/load_lora_adapter and /v1/unload_lora_adapter only with this set.
+LORA_RUNTIME_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
 # Memory-safe CPU defaults (see docs/notes-vllm-tiny.md): without a KV bound vLLM
 # takes ~12 GiB on CPU; torch.compile and the multiprocess engine cost 2x start time.
 CPU_DEFAULT_KV_CACHE_GB = 1.0
@@ -168,6 +171,14 @@ def _vllm(
         env.update(placement.env())
     if max_len is not None:
         argv += ["--max-model-len", str(max_len)]
+    if spec.lora:
+        argv.append("--enable-lora")
+        if spec.max_lora_rank is not None:
+            argv += ["--max-lora-rank", str(spec.max_lora_rank)]
+        if spec.lora_adapters:  # a (re)start loads the recorded adapters before `ready`
+            argv += ["--lora-modules", *(f"{n}={p}" for n, p in spec.lora_adapters.items())]
+        # `engine lora add|remove` load and unload adapters while the engine runs.
+        env[LORA_RUNTIME_ENV] = "True"
     argv += spec.extra_args
     return LaunchSpec(argv=argv, env=env, notes=notes)
 

@@ -71,6 +71,12 @@ class Backend:
         self.probe_failures = 0
 
     @property
+    def adapters(self) -> tuple[str, ...]:
+        """The names of the LoRA adapters the engine serves (as recorded in its spec)."""
+        spec = self.record.spec
+        return tuple(spec.lora_adapters) if spec is not None else ()
+
+    @property
     def checkable(self) -> bool:
         """True if health checks may put the engine (back) in rotation: its process should
         be up and serving, and the supervisor has not found it hung."""

@@ -1,30 +1,49 @@
-"""The inference endpoints the gateway proxies: one table, read by the router, the proxy,
-the registry and the metrics."""
+"""The inference endpoints the gateway proxies: one table, read by the app's dispatcher, the
+proxy, the registry and the metrics.
+
+Every endpoint finds its model the same way, by the body's `model` (the only model of its
+kind when omitted), and goes through the same auth, admission and metrics.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sagellm_cli.core.records import EXTERNAL
+from sagellm_cli.core.runtimes import VLLM
+
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One OpenAI endpoint: its metrics label, its path (the same upstream) and the kind of
-    engine that serves it."""
+    """One proxied endpoint: its metrics label, its path (the same upstream), the kind of
+    engine that serves it, whether `stream: true` is honoured, and which runtimes serve
+    it (None: every runtime of that kind)."""
 
     name: str
     path: str
     kind: str
+    streams: bool
+    runtimes: frozenset[str] | None = None
 
-    @property
-    def streams(self) -> bool:
-        """True if `stream: true` is honoured (generation, not embeddings)."""
-        return self.kind == "llm"
+    def served_by(self, runtime: str) -> bool:
+        """True if an engine of `runtime` (of this endpoint's kind) serves this path."""
+        return self.runtimes is None or runtime in self.runtimes
 
+
+# vLLM's pooling runner scores and reranks; our sentence-transformers server only embeds.
+# What an external server serves is unknown, so it is given the benefit of the doubt.
+_POOLING = frozenset({VLLM, EXTERNAL})
 
 ENDPOINTS = (
-    Endpoint("chat", "/v1/chat/completions", "llm"),
-    Endpoint("completions", "/v1/completions", "llm"),
-    Endpoint("embeddings", "/v1/embeddings", "embedding"),
+    Endpoint("chat", "/v1/chat/completions", "llm", True),
+    Endpoint("completions", "/v1/completions", "llm", True),
+    Endpoint("messages", "/v1/messages", "llm", True),  # Anthropic Messages
+    Endpoint("responses", "/v1/responses", "llm", True),  # OpenAI Responses
+    Endpoint("tokenize", "/tokenize", "llm", False),
+    Endpoint("detokenize", "/detokenize", "llm", False),
+    Endpoint("embeddings", "/v1/embeddings", "embedding", False),
+    Endpoint("rerank", "/v1/rerank", "embedding", False, _POOLING),
+    Endpoint("score", "/v1/score", "embedding", False, _POOLING),
 )
 BY_PATH = {e.path: e for e in ENDPOINTS}
 # Where to send a model of each engine kind (for the 400 that redirects a client).

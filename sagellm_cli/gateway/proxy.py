@@ -1,4 +1,4 @@
-"""The hot path: a raw ASGI handler for /v1/chat/completions, /v1/completions, /v1/embeddings.
+"""The hot path: a raw ASGI handler for the proxied endpoints (gateway/endpoints.py).
 
 Bodies pass through as bytes. The request JSON is parsed once, only to read
 `model`, `stream`, `user` (and the prompt, lazily, for prefix/length routing);
@@ -62,8 +62,9 @@ log = logging.getLogger("sagellm.gateway")
 
 _UPSTREAM_HEADERS = {"Content-Type": "application/json"}
 _STREAM_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-_PROMPT_RE = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION_RE = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# OpenAI's names, then Anthropic's and the Responses API's.
+_PROMPT_RE = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
+_COMPLETION_RE = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 
 
 class _ClientGone(Exception):
@@ -238,6 +239,10 @@ class Proxy:
             # An engine started (or became ready) since the last poll of the state file:
             # `engine start` returned, so the request must not get a 404 or 503 for it.
             group, status, err = self._resolve(endpoint.kind, body.get("model"))
+        if group is not None and not any(
+            endpoint.served_by(b.record.runtime) for b in group.backends
+        ):
+            group, status, err = None, 400, _unsupported(endpoint, group)
         if group is None:
             # Unknown names are not used as label values: clients could grow them without bound.
             self.metrics.observe("", "", endpoint.name, status, time.perf_counter() - started)
@@ -306,11 +311,13 @@ class Proxy:
         tried: Backend | None = None
         last: _Failure | None = None
         for attempt in (0, 1):
-            if first is not None and first.healthy:
+            if first is not None and first.healthy and req.endpoint.served_by(first.record.runtime):
                 # The scheduler reserved a slot on this engine (chosen by the same strategy).
                 backend, first = first, None
             else:
                 candidates = group.healthy
+                if req.endpoint.runtimes is not None:  # a mixed group: only engines that serve it
+                    candidates = [b for b in candidates if req.endpoint.served_by(b.record.runtime)]
                 if tried is not None:
                     candidates = [b for b in candidates if b is not tried]
                 if req.cost_budget is not None:  # a retry stays within the request's budget
@@ -322,8 +329,9 @@ class Proxy:
             if attempt:
                 self.metrics.retry(label)
             payload = req.raw
-            if payload is None or body.get("model") != backend.served_model_name:
-                body["model"] = backend.served_model_name
+            target = group.adapter or label  # a LoRA adapter keeps its own name upstream
+            if payload is None or body.get("model") != target:
+                body["model"] = target
                 try:
                     payload = _dumps(body)
                 except (TypeError, ValueError, RecursionError):
@@ -484,7 +492,7 @@ class Proxy:
             }
         )
         first = True
-        usage_chunk = None
+        prompt = completion = 0
         try:
             async for chunk in resp.chunks():
                 if first:
@@ -492,8 +500,11 @@ class Proxy:
                     ttft = time.perf_counter() - started
                     self.metrics.first_token(model, endpoint, ttft)
                     self.stats.first_token(model, backend.id, ttft)
-                if b'"prompt_tokens"' in chunk:
-                    usage_chunk = chunk
+                if b'"usage"' in chunk:
+                    # Anthropic splits usage over message_start (input) and message_delta
+                    # (output); OpenAI sends it once: the largest of each counts.
+                    p, c = _usage(chunk)
+                    prompt, completion = max(prompt, p), max(completion, c)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except asyncio.CancelledError:
             raise
@@ -509,12 +520,23 @@ class Proxy:
                 }
             )
             return 502
-        if usage_chunk is not None:
-            prompt, completion = _usage(usage_chunk)
+        if prompt or completion:
             self.metrics.usage(model, prompt, completion)
             self.stats.tokens(model, backend.id, completion)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return 200
+
+
+def _unsupported(endpoint: Endpoint, group: ModelGroup) -> bytes:
+    """The 400 for a model whose engines are of a runtime that does not serve `endpoint`."""
+    runtimes = ", ".join(sorted({b.record.runtime for b in group.backends}))
+    return error_body(
+        400,
+        f"model {group.name!r} is served by a {runtimes} engine, which does not serve "
+        f"{endpoint.path}; a vLLM engine does (start the model with `sage llm engine start "
+        f"MODEL --engine-kind {endpoint.kind} --runtime vllm`)",
+        code="unsupported_endpoint",
+    )
 
 
 async def _wait_disconnect(receive) -> None:

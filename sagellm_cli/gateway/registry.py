@@ -35,6 +35,8 @@ class ModelGroup:
     backends: list[Backend]
     strategy: Strategy
     healthy: list[Backend] = field(default_factory=list)
+    # A LoRA adapter's group: the engines get this model name (else their served name).
+    adapter: str | None = None
 
     def refresh_healthy(self) -> None:
         """Rebuild the healthy list (only when some engine's health changed)."""
@@ -93,6 +95,17 @@ class Registry:
             groups[backend.kind][backend.id] = ModelGroup(
                 backend.id, backend.kind, [backend], self._strategy_for(backend.kind, backend.id)
             )
+        # LoRA adapters are models of their own, on every engine that loaded them; a name
+        # that is already another model's stays that model's (`lora add` refuses those).
+        for backend in sorted(fresh.values(), key=lambda b: (b.record.created_at, b.id)):
+            for name in backend.adapters:
+                group = groups[backend.kind].get(name)
+                if group is None:
+                    strategy = self._strategy_for(backend.kind, name)
+                    group = ModelGroup(name, backend.kind, [], strategy, adapter=name)
+                    groups[backend.kind][name] = group
+                if group.adapter == name:
+                    group.backends.append(backend)
         for by_name in groups.values():
             for group in by_name.values():
                 group.refresh_healthy()
@@ -204,37 +217,42 @@ class Registry:
 
     def models_document(self) -> dict:
         """The `/v1/models` body: each routable name with the engines behind it, their ids
-        as `owned_by` and the served model as `root` (vLLM's field for the base model)."""
+        as `owned_by` and the served model as `root` (vLLM's field for the base model);
+        LoRA adapters also name it as `parent`, as vLLM's own list does."""
         data = []
         for kind, by_name in self.groups.items():
             for name in self.listed_names(kind):
-                group = by_name[name]
-                data.append(
-                    {
-                        "id": name,
-                        "object": "model",
-                        "created": int(min(b.record.created_at for b in group.backends)),
-                        "owned_by": ",".join(b.id for b in group.backends),
-                        "root": group.backends[0].served_model_name,
-                        "kind": kind,
-                        "ready": bool(group.healthy),
-                        "engines": [
-                            {
-                                "id": b.id,
-                                "label": b.record.label,
-                                "url": b.url,
-                                "role": b.role,
-                                "healthy": b.healthy,
-                            }
-                            for b in group.backends
-                        ],
-                        "aliases": sorted(
-                            {n for b in group.backends for n in b.names if n != name}
-                        ),
-                    }
-                )
+                data.append(_model_entry(name, by_name[name]))
+            for group in by_name.values():
+                if group.adapter is not None:
+                    entry = _model_entry(group.name, group)
+                    data.append({**entry, "parent": entry["root"], "aliases": []})
         return {"object": "list", "data": data}
 
     def any_ready(self) -> bool:
         """True while at least one engine is healthy."""
         return any(b.healthy for b in self.backends.values())
+
+
+def _model_entry(name: str, group: ModelGroup) -> dict:
+    """One `/v1/models` entry: the name, the engines behind it and their other names."""
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(min(b.record.created_at for b in group.backends)),
+        "owned_by": ",".join(b.id for b in group.backends),
+        "root": group.backends[0].served_model_name,
+        "kind": group.kind,
+        "ready": bool(group.healthy),
+        "engines": [
+            {
+                "id": b.id,
+                "label": b.record.label,
+                "url": b.url,
+                "role": b.role,
+                "healthy": b.healthy,
+            }
+            for b in group.backends
+        ],  # fmt: skip
+        "aliases": sorted({n for b in group.backends for n in b.names if n != name}),
+    }

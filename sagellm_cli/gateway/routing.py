@@ -34,7 +34,8 @@ class RouteInfo:
         self._text: str | None = None
 
     def prompt_text(self, limit: int = 1 << 30) -> str:
-        """The prompt (completions) or the concatenated message contents (chat), up to `limit`."""
+        """The prompt (completions) or the concatenated message contents (chat, messages,
+        responses), up to `limit`."""
         if self._text is None:
             self._text = _prompt_text(self.body or {}, limit)
         return self._text
@@ -56,7 +57,14 @@ def _prompt_text(body: dict[str, Any], limit: int) -> str:
         return prompt[:limit] if isinstance(prompt, str) else str(prompt)[:limit]
     messages = body.get("messages")
     if messages is None:
-        return ""
+        # The Responses API's `input`: a string, or message items (embeddings' `input`, a
+        # list of strings, has no prompt to route by).
+        items = body.get("input")
+        if isinstance(items, str):
+            return items[:limit]
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            return ""
+        messages = items
     if not isinstance(messages, list):
         raise InvalidPrompt("'messages' must be a list of message objects")
     parts: list[str] = []
