@@ -24,6 +24,7 @@ from prometheus_client import Counter
 
 from sagellm_cli.core.engines import EngineManager
 from sagellm_cli.core.errors import ResourceUnavailable, SageError
+from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.gateway.loops import every
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class Supervisor:
         self._restart_due(state)
         now = time.monotonic()
         for backend in list(self.registry.backends.values()):
-            if backend.id in self._actions or backend.record.status != "ready":
+            if backend.id in self._actions or backend.record.status != Status.READY:
                 continue
             keep_alive = backend.record.spec.keep_alive
             if keep_alive >= 0 and backend.inflight == 0 and now - backend.last_used >= keep_alive:
@@ -117,7 +118,7 @@ class Supervisor:
         now = time.time()
         for record in state.engines.values():
             if (
-                record.status == "restarting"
+                record.status == Status.RESTARTING
                 and not record.orphans
                 and record.id not in self._actions
                 and (record.next_restart_at or 0) <= now
@@ -178,7 +179,8 @@ class Supervisor:
             if status != 200:
                 self.registry.mark_success(backend)
                 raise WakeFailed(f"/sleep answered {status}")
-            await asyncio.to_thread(self.manager.mark_asleep, record.id, ASLEEP_GIB)
+            if not await asyncio.to_thread(self.manager.mark_asleep, record.id, ASLEEP_GIB):
+                return  # stopped or crashed meanwhile: it stays so (logged by the table)
         elif await asyncio.to_thread(self.manager.unload, record.id) is None:
             return  # stopped meanwhile
         self.unloads.labels(record.id, record.served_model_name).inc()
@@ -243,10 +245,10 @@ class Supervisor:
         if not candidates:
             return group
         # A sleeping engine wakes fastest; then the most recently used.
-        backend = min(candidates, key=lambda b: (b.record.status != "sleeping", -b.last_used))
+        backend = min(candidates, key=lambda b: (b.record.status != Status.SLEEPING, -b.last_used))
         try:
             await asyncio.wait_for(self._shared_wake(backend), self.config.wake_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise WakeFailed(
                 f"model {group.name!r} is still loading after {self.config.wake_timeout_s:.0f}s"
             ) from None
@@ -277,15 +279,26 @@ class Supervisor:
         if record is None:
             raise WakeFailed(f"engine {engine_id} was removed")
         started = time.monotonic()
-        if record.status == "sleeping":
-            await self._with_room(record, lambda: self.manager.reclaim(engine_id))
-            status = await self.upstream.post_status(
-                f"{record.url}/wake_up", b"", self.config.wake_timeout_s
-            )
+        if record.status in (Status.SLEEPING, Status.WAKING):  # WAKING: left by a dead gateway
+            woken: list[bool] = []
+            await self._with_room(record, lambda: woken.append(self.manager.reclaim(engine_id)))
+            if not woken[-1]:
+                raise WakeFailed(f"engine {engine_id} was stopped while asleep")
+            try:
+                status = await self.upstream.post_status(
+                    f"{record.url}/wake_up", b"", self.config.wake_timeout_s
+                )
+            except BaseException:
+                # Cancelled (the wake timed out) or unreachable: back to sleep, full
+                # reservation kept (vLLM may be half awake), so the next request tries again.
+                await asyncio.to_thread(self.manager.mark_awake, engine_id, woke=False)
+                raise
             if status != 200:
+                await asyncio.to_thread(self.manager.mark_awake, engine_id, woke=False)
                 raise WakeFailed(f"engine {engine_id} did not wake: /wake_up answered {status}")
-            await asyncio.to_thread(self.manager.mark_awake, engine_id)
-        elif record.status == "idle":
+            if not await asyncio.to_thread(self.manager.mark_awake, engine_id):
+                raise WakeFailed(f"engine {engine_id} was stopped while waking")
+        elif record.status == Status.IDLE:
             await self._with_room(
                 record, lambda: self.manager.wake(engine_id, timeout=self.config.wake_timeout_s)
             )
@@ -325,7 +338,7 @@ class Supervisor:
             for b in self.registry.backends.values()
             if b.id != engine_id
             and b.id not in self._actions
-            and b.record.status == "ready"
+            and b.record.status == Status.READY
             and b.record.gpus
             and b.record.spec.keep_alive >= 0
             and b.inflight == 0
