@@ -280,24 +280,8 @@ class Supervisor:
             raise WakeFailed(f"engine {engine_id} was removed")
         started = time.monotonic()
         if record.status in (Status.SLEEPING, Status.WAKING):  # WAKING: left by a dead gateway
-            woken: list[bool] = []
-            await self._with_room(record, lambda: woken.append(self.manager.reclaim(engine_id)))
-            if not woken[-1]:
-                raise WakeFailed(f"engine {engine_id} was stopped while asleep")
-            try:
-                status = await self.upstream.post_status(
-                    f"{record.url}/wake_up", b"", self.config.wake_timeout_s
-                )
-            except BaseException:
-                # Cancelled (the wake timed out) or unreachable: back to sleep, full
-                # reservation kept (vLLM may be half awake), so the next request tries again.
-                await asyncio.to_thread(self.manager.mark_awake, engine_id, woke=False)
-                raise
-            if status != 200:
-                await asyncio.to_thread(self.manager.mark_awake, engine_id, woke=False)
-                raise WakeFailed(f"engine {engine_id} did not wake: /wake_up answered {status}")
-            if not await asyncio.to_thread(self.manager.mark_awake, engine_id):
-                raise WakeFailed(f"engine {engine_id} was stopped while waking")
+            if not await self._wake_up(record):
+                return  # another gateway woke it meanwhile
         elif record.status == Status.IDLE:
             await self._with_room(
                 record, lambda: self.manager.wake(engine_id, timeout=self.config.wake_timeout_s)
@@ -309,6 +293,40 @@ class Supervisor:
             "engine %s loaded for a request in %.1fs", engine_id, time.monotonic() - started
         )
         await self.registry.refresh(force=True)
+
+    async def _wake_up(self, record: EngineRecord) -> bool:
+        """SLEEPING -> WAKING (full reservation back) -> /wake_up -> READY. True if this
+        call woke it, False if another gateway did; WakeFailed if it was stopped or
+        crashed meanwhile (the table refuses READY then, and it stays so)."""
+        engine_id = record.id
+        woken: list[bool] = []
+        await self._with_room(record, lambda: woken.append(self.manager.reclaim(engine_id)))
+        if not woken[-1]:
+            return await self._awake_elsewhere(engine_id)
+        try:
+            status = await self.upstream.post_status(
+                f"{record.url}/wake_up", b"", self.config.wake_timeout_s
+            )
+        except BaseException:
+            # Cancelled or unreachable: back to SLEEPING with the full reservation kept
+            # (vLLM may be half awake), so that the next request tries again.
+            await asyncio.to_thread(self.manager.mark_awake, engine_id, woke=False)
+            raise
+        if status != 200:
+            await asyncio.to_thread(self.manager.mark_awake, engine_id, woke=False)
+            raise WakeFailed(f"engine {engine_id} did not wake: /wake_up answered {status}")
+        if not await asyncio.to_thread(self.manager.mark_awake, engine_id):
+            return await self._awake_elsewhere(engine_id)
+        return True
+
+    async def _awake_elsewhere(self, engine_id: str) -> bool:
+        """After a refused wake step: False if the engine is READY (another gateway woke
+        it), else WakeFailed naming what it became."""
+        record = (await asyncio.to_thread(self.manager.store.read)).engines.get(engine_id)
+        if record is not None and record.status == Status.READY:
+            return False
+        now = record.status if record is not None else "removed"
+        raise WakeFailed(f"engine {engine_id} was {now} while waking; not woken")
 
     async def _with_room(self, record: EngineRecord, load: Callable[[], object]) -> None:
         """Run `load` in a thread; while GPU memory is short, unload the least recently used
