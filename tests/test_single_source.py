@@ -3,11 +3,14 @@
 - EngineSpec's options must be settable from `sage llm engine start`, a preset file and
   the management API, and reach the spec unchanged.
 - Every GatewayConfig field must be reachable from `sage llm serve`.
+- Engine statuses are spelled once, in core/lifecycle.py.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import pytest
 from conftest import invoke
@@ -181,3 +184,44 @@ def test_spec_fields_round_trip_through_the_state_file(field):
 
     spec = EngineSpec(**{k: v for k, v in SAMPLES.items() if k in option_fields()})
     assert decode(EngineSpec, spec.to_dict()) == spec
+
+
+def _status_literals(node) -> list[str]:
+    """The engine-status words among the string constants of `node` (a tuple/set/list too)."""
+    from sagellm_cli.core.lifecycle import Status
+
+    items = node.elts if isinstance(node, (ast.Tuple, ast.Set, ast.List)) else [node]
+    words = {s.value for s in Status}
+    return [i.value for i in items if isinstance(i, ast.Constant) and i.value in words]
+
+
+def _mentions_status(node) -> bool:
+    return "status" in ast.unparse(node)
+
+
+def test_engine_statuses_are_read_from_the_enum_never_written_as_literals():
+    """Only core/lifecycle.py spells an engine status: elsewhere `status == "ready"`,
+    `status in ("idle", ...)`, `x.status = "failed"` or `status="ready"` is a second,
+    unchecked definition of the state machine."""
+    root = Path(__file__).resolve().parent.parent / "sagellm_cli"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "lifecycle.py" and path.parent.name == "core":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            hits: list[str] = []
+            if isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                if any(_mentions_status(s) for s in sides):
+                    hits = [w for s in sides for w in _status_literals(s)]
+            elif (
+                isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Attribute) and t.attr == "status" for t in node.targets)
+                or isinstance(node, ast.keyword)
+                and node.arg == "status"
+            ):
+                hits = _status_literals(node.value)
+            if hits:
+                found.append(f"{path.relative_to(root)}:{node.lineno}: {hits}")
+    assert not found, "use core.lifecycle.Status:\n" + "\n".join(found)

@@ -8,6 +8,28 @@ import time
 from typing import Any
 
 from sagellm_cli.core.errors import BadInput
+from sagellm_cli.core.lifecycle import Status
+
+# One colour per engine status, for every table that shows one (engine list, top, presets).
+STATUS_COLORS: dict[Status, str] = {
+    Status.QUEUED: "cyan",
+    Status.STARTING: "yellow",
+    Status.READY: "green",
+    Status.UNHEALTHY: "red",
+    Status.SLEEPING: "blue",
+    Status.WAKING: "yellow",
+    Status.UNLOADING: "dim",
+    Status.IDLE: "dim",
+    Status.RESTARTING: "yellow",
+    Status.STOPPING: "yellow",
+    Status.STOPPED: "dim",
+    Status.FAILED: "red",
+}
+
+
+def status_color(status: str) -> str:
+    """The colour an engine status is shown in (plain strings from JSON documents too)."""
+    return STATUS_COLORS.get(status, "dim")
 
 
 def emit_json(data: Any) -> None:

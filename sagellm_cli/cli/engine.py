@@ -14,12 +14,14 @@ from sagellm_cli.cli.common import (
     info,
     parse_env,
     parse_index_list,
+    status_color,
     stderr_console,
     stderr_is_terminal,
     stdout_console,
     uptime,
 )
 from sagellm_cli.core.errors import BadInput, ExitCode
+from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.records import spec_default
 
 app = typer.Typer(help="Start, stop and inspect engines.", no_args_is_help=True)
@@ -185,7 +187,7 @@ def start(
     manager = _manager()
     # Without --wait, core decides whether the engine loads now or on first use (lazy).
     record = manager.spawn(spec) if wait else manager.start(spec, wait=False)
-    if record.status == "idle":
+    if record.status == Status.IDLE:
         if json_out:
             emit_json(record.to_dict())
         else:
@@ -209,8 +211,9 @@ def start(
     if json_out:
         emit_json(record.to_dict())
     else:
-        state = "ready" if record.status == "ready" else record.status
-        info(f"engine {record.id} {state}: {record.url}/v1 serves {record.served_model_name!r}")
+        info(
+            f"engine {record.id} {record.status}: {record.url}/v1 serves {record.served_model_name!r}"
+        )
         typer.echo(record.id)
 
 
@@ -269,7 +272,7 @@ def stop(
     for record in records:
         already = record.stopped_at is not None and record.stopped_at < began
         what = "unregistered (external: nothing was signalled)"
-        status = what if record.is_external and record.status == "stopped" else None
+        status = what if record.is_external and record.status == Status.STOPPED else None
         info(f"engine {record.id} {'was already ' if already else ''}{status or record.status}")
 
 
@@ -301,18 +304,11 @@ def _render_table(records) -> None:
         "RESTARTS",
     ):
         table.add_column(column, overflow="fold")
-    colors = {
-        "ready": "green",
-        "starting": "yellow",
-        "restarting": "yellow",
-        "failed": "red",
-        "unhealthy": "red",
-    }
     for r in records:
         status = r.status if r.exit_code is None or r.is_live else f"{r.status} ({r.exit_code})"
-        if r.status == "restarting" and r.next_restart_at:
+        if r.status == Status.RESTARTING and r.next_restart_at:
             status += f" in {max(r.next_restart_at - time.time(), 0):.0f}s"
-        color = colors.get(r.status, "dim")
+        color = status_color(r.status)
         table.add_row(
             r.id,
             r.label or "-",

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from sagellm_cli.cli.common import (
+    STATUS_COLORS,
     PlainProgress,
     emit_json,
     human_duration,
@@ -19,6 +20,7 @@ from sagellm_cli.cli.common import (
     stdout_console,
 )
 from sagellm_cli.core.errors import BadInput, OperationFailed, SageError
+from sagellm_cli.core.lifecycle import Status
 
 app = typer.Typer(
     help="Bring groups of engines up and down from YAML presets.", no_args_is_help=True
@@ -122,8 +124,8 @@ def _engines_table(config):
 class _LiveTable:
     """A live table (engine, status, elapsed, last log line) on stderr, fed from threads."""
 
-    COLORS = {"ready": "green", "kept": "green", "failed": "red", "stopping": "yellow",
-              "stopped": "dim", "starting": "cyan", "spawning": "cyan"}  # fmt: skip
+    # Engine statuses as everywhere, plus the apply's own steps.
+    COLORS = {**STATUS_COLORS, "kept": "green", "spawning": "cyan"}
 
     def __init__(self, plan):
         self.rows = {e.label: ["planned", 0.0, ""] for e in plan.engines}
@@ -156,7 +158,7 @@ class _LiveTable:
                 self.plain.report(event.label, event.status, event.elapsed, event.last_log_line)
             row = self.rows.setdefault(event.label, ["", 0.0, ""])
             row[0] = event.status
-            if event.status not in ("stopped", "kept"):
+            if event.status not in (Status.STOPPED, "kept"):
                 row[1] = event.elapsed
             if event.last_log_line:
                 row[2] = event.last_log_line.strip()

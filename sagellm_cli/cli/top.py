@@ -12,8 +12,9 @@ from typing import Any
 
 import typer
 
-from sagellm_cli.cli.common import check_timeout, human_duration, stdout_console
+from sagellm_cli.cli.common import check_timeout, human_duration, status_color, stdout_console
 from sagellm_cli.core.errors import BadInput
+from sagellm_cli.core.lifecycle import LIVE
 
 
 def register(parent: typer.Typer) -> None:
@@ -139,11 +140,10 @@ def render(doc: dict[str, Any], interval: float = 1.0) -> list[Any]:
         table.add_column(
             col, justify="left" if col in ("ID", "LABEL", "MODEL", "STATUS") else "right"
         )
-    colors = {"ready": "green", "starting": "yellow", "failed": "red", "unhealthy": "red"}
     for r in doc.get("engines", []):
         m = per_engine.get(r["id"], {})
-        color = colors.get(r["status"], "dim")
-        live = r.get("status") not in ("stopped", "failed")
+        color = status_color(r["status"])
+        live = r.get("status") in LIVE
         table.add_row(
             r["id"], escape(r.get("label") or "-"), escape(r["served_model_name"]),
             f"[{color}]{r['status']}[/]", ",".join(map(str, r.get("gpus") or [])) or "cpu",

@@ -11,10 +11,11 @@ import os
 from typing import Any
 
 from sagellm_cli.core.errors import BadInput
+from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.records import EngineRecord
 
 # Engines shown per node: the live ones and those that failed (a lost node's, say).
-SHOWN_STATUSES = ("failed",)
+SHOWN_STATUSES = (Status.FAILED,)
 GPU_TASK_TIMEOUT_S = 30.0
 
 
@@ -68,7 +69,7 @@ def _engine(record: EngineRecord) -> dict[str, Any]:
         "served_model_name": record.served_model_name,
         "url": record.url,
         "gpus": record.gpus,
-        "error": record.error if record.status == "failed" else None,
+        "error": record.error if record.status == Status.FAILED else None,
     }
 
 

@@ -26,9 +26,9 @@ from sagellm_cli.core.errors import (
     SageError,
 )
 from sagellm_cli.core.launcher import LOCAL, launcher_for, launcher_for_spec
+from sagellm_cli.core.lifecycle import EXPECTED_EXIT, LOADING, PROBED, Status, allowed, transition
 from sagellm_cli.core.limits import check_exec_size
 from sagellm_cli.core.records import (
-    EXPECTED_EXIT,
     EXTERNAL,
     ROLES,
     EngineRecord,
@@ -62,7 +62,7 @@ class Progress:
     """What a waiting caller shows: one engine's status while it loads."""
 
     engine_id: str
-    status: str
+    status: str  # a Status, or the loading phase read from the log
     elapsed: float
     last_log_line: str
 
@@ -81,7 +81,7 @@ class Reuse:
     port: int | None = None
     gpus: list[int] | None = None
     # The record must still have one of these statuses (else it was stopped meanwhile).
-    only_if: frozenset[str] | None = None
+    only_if: frozenset[Status] | None = None
 
 
 def validate_spec(spec: EngineSpec) -> str:
@@ -153,9 +153,13 @@ class EngineManager:
             if not record.is_live:
                 continue
             if not record.has_process:
-                if record.status == "restarting" and not supervision.supervised(state):
+                if (
+                    record.status == Status.RESTARTING
+                    and not supervision.supervised(state)
+                    and transition(record, Status.FAILED)
+                ):
                     # Nobody will restart it: give its port and GPU memory back.
-                    record.status, record.next_restart_at = "failed", None
+                    record.next_restart_at = None
                     record.error = (
                         f"{record.error or 'crashed'}; not restarted: no `sage llm serve`"
                     )
@@ -164,7 +168,7 @@ class EngineManager:
                 continue
             if record.pid is None:
                 # Queued engines wait their turn on a GPU (bounded by QUEUE_LIMIT_S).
-                grace = SPAWN_GRACE_S + (QUEUE_LIMIT_S if record.status == "queued" else 0)
+                grace = SPAWN_GRACE_S + (QUEUE_LIMIT_S if record.status == Status.QUEUED else 0)
                 if now - record.created_at > grace:
                     self._mark_dead(state, record, "spawn never completed")
                     changed = True
@@ -192,12 +196,13 @@ class EngineManager:
             r
             for r in state.engines.values()
             if r.pid is not None
-            and (r.status == "starting" or (probe_health and r.status in ("ready", "unhealthy")))
+            and (r.status == Status.STARTING or (probe_health and r.status in PROBED))
         ]
         if not due:
             return state
         healthy = {
-            r.id: (r.pid, _probe_ready(r, 1.0, generate=r.status == "starting").ready) for r in due
+            r.id: (r.pid, _probe_ready(r, 1.0, generate=r.status == Status.STARTING).ready)
+            for r in due
         }
         with self.store.transaction() as state:
             self.reconcile(state)
@@ -207,11 +212,11 @@ class EngineManager:
                 if record is None or record.pid != pid or not record.is_live:
                     continue  # restarted or stopped meanwhile: the probe is stale
                 hung = record.unresponsive_since is not None  # /health is not enough then
-                if ok and not hung and record.status in ("starting", "unhealthy"):
-                    record.status = "ready"
+                if ok and not hung and record.status in (Status.STARTING, Status.UNHEALTHY):
+                    transition(record, Status.READY)
                     record.ready_at = record.ready_at or now
-                elif not ok and record.status == "ready":
-                    record.status = "unhealthy"
+                elif not ok and record.status == Status.READY:
+                    transition(record, Status.UNHEALTHY)
         return state
 
     def reap(self, state: State) -> State:
@@ -246,13 +251,13 @@ class EngineManager:
                 else "engine process is gone"
             )
         if record.status in EXPECTED_EXIT:
-            record.status = EXPECTED_EXIT[record.status]
+            transition(record, EXPECTED_EXIT[record.status])
         elif not (
             supervision.supervised(state) and supervision.schedule_restart(record, now, reason)
-        ):
+        ) and transition(record, Status.FAILED, reason=reason):
             tail = logs.tail_summary(record.log_path, supervision.CRASH_LOG_LINES)
-            record.status, record.error = "failed", f"{reason}; last log lines: {tail}"
-        record.stopped_at = now if record.status == "restarting" else record.stopped_at or now
+            record.error = f"{reason}; last log lines: {tail}"
+        record.stopped_at = now if record.status == Status.RESTARTING else record.stopped_at or now
         if launcher.has_leftovers(record):
             record.orphans = True  # reap() stops them and then releases the reservation
             return
@@ -320,7 +325,7 @@ class EngineManager:
             # Over ARG_MAX the spawn would fail (E2BIG) after the record exists: refuse
             # here, inside the transaction, so nothing is recorded.
             check_exec_size(launch.argv, env)
-        if record.status == "queued":
+        if record.status == Status.QUEUED:
             self._wait_turn(record)
         log_path = Path(record.log_path)
         paths.ensure_private_dir(log_path.parent)
@@ -337,13 +342,13 @@ class EngineManager:
         except OSError as exc:
             with self.store.transaction() as state:
                 failed = state.engines.get(record.id)
-                if failed:
-                    failed.status, failed.error = "failed", f"spawn failed: {exc}"
+                if failed and transition(failed, Status.FAILED, reason="spawn failed"):
+                    failed.error = f"spawn failed: {exc}"
                     state.release(record.id)
             raise OperationFailed(f"could not start engine {record.id}: {exc}") from None
         with self.store.transaction() as state:
             current = state.engines.get(record.id)
-            if current is not None and current.status == "starting":
+            if current is not None and current.status == Status.STARTING:
                 current.pid, current.pgid = handle.pid, handle.pgid
                 current.pid_create_time = handle.create_time
                 current.started_at = spawned_at
@@ -355,8 +360,15 @@ class EngineManager:
         raise OperationFailed(f"engine {record.id} was stopped while starting")
 
     def _reserve(
-        self, state: State, spec: EngineSpec, runtime: str, reuse: Reuse | None
+        self,
+        state: State,
+        spec: EngineSpec,
+        runtime: str,
+        reuse: Reuse | None,
+        status: Status | None = None,
     ) -> tuple[EngineRecord, Placement | None]:
+        """Make the record (QUEUED or STARTING unless `status` says) with its port and
+        reservation; a reused id is checked against the transition table."""
         reuse_id = reuse.engine_id if reuse else None
         old = state.engines.get(reuse_id) if reuse_id else None
         if reuse and reuse.only_if is not None and (old is None or old.status not in reuse.only_if):
@@ -380,7 +392,8 @@ class EngineManager:
             host=launcher.engine_host(spec),
             port=port,
             label=spec.label,
-            status="queued" if _must_queue(state, placement, reuse_id) else "starting",
+            status=status
+            or (Status.QUEUED if _must_queue(state, placement, reuse_id) else Status.STARTING),
             gpus=list(placement.gpus) if placement else [],
             gpu_memory_gb=placement.gib_per_gpu if placement else None,
             created_at=now,
@@ -391,6 +404,12 @@ class EngineManager:
             cpu_cores=cpu_cores,
             spec=spec,
         )
+        if old is not None and not allowed(old.status, record.status):
+            # Say, a live engine started again under its id: stop it first.
+            raise OperationFailed(
+                f"engine {reuse_id} is {old.status}; it cannot become {record.status}",
+                hint=f"stop it first: `sage llm engine stop {reuse_id}`",
+            )
         if old is not None:
             for name in _CARRIED:
                 setattr(record, name, getattr(old, name))
@@ -412,10 +431,10 @@ class EngineManager:
                 with self.store.transaction() as state:
                     self.reconcile(state)
                     current = state.engines.get(record.id)
-                    if current is None or current.status != "queued":
+                    if current is None or current.status != Status.QUEUED:
                         raise OperationFailed(f"engine {record.id} was stopped while queued")
                     if not _loading_before(state, current):
-                        current.status = "starting"
+                        transition(current, Status.STARTING)
                         return
                 if time.monotonic() > deadline:
                     raise OperationFailed(
@@ -427,8 +446,8 @@ class EngineManager:
             # Ctrl-C or a timeout: a queued record must not stay behind, holding memory.
             with self.store.transaction() as state:
                 current = state.engines.get(record.id)
-                if current is not None and current.status == "queued":
-                    current.status, current.stopped_at = "stopped", time.time()
+                if current is not None and transition(current, Status.STOPPED):
+                    current.stopped_at = time.time()
                     current.error = "stopped while queued"
                     state.release(record.id)
             raise
@@ -459,7 +478,7 @@ class EngineManager:
                     self._stop_record(
                         engine_id,
                         timeout=30.0,
-                        final_status="failed",
+                        final_status=Status.FAILED,
                         error=f"not ready after {timeout:.0f}s",
                     )
                     raise self._load_failure(
@@ -471,7 +490,7 @@ class EngineManager:
                     on_progress(Progress(engine_id, phase or record.status, elapsed, line))
             check = _probe_ready(record, READY_PROBE_TIMEOUT_S) if record.pid else None
             if check is not None and check.failure:
-                self._stop_record(engine_id, timeout=30.0, final_status="failed",
+                self._stop_record(engine_id, timeout=30.0, final_status=Status.FAILED,
                                   error=f"engine is up but {check.failure}")  # fmt: skip
                 raise self._load_failure(
                     engine_id, f"engine {engine_id} is up but {check.failure}; it was stopped"
@@ -479,8 +498,11 @@ class EngineManager:
             if check is not None and check.ready:
                 with self.store.transaction() as state:
                     current = state.engines.get(engine_id)
-                    if current is not None and current.status in ("starting", "unhealthy"):
-                        current.status = "ready"
+                    if current is not None and current.status in (
+                        Status.STARTING,
+                        Status.UNHEALTHY,
+                    ):
+                        transition(current, Status.READY)
                         current.ready_at = time.time()
                     return current or record
             time.sleep(PROBE_INTERVAL_S)
@@ -489,8 +511,8 @@ class EngineManager:
         """Fail (with the log tail) if the engine was stopped or its process exited."""
         launcher = launcher_for(record.node)
         engine_id = record.id
-        if record.status in ("stopped", "stopping") or (
-            record.status == "failed" and not launcher.is_alive(record)
+        if record.status in (Status.STOPPED, Status.STOPPING) or (
+            record.status == Status.FAILED and not launcher.is_alive(record)
         ):
             raise self._load_failure(engine_id, f"engine {engine_id} stopped while loading")
         if not launcher.is_alive(record):
@@ -501,7 +523,7 @@ class EngineManager:
                 current = state.engines.get(engine_id)
             code = current.exit_code if current else None
             detail = f" with code {code}" if code is not None else ""
-            if current is not None and current.status == "restarting":
+            if current is not None and current.status == Status.RESTARTING:
                 detail += f"; the gateway restarts it (restart: {current.spec.restart})"
             raise self._load_failure(engine_id, f"engine {engine_id} exited during load{detail}")
 
@@ -526,7 +548,7 @@ class EngineManager:
         with self.store.transaction() as state:
             self.reconcile(state)
             engine_id = resolve_ref(state, ref).id
-        return self._stop_record(engine_id, timeout=timeout, final_status="stopped")
+        return self._stop_record(engine_id, timeout=timeout, final_status=Status.STOPPED)
 
     def stop_all(self, *, timeout: float = 30.0, preset: str | None = None) -> list[EngineRecord]:
         """Stop every engine (or every engine of one preset)."""
@@ -538,22 +560,22 @@ class EngineManager:
                 if (r.is_live or launcher_for(r.node).has_leftovers(r))
                 and (preset is None or r.preset == preset)
             ]
-        return [self._stop_record(i, timeout=timeout, final_status="stopped") for i in ids]
+        return [self._stop_record(i, timeout=timeout, final_status=Status.STOPPED) for i in ids]
 
     def _stop_record(
         self,
         engine_id: str,
         *,
         timeout: float,
-        final_status: str,
+        final_status: Status,
         error: str | None = None,
-        interim: str = "stopping",
-        only_if: frozenset[str] | None = None,
+        interim: Status = Status.STOPPING,
+        only_if: frozenset[Status] | None = None,
     ) -> EngineRecord | None:
         """Mark the engine `interim` under the lock, stop its processes outside it, then set
         `final_status` and release what it held.
 
-        `final_status` "idle" keeps the record registered (an unload); "restarting" hands it
+        `final_status` IDLE keeps the record registered (an unload); RESTARTING hands it
         to the restart policy with its reservation kept (a hung engine). With `only_if`,
         nothing happens (None) unless the engine has one of those statuses.
         """
@@ -565,8 +587,8 @@ class EngineManager:
             was_live = record.is_live
             if not was_live and not launcher.has_leftovers(record):
                 return record
-            if was_live:
-                record.status = interim
+            if was_live and not transition(record, interim):
+                return None  # the table refuses it (logged): leave the engine as it is
         launcher.terminate(record, timeout)
         with self.store.transaction() as state:
             record = state.engines.get(engine_id, record)
@@ -575,10 +597,13 @@ class EngineManager:
                 now = time.time()
                 record.stopped_at = now
                 record.error = error or record.error
-                if final_status != "restarting" or not supervision.schedule_restart(
+                if final_status != Status.RESTARTING or not supervision.schedule_restart(
                     record, now, error or "restarted"
                 ):
-                    record.status = "failed" if final_status == "restarting" else final_status
+                    transition(
+                        record,
+                        Status.FAILED if final_status == Status.RESTARTING else final_status,
+                    )
             record.orphans = False
             _release(state, record)
         launcher.cleanup(record)
@@ -618,7 +643,7 @@ class EngineManager:
     ) -> EngineRecord:
         """Start an engine (and wait for it), or only register it when it is lazy.
 
-        A lazy engine (`keep_alive` 0 and no wait) is recorded `idle`: it holds nothing and
+        A lazy engine (`keep_alive` 0 and no wait) is recorded IDLE: it holds nothing and
         the gateway loads it on its first request.
         """
         if not wait and spec.keep_alive == 0:
@@ -634,9 +659,9 @@ class EngineManager:
         with self.store.transaction() as state:
             self.reconcile(state)
             record, _ = self._reserve(
-                state, dataclasses.replace(spec, use_gpu=False), runtime, None
+                state, dataclasses.replace(spec, use_gpu=False), runtime, None, Status.IDLE
             )
-            record.spec, record.status, record.cpu_cores = spec, "idle", []
+            record.spec, record.cpu_cores = spec, []
             record.gpus, record.gpu_memory_gb = [], None
             state.release(record.id)
             return record
@@ -644,7 +669,7 @@ class EngineManager:
     def wake(self, engine_id: str, *, timeout: float = 600.0) -> EngineRecord:
         """Load an `idle` engine again: placed afresh, its old port when free; wait for it."""
         record = self._current(engine_id)
-        reuse = Reuse(engine_id, port=record.port, only_if=frozenset({"idle"}))
+        reuse = Reuse(engine_id, port=record.port, only_if=frozenset({Status.IDLE}))
         self.spawn(record.spec, reuse=reuse)
         return self.wait_ready(engine_id, timeout=timeout)
 
@@ -653,9 +678,9 @@ class EngineManager:
         return self._stop_record(
             engine_id,
             timeout=timeout,
-            final_status="idle",
-            interim="unloading",
-            only_if=frozenset({"ready", "unhealthy"}),
+            final_status=Status.IDLE,
+            interim=Status.UNLOADING,
+            only_if=PROBED,
         )
 
     def revive(self, engine_id: str, *, timeout: float = 600.0) -> EngineRecord | None:
@@ -665,7 +690,7 @@ class EngineManager:
             now = time.time()
             if (
                 record is None
-                or record.status != "restarting"
+                or record.status != Status.RESTARTING
                 or record.orphans
                 or (record.next_restart_at or 0) > now
             ):
@@ -673,7 +698,7 @@ class EngineManager:
             record.restarts += 1
             record.restart_times = [*record.restart_times, now]
             reuse = Reuse(
-                engine_id, record.port, list(record.gpus), only_if=frozenset({"restarting"})
+                engine_id, record.port, list(record.gpus), only_if=frozenset({Status.RESTARTING})
             )
             spec = record.spec
         try:
@@ -681,8 +706,8 @@ class EngineManager:
         except SageError as exc:  # nothing started (a port or GPU went elsewhere): give up
             with self.store.transaction() as state:
                 record = state.engines.get(engine_id)
-                if record is not None and record.status == "restarting":
-                    record.status, record.next_restart_at = "failed", None
+                if record is not None and transition(record, Status.FAILED):
+                    record.next_restart_at = None
                     record.error = f"restart failed: {exc.message}"
                     state.release(engine_id)
             raise
@@ -693,55 +718,69 @@ class EngineManager:
         return self._stop_record(
             engine_id,
             timeout=timeout,
-            final_status="restarting",
+            final_status=Status.RESTARTING,
             error=reason,
-            interim="restarting",
-            only_if=frozenset({"ready", "unhealthy"}),
+            interim=Status.RESTARTING,
+            only_if=PROBED,
         )
 
     def mark_unresponsive(self, engine_id: str, reason: str | None) -> None:
-        """Record that generation probes fail (`unhealthy`) or pass again (`ready`)."""
+        """Record that generation probes fail (UNHEALTHY) or pass again (READY)."""
         with self.store.transaction() as state:
             record = state.engines.get(engine_id)
-            if record is None or record.status not in ("ready", "unhealthy"):
+            if record is None or record.status not in PROBED:
                 return
             if reason is None:
-                if record.unresponsive_since is not None:
-                    record.status, record.unresponsive_since = "ready", None
+                if record.unresponsive_since is not None and transition(record, Status.READY):
+                    record.unresponsive_since = None
                 return
-            record.status, record.error = "unhealthy", reason
-            record.unresponsive_since = record.unresponsive_since or time.time()
+            if transition(record, Status.UNHEALTHY, reason=reason):
+                record.error = reason
+                record.unresponsive_since = record.unresponsive_since or time.time()
 
-    def mark_asleep(self, engine_id: str, resident_gib: float) -> None:
-        """vLLM slept: `sleeping`, and the ledger holds only `resident_gib` per GPU."""
+    def mark_asleep(self, engine_id: str, resident_gib: float) -> bool:
+        """vLLM slept: SLEEPING, and the ledger holds only `resident_gib` per GPU.
+
+        False (nothing written) when the engine was stopped, or crashed, meanwhile: a
+        sleep that answers late must not bring a stopped engine back.
+        """
         with self.store.transaction() as state:
-            state.engines[engine_id].status = "sleeping"
+            record = state.engines.get(engine_id)
+            if record is None or not transition(record, Status.SLEEPING, reason="slept"):
+                return False
             reservation = state.reservations.get(engine_id)
             if reservation is not None:
                 reservation.asleep_gib = min(resident_gib, reservation.gib_per_gpu)
+            return True
 
-    def reclaim(self, engine_id: str) -> None:
-        """Before a wake: take the sleeping engine's full reservation back if it still fits
-        (else ResourceUnavailable, and it stays asleep)."""
+    def reclaim(self, engine_id: str) -> bool:
+        """Before a wake: WAKING, with the sleeping engine's full reservation taken back if
+        it still fits (else ResourceUnavailable, and it stays asleep). False (nothing
+        written) when it is no longer asleep: stopped, crashed or woken meanwhile."""
         from sagellm_cli.core.gpu import reservation_fits
 
         with self.store.transaction() as state:
+            record = state.engines.get(engine_id)
+            if record is None or record.status not in (Status.SLEEPING, Status.WAKING):
+                return False
             reservation = state.reservations.get(engine_id)
-            if reservation is None or reservation.asleep_gib is None:
-                return
-            if not reservation_fits(state, reservation):
-                raise ResourceUnavailable(
-                    f"not enough GPU memory to wake engine {engine_id}",
-                    hint="unload another engine first",
-                )
-            reservation.asleep_gib = None
+            if reservation is not None and reservation.asleep_gib is not None:
+                if not reservation_fits(state, reservation):
+                    raise ResourceUnavailable(
+                        f"not enough GPU memory to wake engine {engine_id}",
+                        hint="unload another engine first",
+                    )
+                reservation.asleep_gib = None
+            return transition(record, Status.WAKING, reason="wake")
 
-    def mark_awake(self, engine_id: str) -> None:
-        """vLLM woke up: `ready` again."""
+    def mark_awake(self, engine_id: str, *, woke: bool = True) -> bool:
+        """vLLM answered /wake_up: READY again, or with `woke` False (it refused) back to
+        SLEEPING, its full reservation kept. False (nothing written) unless it is WAKING."""
         with self.store.transaction() as state:
             record = state.engines.get(engine_id)
-            if record is not None and record.status == "sleeping":
-                record.status = "ready"
+            if record is None or record.status != Status.WAKING:
+                return False
+            return transition(record, Status.READY if woke else Status.SLEEPING)
 
     def prune(self) -> list[EngineRecord]:
         """Drop stopped and failed records (killing any leftover process) and their logs."""
@@ -800,9 +839,9 @@ def _exit_code(launcher, record: EngineRecord) -> int | None:
 def _release(state: State, record: EngineRecord) -> None:
     """What an engine whose processes are gone gives back: its GPU reservation (unless a
     restart is due, which keeps it) and, once idle, its CPU cores."""
-    if record.status != "restarting":
+    if record.status != Status.RESTARTING:
         state.release(record.id)
-    if record.status == "idle":
+    if record.status == Status.IDLE:
         record.cpu_cores = []
 
 
@@ -815,7 +854,7 @@ def _must_queue(state: State, placement: Placement | None, reuse_id: str | None)
     if placement is None or placement.mock or os.environ.get(SERIAL_ENV, "1") == "0":
         return False
     return any(
-        r.status in ("queued", "starting") and r.id != reuse_id and _shares_gpu(r, placement.gpus)
+        r.status in LOADING and r.id != reuse_id and _shares_gpu(r, placement.gpus)
         for r in state.engines.values()
     )
 
@@ -826,8 +865,8 @@ def _loading_before(state: State, record: EngineRecord) -> bool:
         r.id != record.id
         and _shares_gpu(r, record.gpus)
         and (
-            r.status == "starting"
-            or (r.status == "queued" and (r.created_at, r.id) < (record.created_at, record.id))
+            r.status == Status.STARTING
+            or (r.status == Status.QUEUED and (r.created_at, r.id) < (record.created_at, record.id))
         )
         for r in state.engines.values()
     )

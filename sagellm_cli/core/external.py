@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from sagellm_cli.core.errors import BadInput, OperationFailed, ResourceUnavailable
+from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.process import ProcessHandle
 from sagellm_cli.core.records import EXTERNAL, EngineRecord, EngineSpec
 
@@ -176,7 +177,7 @@ def register(
         record = EngineRecord(
             id=engine_id, kind=spec.kind, runtime=EXTERNAL, model=model, served_model_name=model,
             host=parts.hostname, port=parts.port or 80,
-            label=spec.label, status="ready", created_at=now, started_at=now, ready_at=now,
+            label=spec.label, status=Status.READY, created_at=now, started_at=now, ready_at=now,
             role=spec.role, node=NODE_PREFIX + parts.hostname, base_url=url, preset=preset,
             served_models=models, spec=spec,
         )  # fmt: skip

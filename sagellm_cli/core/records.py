@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import math
 import types
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from sagellm_cli.core.credentials import redact_argv, redact_env
 from sagellm_cli.core.durations import parse_duration, restart_policy
+from sagellm_cli.core.lifecycle import LIVE, NO_PROCESS, Status
 from sagellm_cli.core.limits import (  # used in EngineSpec's (string) annotations
     MAX_ARG_CHARS,
     MAX_ENV_VALUE_CHARS,
@@ -28,23 +30,7 @@ if TYPE_CHECKING:  # the annotations below are strings; pydantic resolves them o
 
 _T = TypeVar("_T")
 
-# Statuses: (queued ->) starting -> ready (<-> unhealthy) -> stopping -> stopped; failed at
-# any point. `queued`: waiting for another engine on the same GPU to finish loading.
-# The supervisor (gateway/supervisor.py) adds: `restarting` (crashed, a restart is due),
-# `unloading` -> `idle` (unloaded after keep_alive: no process, nothing reserved, woken by
-# a request) and `sleeping` (vLLM sleep mode: the process and port stay, most GPU memory
-# is freed). All of them are "live": the engine keeps its label, is listed, and is woken
-# or stopped like any other.
-LIVE_STATUSES = frozenset(
-    {
-        "queued", "starting", "ready", "unhealthy", "stopping",
-        "restarting", "unloading", "idle", "sleeping",
-    }
-)  # fmt: skip
-# What a process that exits while in the first status becomes (nothing went wrong).
-EXPECTED_EXIT = {"stopping": "stopped", "unloading": "idle"}
-# Live statuses without a running process the lifecycle checks for liveness.
-NO_PROCESS_STATUSES = frozenset({"restarting", "idle"})
+# Engine statuses, the sets of them and their transitions: core/lifecycle.py.
 ROLES: tuple[str, ...] = ("general", "prefill", "decode")
 RESTART_POLICIES: tuple[str, ...] = ("no", "on-failure", "always")
 # The runtime of engines something else runs, registered by URL (core/external.py).
@@ -184,7 +170,7 @@ class EngineRecord:
     host: str
     port: int
     label: str | None = None
-    status: str = "starting"
+    status: Status = Status.STARTING
     pid: int | None = None
     pgid: int | None = None
     pid_create_time: float | None = None
@@ -223,6 +209,7 @@ class EngineRecord:
     spec: EngineSpec | None = None
 
     def __post_init__(self) -> None:
+        self.status = Status(self.status)  # a plain string (tests, old callers) too
         if self.spec is None:
             self.spec = EngineSpec(
                 model=self.model, kind=self.kind, runtime=self.runtime, host=self.host,
@@ -242,14 +229,14 @@ class EngineRecord:
 
     @property
     def is_live(self) -> bool:
-        """True while the engine is meant to serve (loaded or not: see LIVE_STATUSES)."""
-        return self.status in LIVE_STATUSES
+        """True while the engine is meant to serve (loaded or not: see lifecycle.LIVE)."""
+        return self.status in LIVE
 
     @property
     def has_process(self) -> bool:
         """True if a process of ours is expected to run (live, not idle or awaiting a
         restart, and not an external engine, which health checks alone judge)."""
-        return self.is_live and self.status not in NO_PROCESS_STATUSES and not self.is_external
+        return self.is_live and self.status not in NO_PROCESS and not self.is_external
 
     @property
     def is_external(self) -> bool:
@@ -387,6 +374,8 @@ def _fits(value: Any, hint: Any, bounds: tuple[int, int]) -> bool:
         )
     if dataclasses.is_dataclass(hint):
         return isinstance(value, dict)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, str) and value in hint._value2member_map_
     return True  # Any
 
 

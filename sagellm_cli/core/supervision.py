@@ -9,6 +9,7 @@ is simply `failed`, as a container is without dockerd.
 from __future__ import annotations
 
 from sagellm_cli.core import logs, process
+from sagellm_cli.core.lifecycle import Status, transition
 from sagellm_cli.core.records import EngineRecord, GatewayRecord
 from sagellm_cli.core.state import State
 
@@ -54,25 +55,27 @@ def backoff_s(recent_restarts: int) -> float:
 
 
 def schedule_restart(record: EngineRecord, now: float, reason: str) -> bool:
-    """After a crash (or a hang): set `restarting` with its back-off and return True, or
-    return False when the policy says no, or set `failed` with "crash loop" when the
-    engine restarted `max_restarts` times within CRASH_WINDOW_S.
+    """After a crash (or a hang): set RESTARTING with its back-off and return True, or
+    return False when the policy says no (or the transition table refuses it: a stopped
+    engine is never restarted), or set FAILED with "crash loop" when the engine
+    restarted `max_restarts` times within CRASH_WINDOW_S.
     """
     if not wants_restart(record):
         return False
-    record.last_exit = record.exit_code
     recent = [t for t in record.restart_times if now - t < CRASH_WINDOW_S]
+    crash_loop = len(recent) >= record.spec.max_restarts
+    if not transition(record, Status.FAILED if crash_loop else Status.RESTARTING, reason=reason):
+        return False
+    record.last_exit = record.exit_code
     record.restart_times = recent
-    if len(recent) >= record.spec.max_restarts:
+    if crash_loop:
         tail = logs.tail_summary(record.log_path, CRASH_LOG_LINES)
-        record.status = "failed"
         record.next_restart_at = None
         record.error = (
             f"crash loop: {len(recent)} restarts within {CRASH_WINDOW_S / 60:.0f} min "
             f"({reason}); last log lines: {tail}"
         )
         return True
-    record.status = "restarting"
     record.error = reason
     record.next_restart_at = now + backoff_s(len(recent))
     return True

@@ -5,10 +5,8 @@ from __future__ import annotations
 import hashlib
 import time
 
+from sagellm_cli.core.lifecycle import CHECKABLE, SERVING, WAKEABLE
 from sagellm_cli.core.records import EngineRecord
-
-# Record statuses the gateway routes to (others are listed, and woken or waited for).
-SERVING = "ready"
 
 
 def stable_hash(text: str) -> int:
@@ -80,12 +78,12 @@ class Backend:
     def checkable(self) -> bool:
         """True if health checks may put the engine (back) in rotation: its process should
         be up and serving, and the supervisor has not found it hung."""
-        return self.record.status in ("starting", SERVING, "unhealthy") and not self.hung
+        return self.record.status in CHECKABLE and not self.hung
 
     @property
     def wakeable(self) -> bool:
         """True if a request may load this engine (unloaded, unloading or asleep)."""
-        return self.record.status in ("unloading", "idle", "sleeping")
+        return self.record.status in WAKEABLE
 
     def same_process(self, record: EngineRecord) -> bool:
         """True if `record` still describes the process this backend talks to."""

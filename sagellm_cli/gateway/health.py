@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from sagellm_cli.core.external import HEALTH_PATH as EXTERNAL_HEALTH_PATH
 from sagellm_cli.core.launcher import LOCAL, launcher_for
+from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.probe import probe_request
 from sagellm_cli.gateway.loops import every
 
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
     from sagellm_cli.gateway.upstream import Upstream
 
 log = logging.getLogger("sagellm.gateway")
-STARTING = "starting"
 
 
 class HealthChecker:
@@ -45,7 +45,7 @@ class HealthChecker:
             self.registry.mark_failure(backend, "engine process is gone", fatal=True)
             return False
         try:
-            if record.status == STARTING:
+            if record.status == Status.STARTING:
                 # Into rotation only once it answers a real request (ready means it answers).
                 path, payload = probe_request(record.kind, record.served_model_name)
                 status = await self.upstream.post_status(backend.url + path, payload, self.timeout)

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sagellm_cli.core.records import LIVE_STATUSES
+from sagellm_cli.core.lifecycle import LIVE, SERVING, Status
 from sagellm_cli.core.state import State, StateStore
-from sagellm_cli.gateway.backend import SERVING, Backend
+from sagellm_cli.gateway.backend import Backend
 from sagellm_cli.gateway.loops import every
 from sagellm_cli.gateway.routing import Strategy, make_strategy
 
@@ -63,7 +63,7 @@ class Registry:
         """Rebuild the table from a state snapshot, keeping counters of unchanged engines."""
         fresh: dict[str, Backend] = {}
         for record in state.engines.values():
-            if record.status not in LIVE_STATUSES or record.status == "stopping":
+            if record.status not in LIVE or record.status == Status.STOPPING:
                 continue
             if record.kind not in self.groups:
                 continue

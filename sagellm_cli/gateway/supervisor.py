@@ -23,6 +23,7 @@ from prometheus_client import Counter
 
 from sagellm_cli.core.engines import EngineManager
 from sagellm_cli.core.errors import ResourceUnavailable, SageError
+from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.probe import probe_request
 from sagellm_cli.gateway.loops import every
 
@@ -101,7 +102,7 @@ class Supervisor:
         self._restart_due(state)
         now = time.monotonic()
         for backend in list(self.registry.backends.values()):
-            if backend.id in self._actions or backend.record.status != "ready":
+            if backend.id in self._actions or backend.record.status != Status.READY:
                 continue
             keep_alive = backend.record.spec.keep_alive
             if keep_alive >= 0 and backend.inflight == 0 and now - backend.last_used >= keep_alive:
@@ -113,7 +114,7 @@ class Supervisor:
         now = time.time()
         for record in state.engines.values():
             if (
-                record.status == "restarting"
+                record.status == Status.RESTARTING
                 and not record.orphans
                 and record.id not in self._actions
                 and (record.next_restart_at or 0) <= now
@@ -174,7 +175,8 @@ class Supervisor:
             if status != 200:
                 self.registry.mark_success(backend)
                 raise WakeFailed(f"/sleep answered {status}")
-            await asyncio.to_thread(self.manager.mark_asleep, record.id, ASLEEP_GIB)
+            if not await asyncio.to_thread(self.manager.mark_asleep, record.id, ASLEEP_GIB):
+                return  # stopped or crashed meanwhile: it stays so (logged by the table)
         elif await asyncio.to_thread(self.manager.unload, record.id) is None:
             return  # stopped meanwhile
         self.unloads.labels(record.id, record.served_model_name).inc()
@@ -238,10 +240,10 @@ class Supervisor:
         if not candidates:
             return group
         # A sleeping engine wakes fastest; then the most recently used.
-        backend = min(candidates, key=lambda b: (b.record.status != "sleeping", -b.last_used))
+        backend = min(candidates, key=lambda b: (b.record.status != Status.SLEEPING, -b.last_used))
         try:
             await asyncio.wait_for(self._shared_wake(backend), self.config.wake_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise WakeFailed(
                 f"model {group.name!r} is still loading after {self.config.wake_timeout_s:.0f}s"
             ) from None
@@ -272,15 +274,10 @@ class Supervisor:
         if record is None:
             raise WakeFailed(f"engine {engine_id} was removed")
         started = time.monotonic()
-        if record.status == "sleeping":
-            await self._with_room(record, lambda: self.manager.reclaim(engine_id))
-            status = await self.upstream.post_status(
-                f"{record.url}/wake_up", b"", self.config.wake_timeout_s
-            )
-            if status != 200:
-                raise WakeFailed(f"engine {engine_id} did not wake: /wake_up answered {status}")
-            await asyncio.to_thread(self.manager.mark_awake, engine_id)
-        elif record.status == "idle":
+        if record.status in (Status.SLEEPING, Status.WAKING):  # WAKING: left by a dead gateway
+            if not await self._wake_up(record):
+                return  # another gateway woke it meanwhile
+        elif record.status == Status.IDLE:
             await self._with_room(
                 record, lambda: self.manager.wake(engine_id, timeout=self.config.wake_timeout_s)
             )
@@ -291,6 +288,40 @@ class Supervisor:
             "engine %s loaded for a request in %.1fs", engine_id, time.monotonic() - started
         )
         await self.registry.refresh(force=True)
+
+    async def _wake_up(self, record: EngineRecord) -> bool:
+        """SLEEPING -> WAKING (full reservation back) -> /wake_up -> READY. True if this
+        call woke it, False if another gateway did; WakeFailed if it was stopped or
+        crashed meanwhile (the table refuses READY then, and it stays so)."""
+        engine_id = record.id
+        woken: list[bool] = []
+        await self._with_room(record, lambda: woken.append(self.manager.reclaim(engine_id)))
+        if not woken[-1]:
+            return await self._awake_elsewhere(engine_id)
+        try:
+            status = await self.upstream.post_status(
+                f"{record.url}/wake_up", b"", self.config.wake_timeout_s
+            )
+        except BaseException:
+            # Cancelled or unreachable: back to SLEEPING with the full reservation kept
+            # (vLLM may be half awake), so that the next request tries again.
+            await asyncio.to_thread(self.manager.mark_awake, engine_id, woke=False)
+            raise
+        if status != 200:
+            await asyncio.to_thread(self.manager.mark_awake, engine_id, woke=False)
+            raise WakeFailed(f"engine {engine_id} did not wake: /wake_up answered {status}")
+        if not await asyncio.to_thread(self.manager.mark_awake, engine_id):
+            return await self._awake_elsewhere(engine_id)
+        return True
+
+    async def _awake_elsewhere(self, engine_id: str) -> bool:
+        """After a refused wake step: False if the engine is READY (another gateway woke
+        it), else WakeFailed naming what it became."""
+        record = (await asyncio.to_thread(self.manager.store.read)).engines.get(engine_id)
+        if record is not None and record.status == Status.READY:
+            return False
+        now = record.status if record is not None else "removed"
+        raise WakeFailed(f"engine {engine_id} was {now} while waking; not woken")
 
     async def _with_room(self, record: EngineRecord, load: Callable[[], object]) -> None:
         """Run `load` in a thread; while GPU memory is short, unload the least recently used
@@ -320,7 +351,7 @@ class Supervisor:
             for b in self.registry.backends.values()
             if b.id != engine_id
             and b.id not in self._actions
-            and b.record.status == "ready"
+            and b.record.status == Status.READY
             and b.record.gpus
             and b.record.spec.keep_alive >= 0
             and b.inflight == 0

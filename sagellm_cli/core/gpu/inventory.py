@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sagellm_cli.core.errors import BadInput
+from sagellm_cli.core.lifecycle import Status
 
 MIB = 1024**2
 GIB = 1024**3
@@ -427,7 +428,9 @@ def engine_pid_map(state: Any) -> dict[int, str]:
     import psutil
 
     live = [
-        r for r in state.engines.values() if r.is_live and r.status != "idle" and (r.pid or r.pgid)
+        r
+        for r in state.engines.values()
+        if r.is_live and r.status != Status.IDLE and (r.pid or r.pgid)
     ]
     if not live:
         return {}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sagellm_cli.core.engines import Reuse
 from sagellm_cli.core.errors import BadInput, ExitCode, OperationFailed, SageError
+from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.presets.plan import KEEP, REPLACE, RESTART, PresetPlan
 from sagellm_cli.core.records import AppliedPreset, EngineRecord
 
@@ -218,12 +219,12 @@ class _Apply:
     def stop_outgoing(self) -> None:
         """Engines leaving the preset (or changing) stop first: they free ports and GPUs."""
         for record in self.plan.remove:
-            self.emit(record.label or record.id, "stopping", engine_id=record.id)
+            self.emit(record.label or record.id, Status.STOPPING, engine_id=record.id)
             self.manager.stop(record.id, timeout=STOP_TIMEOUT_S)
             self.result.removed.append(record)
         for item in self.plan.engines:
             if item.action == REPLACE and item.existing_id:
-                self.emit(item.label, "stopping", engine_id=item.existing_id)
+                self.emit(item.label, Status.STOPPING, engine_id=item.existing_id)
                 self.manager.stop(item.existing_id, timeout=STOP_TIMEOUT_S)
 
     def start_all(self) -> None:
@@ -242,7 +243,7 @@ class _Apply:
                 self.fail(item.label, None, exc)
                 continue
             self.started[item.label] = record.id
-            self.emit(item.label, "starting", "", record.id, at=t0)
+            self.emit(item.label, Status.STARTING, "", record.id, at=t0)
             if item.url is not None:  # registered ready: nothing to wait for
                 waiter, args = self.done.put, ((item.label, record, None),)
             else:
@@ -274,7 +275,7 @@ class _Apply:
                 self.fail(label, self.started.get(label), exc)
             else:
                 self.ready[label] = record
-                self.emit(label, "ready", "", record.id)
+                self.emit(label, Status.READY, "", record.id)
 
     def fail(self, label: str, engine_id: str | None, exc: BaseException) -> None:
         """Record a failed engine; with rollback on, stop starting and waiting."""
@@ -285,7 +286,7 @@ class _Apply:
         if engine_id and not failure.log_tail:
             failure.log_tail = "\n".join(self.manager.log_tail(engine_id)) or None
         self.result.failures.append(failure)
-        self.emit(label, "failed", failure.message, engine_id)
+        self.emit(label, Status.FAILED, failure.message, engine_id)
         if self.rollback:
             raise _Abort
 
@@ -317,12 +318,12 @@ class _Apply:
             (label, i) for label, i in self.started.items() if i in to_stop and label not in failed
         ]
         for label, engine_id in quietly_stopped:
-            self.emit(label, "stopping", "", engine_id)
+            self.emit(label, Status.STOPPING, "", engine_id)
         problems = _stop_many(self.manager, to_stop)
         for thread in self.waiters:
             thread.join(timeout=5.0)
         for label, engine_id in quietly_stopped:
-            self.emit(label, "stopped", "", engine_id)
+            self.emit(label, Status.STOPPED, "", engine_id)
         result.rolled_back = to_stop if self.rollback else []
         kept_up = {label: i for label, i in self.started.items() if i not in to_stop}
         result.started = [self.ready[label] for label in kept_up]

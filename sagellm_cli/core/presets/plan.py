@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from sagellm_cli.core import paths, ports
 from sagellm_cli.core.credentials import redact_argv, redact_env
 from sagellm_cli.core.errors import BadInput, SageError
+from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.presets.loader import LoadedPreset
 from sagellm_cli.core.presets.schema import EngineConfig, PresetConfig
 from sagellm_cli.core.records import EXTERNAL, EngineRecord, EngineSpec, option_fields
@@ -194,7 +195,7 @@ class PresetPlan:
         return (
             not self.to_start
             and not self.remove
-            and all(e.existing_status == "ready" for e in self.engines)
+            and all(e.existing_status == Status.READY for e in self.engines)
         )
 
     def to_dict(self) -> dict[str, Any]:
