@@ -355,3 +355,28 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def test_an_embedding_request_without_an_embedding_engine_says_how_to_start_one(local_home):
+    """Only a chat engine runs: an embedding request is a 404 naming what is missing and the
+    command that starts it, not a 400 about a `model` the client could not have known."""
+
+    async def main():
+        with FakeUpstream() as fake:
+            async with inprocess_gateway(local_home / "state.json") as (_, gw):
+                add_engine_record(local_home, "fake0001", fake.port, os.getpid())
+
+                async def chat_status():
+                    return (await gw.post(CHAT_PATH, json=CHAT)).status_code
+
+                assert await _until(lambda: _is(chat_status(), 200))
+                for body, names in (({"input": "x"}, "no embedding engine"),
+                                    ({"model": "minilm", "input": "x"}, "'minilm'")):  # fmt: skip
+                    r = await gw.post("/v1/embeddings", json=body)
+                    assert r.status_code == 404, r.text
+                    error = r.json()["error"]
+                    assert error["code"] == "model_not_found"
+                    assert names in error["message"]
+                    assert "--engine-kind embedding" in error["message"]
+
+    asyncio.run(main())

@@ -67,6 +67,13 @@ _PROMPT_RE = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
 _COMPLETION_RE = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 
 
+# How to start an engine of each kind, for a request that finds none.
+_START_HINT = {
+    "llm": "start one with `sage llm engine start MODEL`",
+    "embedding": "start one with `sage llm engine start all-MiniLM-L6-v2 --engine-kind embedding`",
+}
+
+
 class _ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
@@ -151,6 +158,11 @@ class Proxy:
         registry = self.registry
         if model is None:
             group = registry.default_group(kind)
+            if group is None and not registry.model_names(kind):
+                return None, 404, error_body(
+                    404, f"no {kind} engine is running here ({_START_HINT[kind]})",
+                    code="model_not_found", available=[],
+                )  # fmt: skip
             if group is None:
                 return (
                     None,
@@ -187,7 +199,7 @@ class Proxy:
             error_body(
                 404,
                 f"model {model!r} is not served here; available: {', '.join(available) or 'none'}"
-                " (start one with `sage llm engine start`)",
+                f" ({_START_HINT[kind]})",
                 code="model_not_found",
                 available=available,
             ),
