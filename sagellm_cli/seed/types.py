@@ -8,9 +8,23 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sagellm_cli.core.errors import BadInput
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _parse_member(cls: type[_E], value: object, what: str) -> _E:
+    """A member of `cls` from itself, its name or its value (any case); BadInput otherwise."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        for member in cls:
+            if value.lower() in (member.value, member.name.lower()):
+                return member
+    names = ", ".join(m.value for m in cls)
+    raise BadInput(f"unknown {what} {value!r}", hint=f"use one of {names}")
 
 
 class RequestPriority(str, enum.Enum):
@@ -24,14 +38,7 @@ class RequestPriority(str, enum.Enum):
     @classmethod
     def parse(cls, value: RequestPriority | str) -> RequestPriority:
         """A member from itself, its name or its value (any case); BadInput otherwise."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            for member in cls:
-                if value.lower() in (member.value, member.name.lower()):
-                    return member
-        names = ", ".join(m.name for m in cls)
-        raise BadInput(f"unknown request priority {value!r}", hint=f"use one of {names}")
+        return _parse_member(cls, value, "request priority")
 
 
 class ExecutionInstanceType(str, enum.Enum):
@@ -49,14 +56,7 @@ class ExecutionInstanceType(str, enum.Enum):
     @classmethod
     def parse(cls, value: ExecutionInstanceType | str) -> ExecutionInstanceType:
         """A member from itself, its name or its value (any case: "PREFILLING", "decoding")."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            for member in cls:
-                if value.lower() in (member.value, member.name.lower()):
-                    return member
-        names = ", ".join(m.value for m in cls)
-        raise BadInput(f"unknown instance_type {value!r}", hint=f"use one of {names}")
+        return _parse_member(cls, value, "instance_type")
 
 
 @dataclass
