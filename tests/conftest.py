@@ -78,6 +78,15 @@ def home(tmp_path, monkeypatch) -> Path:
         stop_all_engines(path)
 
 
+@pytest.fixture
+def local_home(tmp_path, monkeypatch) -> Path:
+    """A SAGELLM_HOME for an in-process gateway: its records point at no engine to stop."""
+    path = tmp_path / "sagellm"
+    path.mkdir()
+    monkeypatch.setenv("SAGELLM_HOME", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def engine_home(tmp_path_factory) -> Path:
     """A SAGELLM_HOME shared by the tests that reuse running engines."""

@@ -25,14 +25,6 @@ from test_gateway_support import add_engine_record, inprocess_gateway, running_g
 MSG = [{"role": "user", "content": "hello there"}]
 
 
-@pytest.fixture
-def local_home(tmp_path, monkeypatch):
-    path = tmp_path / "sagellm"
-    path.mkdir()
-    monkeypatch.setenv("SAGELLM_HOME", str(path))
-    return path
-
-
 # -- in-process ---------------------------------------------------------------------
 
 

@@ -66,15 +66,6 @@ def _metric(text: str, prefix: str) -> float:
     )
 
 
-@pytest.fixture
-def local_home(tmp_path, monkeypatch):
-    """A SAGELLM_HOME for an in-process gateway: its records point at no engine to stop."""
-    path = tmp_path / "sagellm"
-    path.mkdir()
-    monkeypatch.setenv("SAGELLM_HOME", str(path))
-    return path
-
-
 # -- in-process: the gateway's logic ------------------------------------------------
 
 
