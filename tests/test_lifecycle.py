@@ -29,7 +29,8 @@ from sagellm_cli.core.state import StateStore
 
 ALL = list(Status)
 ILLEGAL = [(a, b) for a, b in itertools.product(ALL, ALL) if a != b and b not in TRANSITIONS[a]]
-LEGAL = [(a, b) for a in ALL for b in TRANSITIONS[a]]
+# Sorted: TRANSITIONS holds sets, and every test worker must collect the same order.
+LEGAL = [(a, b) for a in ALL for b in sorted(TRANSITIONS[a])]
 
 
 def _record(status: Status) -> EngineRecord:

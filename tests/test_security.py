@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -29,11 +30,13 @@ def _records(home) -> dict:
     return StateStore(path).read().engines if path.exists() else {}
 
 
-def _sagellm_engine_processes() -> list[psutil.Process]:
+def _sagellm_engine_processes(home: Path) -> list[psutil.Process]:
+    """Engine processes of `home` only: other test workers run engines of their own."""
     found = []
     for proc in psutil.process_iter(["environ"]):
         try:
-            if "SAGELLM_ENGINE_ID" in (proc.info["environ"] or {}):
+            env = proc.info["environ"] or {}
+            if "SAGELLM_ENGINE_ID" in env and env.get("SAGELLM_HOME") == str(home):
                 found.append(proc)
         except psutil.Error:
             continue
@@ -42,11 +45,11 @@ def _sagellm_engine_processes() -> list[psutil.Process]:
 
 def _assert_nothing_started(home, before: list[psutil.Process]) -> None:
     assert _records(home) == {}
-    assert {p.pid for p in _sagellm_engine_processes()} <= {p.pid for p in before}
+    assert {p.pid for p in _sagellm_engine_processes(home)} <= {p.pid for p in before}
 
 
 def test_csrf_shaped_post_is_refused_and_starts_nothing(home):
-    before = _sagellm_engine_processes()
+    before = _sagellm_engine_processes(home)
     body = json.dumps({"model": "x", "env": {"PYTHONWARNINGS": "ignore::x", "BROWSER": "sh -c id"}})
     with running_gateway(home) as gw:
         # A "simple" cross-site request: text/plain, a foreign Origin and a rebound Host.
@@ -193,7 +196,7 @@ def test_bad_query_parameters_are_400_and_later_engines_still_route(home):
     ],
 )
 def test_the_api_cannot_ask_for_code_execution(home, body, word):
-    before = _sagellm_engine_processes()
+    before = _sagellm_engine_processes(home)
     with running_gateway(home) as gw:
         r = httpx.post(gw.v1 + ENGINES + "?wait=false", json=body, headers=gw.admin)
         assert r.status_code == 403, r.text
