@@ -9,6 +9,8 @@
 #                 bash scripts/gpu_device_run.sh model wake          (supervisor: sleep/wake)
 #                 bash scripts/gpu_device_run.sh swap                (two engines, on demand)
 #                 bash scripts/gpu_device_run.sh startup             (cold vs warm compile cache)
+#                 bash scripts/gpu_device_run.sh startupgpu converge (issue 21, ~5.5 + ~7 min;
+#                     CONVERGE_MODES=concurrent makes converge ~4 min: both within 9)
 #
 # `model` builds a random 1.2 B-parameter Qwen2 (2.4 GB, bf16) in /root/m-1b, so that sleep
 # moves real weights; each step writes $OUT/<step>.log.
@@ -27,6 +29,16 @@ export VLLM_USE_FLASHINFER_SAMPLER=0 SAGELLM_DISABLE_NVML=0
 # NVLink multicast stays off on shared hosts.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 unset SAGELLM_MOCK_GPUS SAGELLM_MOCK_NVLINK
+
+# Every GPU process left by a step (a failed or timed-out bench) is killed: the next
+# step measures memory and time on an empty GPU.
+clean_gpu() {
+    local pids
+    pids=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2>/dev/null)
+    [ -n "$pids" ] && echo "killing leftover GPU processes: $pids" && kill -9 $pids 2>/dev/null
+    sleep 1
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv 2>&1 | tail -n +2
+}
 
 rc=0
 while [ $# -gt 0 ]; do
@@ -60,6 +72,7 @@ while [ $# -gt 0 ]; do
             | tee -a "$OUT/gpu_device.log" ;;
     bench)
         python3 benchmarks/gpu_memory.py ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_memory.log"
+        clean_gpu >/dev/null 2>&1
         shift ;;
     model)
         python3 tests/tinymodel.py "$BIG" --hidden 2048 --layers 24 2>&1 | tail -1 | tee "$OUT/model.log"
@@ -75,6 +88,20 @@ while [ $# -gt 0 ]; do
     startup)
         python3 tests/tinymodel.py /root/tiny >/dev/null 2>&1
         python3 benchmarks/engine_startup.py --model /root/tiny --pairs 1 2>&1 | tee "$OUT/startup.log"
+        shift ;;
+    startupgpu)
+        # engine start vs bare vllm serve (same argv), cold then warm, then MTTR after kill -9.
+        python3 tests/tinymodel.py /root/tiny >/dev/null 2>&1
+        timeout -s INT -k 30 420 python3 benchmarks/engine_startup.py --gpu --model /root/tiny --pairs 1 \
+            --mttr 2>&1 | tee "$OUT/startupgpu.log"
+        clean_gpu 2>&1 | tee -a "$OUT/startupgpu.log"
+        shift ;;
+    converge)
+        # One GPU, 3 chat + vLLM pooling + MiniLM engines: apply time vs alone, NVML vs reserved.
+        python3 tests/tinymodel.py /root/tiny >/dev/null 2>&1
+        timeout -s INT -k 30 540 python3 benchmarks/gpu_memory.py --model /root/tiny \
+            --modes "${CONVERGE_MODES:-concurrent,pipeline}" 2>&1 | tee "$OUT/converge.log"
+        clean_gpu 2>&1 | tee -a "$OUT/converge.log"
         shift ;;
     *)
         echo "unknown step $1" >&2; exit 2 ;;

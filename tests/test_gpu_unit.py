@@ -662,9 +662,9 @@ def test_engine_start_that_cannot_fit_exits_4_before_spawning(tmp_path):
     assert not any(r.pid for r in state.engines.values())
 
 
-def test_engines_on_one_real_gpu_load_one_at_a_time(home, monkeypatch):
-    """vLLM sizes its KV cache from free memory while it loads, so a second engine on the
-    same GPU is queued until the first is no longer loading (serial starts)."""
+def test_serial_mode_loads_one_engine_at_a_time_per_gpu(home, monkeypatch):
+    """SAGELLM_GPU_START_MODE=serial: a second engine on the same GPU is queued until the
+    first is no longer loading; other GPUs and mock GPUs load in parallel."""
     from sagellm_cli.core.engines import _loading_before, _must_queue
     from sagellm_cli.core.records import EngineRecord
 
@@ -673,16 +673,16 @@ def test_engines_on_one_real_gpu_load_one_at_a_time(home, monkeypatch):
                             served_model_name="m", host="127.0.0.1", port=9000 + i,
                             status=status, gpus=gpus, created_at=created)  # fmt: skip
 
+    monkeypatch.setenv("SAGELLM_GPU_START_MODE", "serial")
+    spec = EngineSpec(model="m")
     state = State()
     state.engines["e1"] = rec(1, "starting", [0], 1.0)
     real = Placement(gpus=[0], uuids=["GPU-a"], gib_per_gpu=8.0, total_gib=[80.0])
     other = Placement(gpus=[1], uuids=["GPU-b"], gib_per_gpu=8.0, total_gib=[80.0])
     mock = Placement(gpus=[0], uuids=["GPU-mock-0"], gib_per_gpu=8.0, total_gib=[80.0], mock=True)
-    assert _must_queue(state, real, None)
-    assert not _must_queue(state, other, None)  # another GPU loads in parallel
-    assert not _must_queue(state, mock, None)  # mock engines run on the CPU
-    monkeypatch.setenv("SAGELLM_SERIAL_GPU_STARTS", "0")
-    assert not _must_queue(state, real, None)
+    assert _must_queue(state, spec, "vllm", real, None)
+    assert not _must_queue(state, spec, "vllm", other, None)  # another GPU loads in parallel
+    assert not _must_queue(state, spec, "vllm", mock, None)  # mock engines run on the CPU
     # The queue is first come, first served; a ready neighbour blocks nobody.
     state.engines["e2"] = rec(2, "queued", [0], 2.0)
     state.engines["e3"] = rec(3, "queued", [0], 3.0)

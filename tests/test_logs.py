@@ -25,7 +25,7 @@ def test_phase_follows_vllms_log(tmp_path):
                  "compile range (1, 8192)\n")  # fmt: skip
         fh.write("(EngineCore pid=2) INFO 11-30 00:08:20 [gpu_model_runner.py:1] Capturing "
                  "CUDA graphs (mixed prefill-decode, PIECEWISE): 100%\n")  # fmt: skip
-    assert logs.loading_view(path)[0] == "capturing graphs"
+    assert logs.loading_view(path)[0] == "capturing CUDA graphs"
     assert logs.loading_view(tmp_path / "missing.log")[0] is None
 
 

@@ -26,7 +26,7 @@ from sagellm_cli.core.errors import (
     SageError,
 )
 from sagellm_cli.core.launcher import LOCAL, launcher_for, launcher_for_spec
-from sagellm_cli.core.lifecycle import EXPECTED_EXIT, LOADING, PROBED, Status, allowed, transition
+from sagellm_cli.core.lifecycle import EXPECTED_EXIT, PROBED, Status, allowed, transition
 from sagellm_cli.core.limits import check_exec_size
 from sagellm_cli.core.records import (
     EXTERNAL,
@@ -42,10 +42,10 @@ if TYPE_CHECKING:
 LOG_TAIL_ON_FAILURE = 20
 # A record without a pid is a spawn in progress; after this long it never happened.
 SPAWN_GRACE_S = 120.0
-# Serial starts per GPU (see _wait_turn): how often a queued engine looks, and for how long.
+# Gated starts per GPU (see _wait_turn): how often a queued engine looks, and for how long.
 QUEUE_POLL_S = 0.5
 QUEUE_LIMIT_S = 1800.0
-SERIAL_ENV = "SAGELLM_SERIAL_GPU_STARTS"
+KV_BYTES_FLAG = "--kv-cache-memory-bytes"
 # wait_ready: how often /health is probed, and how often the record and log are looked at.
 PROBE_INTERVAL_S = 0.05
 STATE_INTERVAL_S = 0.5
@@ -70,7 +70,20 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 # Supervision fields a record keeps when it is started again under the same id.
-_CARRIED = ("created_at", "restarts", "last_exit", "restart_times")
+_CARRIED = ("created_at", "restarts", "last_exit", "restart_times", "launch_env")
+# Variables that select or key vLLM's compile cache (VLLM_CACHE_ROOT, torch inductor's and
+# Triton's caches); names that look like secrets are never written to the state file.
+_PINNED_PREFIXES = ("VLLM_", "TORCHINDUCTOR_", "TRITON_", "XDG_CACHE_HOME")
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def pinned_env(environ: dict[str, str]) -> dict[str, str]:
+    """The part of a caller's environment that a restart must see unchanged."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name.startswith(_PINNED_PREFIXES) and not any(w in name for w in _SECRET_WORDS)
+    }
 
 
 @dataclass
@@ -320,7 +333,16 @@ class EngineManager:
             )
             record.command, record.notes = launch.argv, launch.notes
             # The gateway's credentials never reach an engine, even when it starts one.
-            env = {**engine_environ(), **launch.env, **spec.env, "SAGELLM_ENGINE_ID": record.id}
+            base = engine_environ()
+            if record.launch_env is None:  # a first start; restarts carry the first one's
+                record.launch_env = pinned_env(base)
+            env = {
+                **base,
+                **(record.launch_env or {}),
+                **launch.env,
+                **spec.env,
+                "SAGELLM_ENGINE_ID": record.id,
+            }
             env.setdefault("PYTHONUNBUFFERED", "1")
             # Over ARG_MAX the spawn would fail (E2BIG) after the record exists: refuse
             # here, inside the transaction, so nothing is recorded.
@@ -393,7 +415,11 @@ class EngineManager:
             port=port,
             label=spec.label,
             status=status
-            or (Status.QUEUED if _must_queue(state, placement, reuse_id) else Status.STARTING),
+            or (
+                Status.QUEUED
+                if _must_queue(state, spec, runtime, placement, reuse_id)
+                else Status.STARTING
+            ),
             gpus=list(placement.gpus) if placement else [],
             gpu_memory_gb=placement.gib_per_gpu if placement else None,
             created_at=now,
@@ -419,11 +445,15 @@ class EngineManager:
         return record, placement
 
     def _wait_turn(self, record: EngineRecord) -> None:
-        """Hold a queued engine until no other engine loads on its GPUs, then mark it starting.
+        """Hold a queued engine until no engine on its GPUs must load first, then mark it
+        starting.
 
         vLLM sizes its KV cache from free-memory readings taken while it profiles; a
         neighbour loading at the same time corrupts them (measured on an H200: 19.5 and
-        1.5 GiB for two 20 GiB reservations). One engine loads per GPU at a time.
+        1.5 GiB for two 20 GiB reservations). Engines given --kv-cache-memory-bytes don't
+        read free memory and load together; one that profiles waits until the engines
+        ahead of it have sized their KV cache, and they wait for it likewise (pipeline).
+        `SAGELLM_GPU_START_MODE=serial` waits until they are ready.
         """
         deadline = time.monotonic() + QUEUE_LIMIT_S
         try:
@@ -504,8 +534,30 @@ class EngineManager:
                     ):
                         transition(current, Status.READY)
                         current.ready_at = time.time()
-                    return current or record
+                self.check_gpu_use(engine_id)
+                return current or record
             time.sleep(PROBE_INTERVAL_S)
+
+    def check_gpu_use(self, engine_id: str):
+        """Compare NVML's use of a running engine with its reservation and mark the ledger
+        when it is over by more than max(5 %, 0.5 GiB); return the `OverUse` or None."""
+        from sagellm_cli.core.gpu import overuse
+
+        state = self.store.read()
+        reservation = state.reservations.get(engine_id)
+        if reservation is None or reservation.mock:
+            return None
+        try:
+            used = overuse.engine_usage(state, engine_id)
+        except Exception:  # noqa: BLE001 - NVML went away: nothing to compare
+            return None
+        over = overuse.find_overuse(reservation, used)
+        with self.store.transaction() as state:
+            current = state.reservations.get(engine_id)
+            if current is not None:
+                current.over_gib = over.over_gib if over else None
+                current.over_gpu = over.gpu if over else None
+        return over
 
     def _check_loading(self, record: EngineRecord) -> None:
         """Fail (with the log tail) if the engine was stopped or its process exited."""
@@ -849,25 +901,62 @@ def _shares_gpu(a: EngineRecord, gpus: list[int]) -> bool:
     return bool(set(a.gpus) & set(gpus))
 
 
-def _must_queue(state: State, placement: Placement | None, reuse_id: str | None) -> bool:
-    """True if a real GPU the engine gets already has an engine loading (serial starts)."""
-    if placement is None or placement.mock or os.environ.get(SERIAL_ENV, "1") == "0":
+def _profiles(runtime: str, argv: list[str]) -> bool:
+    """True if the engine sizes its KV cache from free-memory readings (vLLM without
+    --kv-cache-memory-bytes): a neighbour that loads meanwhile corrupts them."""
+    from sagellm_cli.core.runtimes import VLLM
+
+    sized = any(a == KV_BYTES_FLAG or a.startswith(KV_BYTES_FLAG + "=") for a in argv)
+    return runtime == VLLM and not sized
+
+
+def _settled(record: EngineRecord) -> bool:
+    """True once a loading engine no longer changes its memory much: vLLM logged its KV
+    cache size (what follows, CUDA graphs, is within the overhead table's allowance)."""
+    return record.status == Status.STARTING and logs.kv_cache_sized(record.log_path)
+
+
+def _blocks(other: EngineRecord, profiles: bool, ahead: bool, mode: str) -> bool:
+    """True if `other`, loading on a shared GPU, must finish first (see _wait_turn)."""
+    from sagellm_cli.core.gpu.kv_budget import SERIAL
+
+    if other.status == Status.QUEUED:
+        return ahead and (mode == SERIAL or profiles or _profiles(other.runtime, other.command))
+    if other.status != Status.STARTING:
         return False
+    if mode == SERIAL:
+        return True
+    return (profiles or _profiles(other.runtime, other.command)) and not _settled(other)
+
+
+def _must_queue(
+    state: State, spec: EngineSpec, runtime: str, placement: Placement | None, reuse_id
+) -> bool:
+    """True if the new engine must wait for another one loading on its GPUs."""
+    from sagellm_cli.core.gpu.kv_budget import start_mode
+
+    if placement is None or placement.mock:
+        return False
+    kv_known = placement.kv_cache_bytes is not None or spec.kv_cache_gb is not None
+    profiles = _profiles(runtime, ([KV_BYTES_FLAG] if kv_known else []) + spec.extra_args)
+    mode = start_mode()
     return any(
-        r.status in LOADING and r.id != reuse_id and _shares_gpu(r, placement.gpus)
+        r.id != reuse_id and _shares_gpu(r, placement.gpus) and _blocks(r, profiles, True, mode)
         for r in state.engines.values()
     )
 
 
 def _loading_before(state: State, record: EngineRecord) -> bool:
-    """True while an engine on the same GPUs loads, or waits in the queue ahead of `record`."""
+    """True while an engine on the same GPUs must load first: ahead of `record` in the
+    queue, or still loading in a way that disturbs it (or that it would disturb)."""
+    from sagellm_cli.core.gpu.kv_budget import start_mode
+
+    mode = start_mode()
+    profiles = _profiles(record.runtime, record.command)
     return any(
         r.id != record.id
         and _shares_gpu(r, record.gpus)
-        and (
-            r.status == Status.STARTING
-            or (r.status == Status.QUEUED and (r.created_at, r.id) < (record.created_at, record.id))
-        )
+        and _blocks(r, profiles, (r.created_at, r.id) < (record.created_at, record.id), mode)
         for r in state.engines.values()
     )
 

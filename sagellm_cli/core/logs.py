@@ -66,15 +66,34 @@ def _phase_of(messages: list[str]) -> str | None:
     return None
 
 
-# Lines that start a loading phase in vLLM's log; the last one seen names the phase it is in.
+# Lines that start a loading phase in vLLM's log (0.24, as its source words them); the last
+# one seen names the phase it is in. In load order:
+#   gpu_model_runner.py  "Starting to load model %s..." / loader "Loading weights took %.2f seconds"
+#   backends.py          "Dynamo bytecode transform time: %.2f s", "Compiling a graph for
+#                        compile range %s takes %.2f s", "Directly load the compiled graph(s)
+#                        for compile range %s from the cache, took %.3f s" (warm cache)
+#   gpu_worker.py        "Available KV cache memory: %.2f GiB" (profiled), or "... reserved %s
+#                        GiB memory for KV Cache as specified by kv_cache_memory_bytes ..."
+#   kv_cache_utils.py    "GPU KV cache size: %s tokens" (the cache is allocated right after)
+#   gpu_model_runner.py  "Capturing CUDA graphs (mixed prefill-decode, PIECEWISE)" (tqdm),
+#                        "Graph capturing finished in %.0f secs, took %.2f GiB"
+#   api_server.py        "Starting vLLM API server %d on %s", "Waiting for application startup."
+_KV_SIZED = re.compile(r"KV cache size: [\d,]+ tokens")
 _PHASES = (
     ("loading weights", re.compile(r"^Starting to load model|^Loading weights")),
     ("profiling", re.compile(r"^Memory profiling|^init engine \(profile|profile run")),
     (
         "compiling",
-        re.compile(r"^Compiling a graph|^Dynamo bytecode transform|^torch\.compile takes"),
+        re.compile(
+            r"^Compiling a graph|^Dynamo bytecode transform|^torch\.compile t(?:akes|ook)"
+            r"|^Directly load the compiled graph"
+        ),
     ),
-    ("capturing graphs", re.compile(r"^Capturing CUDA graph|^Graph capturing")),
+    (
+        "KV cache",
+        re.compile(r"^Available KV cache memory|GiB memory for KV Cache|" + _KV_SIZED.pattern),
+    ),
+    ("capturing CUDA graphs", re.compile(r"^Capturing CUDA graph|^Graph capturing")),
     ("starting server", re.compile(r"Starting vLLM API server|Waiting for application startup")),
 )
 _PHASE_LINES = 80
@@ -82,11 +101,29 @@ _PHASE_LINES = 80
 
 def loading_view(path: str | Path, width: int = 100) -> tuple[str | None, str]:
     """What a progress line shows, from one read of the log's tail: the loading phase
-    (`loading weights`, `profiling`, `compiling`, `capturing graphs`, `starting server`, or
+    (`loading weights`, `profiling`, `compiling`, `KV cache`, `capturing CUDA graphs`,
+    `starting server`, or
     None) and the last message, vLLM's timestamp prefix dropped, cut on the right to
     `width` characters (the start of a message says the most)."""
     messages = _messages(path, _PHASE_LINES)
     return _phase_of(messages), _last_message(messages, width)
+
+
+# How far back the current run's KV-cache line is looked for (a compile logs a few hundred).
+_RUN_LINES = 4000
+_RUN_START = "[sagellm] "
+
+
+def kv_cache_sized(path: str | Path) -> bool:
+    """True once the engine's current run (after sagellm's last `starting engine` line) has
+    logged its KV cache size: the point after which a neighbour may start profiling."""
+    lines = tail_lines(path, _RUN_LINES)
+    for line in reversed(lines):
+        if _KV_SIZED.search(line):
+            return True
+        if line.startswith(_RUN_START) and " starting engine " in line:
+            return False
+    return False
 
 
 def follow(path: str | Path, keep_going: Callable[[], bool], poll: float = 0.5) -> Iterator[str]:

@@ -190,6 +190,9 @@ class EngineRecord:
     command: list[str] = field(default_factory=list)
     # Choices sagellm made for the user at launch (a CPU dtype, say), shown by `engine start`.
     notes: list[str] = field(default_factory=list)
+    # The caller's vLLM, inductor and Triton variables at the first start, given again to
+    # every restart (a gateway's own environment may differ): they key vLLM's compile cache.
+    launch_env: dict[str, str] | None = None
     # The main process is gone but helpers (vLLM's EngineCore, workers) still run: the next
     # reconcile stops them, and only then releases the engine's GPU reservation.
     orphans: bool = False
@@ -267,6 +270,10 @@ class GpuReservation:
     mock: bool = False
     # While the engine sleeps (vLLM sleep mode) it holds only this much per GPU.
     asleep_gib: float | None = None
+    # Set when NVML showed the running engine over its reservation by more than the
+    # tolerance (core/gpu/overuse.py): the GiB over, on its worst GPU.
+    over_gib: float | None = None
+    over_gpu: int | None = None
 
     @property
     def held_gib(self) -> float:

@@ -162,8 +162,15 @@ def _vllm(
             "--gpu-memory-utilization",
             f"{placement.gpu_memory_utilization:.3f}",
         ]
-        if spec.kv_cache_gb is not None:
-            argv += ["--kv-cache-memory-bytes", _bytes_arg(spec.kv_cache_gb)]
+        # Sized from the reservation (or --kv-cache-gb), vLLM skips its free-memory reading,
+        # so engines sharing the GPU may load together (core/gpu/kv_budget.py).
+        kv_bytes = placement.kv_cache_bytes
+        if kv_bytes is None and spec.kv_cache_gb is not None:
+            kv_bytes = int(spec.kv_cache_gb * 1024**3)
+        if kv_bytes is not None:
+            argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
+        elif placement.kv_budget is not None:
+            notes.append(f"vLLM sizes its KV cache by profiling: {placement.kv_budget.reason}")
         if spec.unload == "sleep":
             # vLLM serves /sleep and /wake_up only in its dev mode (docs/security.md).
             argv.append("--enable-sleep-mode")

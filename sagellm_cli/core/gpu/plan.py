@@ -17,13 +17,15 @@ from sagellm_cli.core.gpu.estimate import (
     recommend_layouts,
 )
 from sagellm_cli.core.gpu.inventory import Inventory, engine_pid_map, read_inventory
+from sagellm_cli.core.gpu.kv_budget import (
+    CONCURRENT,
+    KvBudget,
+    context_gib,
+    derive_kv_budget,
+    start_mode,
+)
 from sagellm_cli.core.records import EngineSpec, GpuReservation
 from sagellm_cli.core.state import State
-
-# What a GPU process uses beyond what vLLM or torch count against their budget. Measured on
-# an H200 with vLLM 0.24: 0.2-0.4 GiB for a one-GPU engine, 1.4 GiB per rank with TP 2.
-CONTEXT_GIB = 0.6
-CONTEXT_GIB_PARALLEL = 1.6
 
 
 @dataclass
@@ -36,6 +38,13 @@ class Placement:
     total_gib: list[float]
     mock: bool = False
     estimate: MemoryEstimate | None = None
+    # The KV cache handed to vLLM (`--kv-cache-memory-bytes`), or why vLLM profiles instead.
+    kv_budget: KvBudget | None = None
+
+    @property
+    def kv_cache_bytes(self) -> int | None:
+        """`--kv-cache-memory-bytes` for the engine; None when vLLM sizes it by profiling."""
+        return self.kv_budget.kv_bytes if self.kv_budget else None
 
     @property
     def cuda_visible_devices(self) -> str:
@@ -48,7 +57,7 @@ class Placement:
     def context_gib(self) -> float:
         """Per-process memory outside the engine's own budget: the CUDA context, and with
         TP/PP the NCCL buffers (measured on an H200, docs/gpu.md)."""
-        return CONTEXT_GIB_PARALLEL if len(self.gpus) > 1 else CONTEXT_GIB
+        return context_gib(len(self.gpus))
 
     @property
     def gpu_memory_utilization(self) -> float:
@@ -78,6 +87,7 @@ class Placement:
             "cuda_visible_devices": self.cuda_visible_devices,
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "estimate": self.estimate.to_dict() if self.estimate else None,
+            "kv_budget": self.kv_budget.to_dict() if self.kv_budget else None,
         }
 
 
@@ -135,7 +145,21 @@ def plan_gpu(
         total_gib=[by_index[i].total_gib for i in chosen],
         mock=inventory.mock,
         estimate=estimate,
+        kv_budget=None if inventory.mock else kv_budget_for(spec, estimate.gib_per_gpu, tp * pp),
     )
+
+
+def kv_budget_for(spec: EngineSpec, gib_per_gpu: float, gpu_count: int) -> KvBudget:
+    """The KV budget under the current start mode: derived only in `concurrent` mode (in
+    the others vLLM profiles, unless the spec gives --kv-cache-gb)."""
+    from sagellm_cli.core.runtimes import resolve_runtime
+
+    runtime = resolve_runtime(spec.kind, spec.runtime)
+    budget = derive_kv_budget(spec, runtime, gib_per_gpu, gpu_count)
+    mode = start_mode()
+    if mode != CONCURRENT and budget.kv_bytes is not None and spec.kv_cache_gb is None:
+        return KvBudget(None, f"start mode {mode}: vLLM profiles", budget.parts_gib)
+    return budget
 
 
 def reservation_fits(state: State, reservation: GpuReservation) -> bool:
@@ -193,7 +217,8 @@ class GpuSnapshot:
             for i in reservation.gpus
         ]
         over = any(u is not None and u > reservation.gib_per_gpu for u in used)
-        return {"used_gib": used, "over": over}
+        # The ledger's mark (set when the engine became ready) stays until it is restarted.
+        return {"used_gib": used, "over": over or reservation.over_gib is not None}
 
 
 def gpu_snapshot(state: State) -> GpuSnapshot:

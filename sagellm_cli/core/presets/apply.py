@@ -258,6 +258,7 @@ class _Apply:
 
         try:
             record = self.manager.wait_ready(engine_id, timeout=self.timeout, on_progress=progress)
+            check_reservation_kept(self.manager, engine_id)
             self.done.put((label, record, None))
         except BaseException as exc:  # noqa: BLE001 - reported to the main thread
             self.done.put((label, None, exc))
@@ -356,6 +357,20 @@ class _Apply:
             self.result,
             hint=f"see `sage llm engine logs {first.engine_id}`" if first.engine_id else None,
             details=details,
+        )
+
+
+def check_reservation_kept(manager: EngineManager, engine_id: str) -> None:
+    """OperationFailed if the ledger marks the ready engine as over its GPU reservation
+    (wait_ready compared it with NVML): a silent overshoot would starve its neighbours."""
+    from sagellm_cli.core.gpu.overuse import from_ledger
+
+    over = from_ledger(manager.store.read().reservations.get(engine_id))
+    if over is not None:
+        raise OperationFailed(
+            over.message(),
+            hint="raise its gpu_memory_gb, or apply with SAGELLM_GPU_START_MODE=pipeline "
+            "(vLLM then sizes its KV cache by profiling)",
         )
 
 
