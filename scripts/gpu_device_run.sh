@@ -9,6 +9,8 @@
 #                 bash scripts/gpu_device_run.sh model wake          (supervisor: sleep/wake)
 #                 bash scripts/gpu_device_run.sh swap                (two engines, on demand)
 #                 bash scripts/gpu_device_run.sh startup             (cold vs warm compile cache)
+#                 bash scripts/gpu_device_run.sh gwbench             (gateway data plane: vllm bench
+#                     serve direct vs through `sage llm serve`; builds the models if missing)
 #
 # `model` builds a random 1.2 B-parameter Qwen2 (2.4 GB, bf16) in /root/m-1b, so that sleep
 # moves real weights; each step writes $OUT/<step>.log.
@@ -75,6 +77,16 @@ while [ $# -gt 0 ]; do
     startup)
         python3 tests/tinymodel.py /root/tiny >/dev/null 2>&1
         python3 benchmarks/engine_startup.py --model /root/tiny --pairs 1 2>&1 | tee "$OUT/startup.log"
+        shift ;;
+    gwbench)
+        # Tiny model, a second replica, then the 1.2 B model; <= 6 device-minutes in all
+        # (benchmarks/gwbench.py skips what its time budget leaves no room for).
+        [ -f /root/tiny/config.json ] || python3 tests/tinymodel.py /root/tiny >/dev/null 2>&1
+        [ -f "$BIG/config.json" ] || python3 tests/tinymodel.py "$BIG" --hidden 2048 --layers 24 \
+            2>&1 | tail -1
+        # On timeout's SIGTERM gwbench still stops its engines and gateway (its finally).
+        timeout 420 python3 benchmarks/gwbench.py --tiny /root/tiny --big "$BIG" --out "$OUT" \
+            ${GWBENCH_ARGS:-} 2>&1 | tee "$OUT/gwbench.log"
         shift ;;
     *)
         echo "unknown step $1" >&2; exit 2 ;;
