@@ -49,7 +49,14 @@ CHAT = b'{"model":"fake","messages":[{"role":"user","content":"hello"}],"max_tok
 STREAM = (
     b'{"model":"fake","messages":[{"role":"user","content":"hello"}],"max_tokens":16,"stream":true}'
 )
-SCENARIOS = [("chat", 1), ("chat", 64), ("stream", 1), ("stream", 64)]
+# Paced: 16 chunks 2 ms apart, with a usage chunk, as a real engine streams. The fake's
+# back-to-back chunks coalesce into one or two reads, which hides any per-chunk cost.
+PACED = (
+    b'{"model":"fake","messages":[{"role":"user","content":"hello"}],"max_tokens":16,'
+    b'"stream":true,"stream_options":{"include_usage":true},"fake_itl_ms":2}'
+)
+BODIES = {"chat": (CHAT, False), "stream": (STREAM, True), "paced": (PACED, True)}
+SCENARIOS = [("chat", 1), ("chat", 64), ("stream", 1), ("stream", 64), ("paced", 64)]
 
 
 def free_port() -> int:
@@ -185,8 +192,136 @@ def _cpu(pid: int | None) -> float | None:
 
 
 def measure(url: str, scenario: str, concurrency: int, seconds: float, pid: int | None) -> Result:
-    body, stream = (STREAM, True) if scenario == "stream" else (CHAT, False)
+    body, stream = BODIES[scenario]
     return asyncio.run(_load(url, body, stream, concurrency, seconds, pid))
+
+
+# -- many concurrent streams ---------------------------------------------------------
+
+
+@dataclass
+class StreamsResult:
+    streams: int
+    completed: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    base_rss_mb: float = 0.0
+    cpu_s: float | None = None
+    first_error: str = ""
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        proc = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in (proc, *proc.children(recursive=True))) / 2**20
+    except psutil.Error:
+        return 0.0
+
+
+async def _streams(url: str, pid: int | None, streams: int, waves: int, itl_ms: float):
+    """`streams` paced streams at once, `waves` times over; errors and the proxy's peak RSS."""
+    body = PACED.replace(b'"fake_itl_ms":2', b'"fake_itl_ms":%g' % itl_ms)
+    out = StreamsResult(streams)
+    if pid is not None:
+        out.base_rss_mb = out.peak_rss_mb = _rss_mb(pid)
+    connector = aiohttp.TCPConnector(limit=streams, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=120)
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
+    done = False
+
+    async def sample() -> None:
+        while not done and pid is not None:
+            out.peak_rss_mb = max(out.peak_rss_mb, _rss_mb(pid))
+            await asyncio.sleep(0.1)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one() -> None:
+            try:
+                async with session.post(url, data=body, headers=headers) as resp:
+                    data = b"".join([c async for c in resp.content.iter_any()])
+                    if resp.status != 200 or not data.endswith(b"data: [DONE]\n\n"):
+                        raise RuntimeError(f"status {resp.status}, {data[-80:]!r}")
+                    out.completed += 1
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                out.errors += 1
+                out.first_error = out.first_error or f"{type(exc).__name__}: {exc}"[:200]
+
+        sampler = asyncio.ensure_future(sample())
+        before = _cpu(pid)
+        start = time.perf_counter()
+        for _ in range(waves):
+            await asyncio.gather(*(one() for _ in range(streams)))
+        out.seconds = time.perf_counter() - start
+        after = _cpu(pid)
+        done = True
+        await sampler
+    if before is not None and after is not None:
+        out.cpu_s = after - before
+    return out
+
+
+def run_streams(args) -> str:
+    """Every system through `args.streams` concurrent streams; a Markdown table."""
+    work = Path(tempfile.mkdtemp(prefix="gw-streams-"))
+    upstream_port = free_port()
+    upstream = spawn(
+        [sys.executable, str(ROOT / "benchmarks" / "fake_upstream.py"), "--port",
+         str(upstream_port)],
+        log=work / "upstream.log",
+    )  # fmt: skip
+    (work / "upstream.pid").write_text(str(upstream.pid))
+    chosen, missing = systems(args)
+    if args.only:
+        chosen = [s for s in chosen if args.only in s.name]
+    rows = []
+    try:
+        wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream)
+        direct = asyncio.run(
+            _streams(f"http://127.0.0.1:{upstream_port}/v1/chat/completions", upstream.pid,
+                     args.streams, args.waves, args.itl_ms)
+        )  # fmt: skip
+        rows.append(("direct (the fake upstream itself)", direct))
+        for system in chosen:
+            try:
+                url, proc = system.start(upstream_port, work)
+            except Exception as exc:  # noqa: BLE001
+                missing.append(f"{system.name}: failed to start ({exc})")
+                continue
+            try:
+                res = asyncio.run(
+                    _streams(url + "/v1/chat/completions", proc.pid, args.streams, args.waves,
+                             args.itl_ms)
+                )  # fmt: skip
+            finally:
+                stop(proc)
+            rows.append((system.name, res))
+            print(f"  {system.name}: {res}", flush=True)
+    finally:
+        stop(upstream)
+    lines = [
+        "| system | streams at once × waves | completed | errors | wall s | "
+        "RSS before → peak | CPU/stream |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        cpu = f"{r.cpu_s / max(1, r.completed) * 1e6:,.0f} µs" if r.cpu_s is not None else "-"
+        lines.append(
+            f"| {name} | {r.streams} × {args.waves} | {r.completed} | {r.errors} | "
+            f"{r.seconds:.1f} | {r.base_rss_mb:.0f} → {r.peak_rss_mb:.0f} MB | {cpu} |"
+        )
+    errors = [f"{n}: {r.first_error}" for n, r in rows if r.first_error]
+    notes = [
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPUs: each stream is 16 "
+        f"chunks {args.itl_ms:g} ms apart plus a usage chunk and [DONE].",
+    ]
+    if errors:
+        notes.append("First errors: " + "; ".join(errors) + ".")
+    if missing:
+        notes.append("Not measured: " + "; ".join(missing) + ".")
+    return "\n".join(lines + notes) + "\n"
 
 
 # -- our gateway, run by this script ----------------------------------------------
@@ -267,7 +402,8 @@ class System:
     start: Callable[[int, Path], tuple[str, subprocess.Popen]]
 
 
-def _sagellm(spec: str) -> Callable:
+def _sagellm(spec: str, root: Path = ROOT) -> Callable:
+    """Our gateway with this CLIENT/SERVER, from the checkout at `root` (before/after runs)."""
     client, _, server = spec.partition("/")
     server = server or "uvicorn"
 
@@ -275,7 +411,7 @@ def _sagellm(spec: str) -> Callable:
         from sagellm_cli.core.records import EngineRecord
         from sagellm_cli.core.state import StateStore
 
-        tag = f"{client}-{server}"
+        tag = f"{client}-{server}" + ("" if root == ROOT else f"-{root.name}")
         home = work / f"home-{tag}"
         fake_pid = int((work / "upstream.pid").read_text())
         with StateStore(home / "state.json").transaction() as state:
@@ -294,9 +430,9 @@ def _sagellm(spec: str) -> Callable:
             )
         port = free_port()
         proc = spawn(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-gateway",
+            [sys.executable, str(root / "benchmarks" / "gateway_overhead.py"), "--serve-gateway",
              "--client", client, "--server", server, "--port", str(port)],
-            env={"SAGELLM_HOME": str(home), "PYTHONPATH": str(ROOT)},
+            env={"SAGELLM_HOME": str(home), "PYTHONPATH": str(root)},
             log=work / f"sagellm-{tag}.log",
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{port}/ready", proc)
@@ -358,6 +494,9 @@ def systems(args) -> tuple[list[System], list[str]]:
         if spec and spec not in specs:
             specs.append(spec)
     found = [System(f"sagellm {spec.replace('/', ' + ')}", _sagellm(spec)) for spec in specs]
+    if args.compare_root:  # the same gateway from another checkout, e.g. before a change
+        root = Path(args.compare_root).resolve()
+        found.append(System(f"sagellm @ {root}", _sagellm("native/uvicorn", root)))
     missing = []
     if args.skip_peers:
         return found, ["peers skipped"]
@@ -378,6 +517,14 @@ def systems(args) -> tuple[list[System], list[str]]:
 # -- main ------------------------------------------------------------------------
 
 Rows = dict[tuple[str, str, int], list[tuple[float, Result]]]  # (direct p50 ms, proxied)
+
+
+def scenarios(args) -> list[tuple[str, int]]:
+    """The scenarios to measure: all, or those named by --scenarios (chat, stream, paced)."""
+    if not args.scenarios:
+        return SCENARIOS
+    wanted = set(args.scenarios.split(","))
+    return [(sc, c) for sc, c in SCENARIOS if sc in wanted]
 
 
 def run(args) -> str:
@@ -412,7 +559,7 @@ def run(args) -> str:
         for rnd in range(args.rounds):
             shift = rnd % len(running) if running else 0
             order = running[shift:] + running[:shift]
-            for scenario, conc in SCENARIOS:
+            for scenario, conc in scenarios(args):
                 seconds = args.duration * (1.5 if conc > 1 else 1)
                 before = measure(direct_url, scenario, conc, seconds, None)
                 results = [
@@ -463,9 +610,9 @@ def render(rows: Rows, directs, chosen: list[System], missing: list[str], args) 
     ref = "vllm-router"
     lines = [
         "| system | chat added p50, c=1 / c=64 | stream added p50, c=1 / c=64 | "
-        "req/s at c=64, chat / stream | CPU/req c=64 chat | CPU/req c=64 stream | "
-        f"CPU ÷ {ref}'s, chat / stream |",
-        "|---|---|---|---|---|---|---|",
+        "req/s at c=64, chat / stream / paced | CPU/req c=64 chat | CPU/req c=64 stream | "
+        f"CPU/req c=64 paced | CPU ÷ {ref}'s, chat / stream / paced |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def cpu_ratios(name: str, scenario: str) -> list[float]:
@@ -488,21 +635,21 @@ def render(rows: Rows, directs, chosen: list[System], missing: list[str], args) 
             ]
             cells.append(" / ".join(f"{a:+.2f}" for a in added) + " ms")
         rps, errors = [], 0
-        for scenario in ("chat", "stream"):
+        for scenario in ("chat", "stream", "paced"):
             pairs = rows.get((name, scenario, 64), [])
             errors += sum(p.errors for _, p in pairs)
             rps.append(f"{_median([p.rps for _, p in pairs]):,.0f}")
         cells.append(" / ".join(rps) + (f", {errors} errors" if errors else ""))
-        for scenario in ("chat", "stream"):
+        for scenario in ("chat", "stream", "paced"):
             pairs = rows.get((name, scenario, 64), [])
             cells.append(_spread([p.cpu_us_per_req for _, p in pairs], ",.0f") + " µs")
-        ratios = [_median(cpu_ratios(name, sc)) for sc in ("chat", "stream")]
+        ratios = [_median(cpu_ratios(name, sc)) for sc in ("chat", "stream", "paced")]
         cells.append(" / ".join(f"{r:.2f}×" for r in ratios) if ref in names else "-")
         lines.append("| " + " | ".join(cells) + " |")
     direct = [
         f"{sc} c={c}: {_median([r.pct(0.5) for r in directs.get((sc, c), [])]):.2f} ms p50, "
         f"{_median([r.rps for r in directs.get((sc, c), [])]):,.0f} req/s"
-        for sc, c in SCENARIOS
+        for sc, c in scenarios(args)
     ]
     notes = [
         "",
@@ -532,6 +679,15 @@ def main() -> None:
     parser.add_argument(
         "--candidates", action="store_true", help="add every client/server that was compared"
     )
+    parser.add_argument(
+        "--compare-root", default=None, help="also run the gateway of this checkout (before/after)"
+    )
+    parser.add_argument("--scenarios", default=None, help="comma-separated: chat,stream,paced")
+    parser.add_argument(
+        "--streams", type=int, default=0, help="instead: this many concurrent paced streams"
+    )
+    parser.add_argument("--waves", type=int, default=3, help="--streams: times over")
+    parser.add_argument("--itl-ms", type=float, default=50.0, help="--streams: chunk spacing")
     # Internal: what each gateway system runs.
     parser.add_argument("--serve-gateway", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--client", default="native", help=argparse.SUPPRESS)
@@ -547,7 +703,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    table = run(args)
+    table = run_streams(args) if args.streams else run(args)
     print()
     print(table)
 

@@ -11,6 +11,8 @@
 #                 bash scripts/gpu_device_run.sh startup             (cold vs warm compile cache)
 #                 bash scripts/gpu_device_run.sh startupgpu converge (issue 21, ~5.5 + ~7 min;
 #                     CONVERGE_MODES=concurrent makes converge ~4 min: both within 9)
+#                 bash scripts/gpu_device_run.sh gwbench             (gateway data plane: vllm bench
+#                     serve direct vs through `sage llm serve`; builds the models if missing)
 #
 # `model` builds a random 1.2 B-parameter Qwen2 (2.4 GB, bf16) in /root/m-1b, so that sleep
 # moves real weights; each step writes $OUT/<step>.log.
@@ -102,6 +104,16 @@ while [ $# -gt 0 ]; do
         timeout -s INT -k 30 540 python3 benchmarks/gpu_memory.py --model /root/tiny \
             --modes "${CONVERGE_MODES:-concurrent,pipeline}" 2>&1 | tee "$OUT/converge.log"
         clean_gpu 2>&1 | tee -a "$OUT/converge.log"
+        shift ;;
+    gwbench)
+        # Tiny model, a second replica, then the 1.2 B model; <= 6 device-minutes in all
+        # (benchmarks/gwbench.py skips what its time budget leaves no room for).
+        [ -f /root/tiny/config.json ] || python3 tests/tinymodel.py /root/tiny >/dev/null 2>&1
+        [ -f "$BIG/config.json" ] || python3 tests/tinymodel.py "$BIG" --hidden 2048 --layers 24 \
+            2>&1 | tail -1
+        # On timeout's SIGTERM gwbench still stops its engines and gateway (its finally).
+        timeout 420 python3 benchmarks/gwbench.py --tiny /root/tiny --big "$BIG" --out "$OUT" \
+            ${GWBENCH_ARGS:-} 2>&1 | tee "$OUT/gwbench.log"
         shift ;;
     *)
         echo "unknown step $1" >&2; exit 2 ;;

@@ -249,12 +249,14 @@ class FakeUpstream:
             )
         if ttft:
             await asyncio.sleep(ttft)
+        # A body's `fake_itl_ms` paces this stream (benchmarks: chunks that cannot coalesce).
+        itl = float(body.get("fake_itl_ms") or 0) / 1000 or self.itl
         for i, chunk in enumerate(_chunks(chat, model, n)):
             if self.break_after is not None and i >= self.break_after:
                 request.transport.close()
                 return resp
-            if i and self.itl:
-                await asyncio.sleep(self.itl)
+            if i and itl:
+                await asyncio.sleep(itl)
             await resp.write(chunk)
         if self.usage and (body.get("stream_options") or {}).get("include_usage"):
             usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n}

@@ -53,6 +53,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
         self._chunks: collections.deque[bytes] = collections.deque()
+        self._sink = None  # relay(): body bytes go here from on_body, not to _chunks
         self._reset()
 
     def _reset(self) -> None:
@@ -85,6 +86,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamConnectError(f"bad HTTP response: {exc}"))
             self.close()
+            return
+        if self._sink is not None and self._chunks:
+            self._flush()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -133,6 +137,8 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
+        if self._sink is not None:
+            return  # relay(): data_received flushes once the whole read is parsed
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused:
             self._paused = True
@@ -194,6 +200,46 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunk
 
+    def _flush(self) -> None:
+        """relay(): what one read brought goes to the sink as one piece (one write)."""
+        chunks = self._chunks
+        piece = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if not self._sink(piece) and not self._paused:  # the receiver is full: stop reading
+            self._paused = True
+            self.transport.pause_reading()
+            _wake(self._data_waiter)
+
+    async def relay(self, write, drain) -> None:
+        """Hand every body piece to `write` as it arrives, until the body ends.
+
+        `write(chunk) -> bool` runs inside the protocol callback (no task switch per
+        piece), once per read from the engine (the SSE events it brought, joined, as
+        `next_chunk` would return them); False pauses reading from the engine until `await drain()` returns.
+        Raises what `next_chunk` raises when the connection fails.
+        """
+        self._sink = write
+        if self._chunks:  # what arrived with the headers
+            self._flush()
+        loop = asyncio.get_running_loop()
+        try:
+            while not self.complete:
+                if self.error is not None:
+                    raise self.error
+                if self._paused:
+                    await drain()
+                    self._paused = False
+                    if not self.closed:
+                        self.transport.resume_reading()
+                    continue
+                self._data_waiter = loop.create_future()
+                await self._data_waiter
+                self._data_waiter = None
+        finally:
+            self._sink = None
+            self._data_waiter = None
+
     def release(self) -> None:
         """Back to the pool if the exchange finished cleanly, else drop the connection."""
         self.busy = False
@@ -228,6 +274,10 @@ class _NativeResponse:
         conn = self._conn
         while chunk := await conn.next_chunk():
             yield chunk
+
+    async def relay(self, write, drain) -> None:
+        """Pass the body to `write` from the protocol callback: see `_Connection.relay`."""
+        await self._conn.relay(write, drain)
 
     async def close(self) -> None:
         # An unfinished response closes the connection, so the engine aborts the generation.

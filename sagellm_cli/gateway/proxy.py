@@ -32,6 +32,7 @@ from sagellm_cli.gateway.routing import InvalidPrompt, RouteInfo
 from sagellm_cli.gateway.scheduling import Rejected
 from sagellm_cli.gateway.stats import GatewayStats
 from sagellm_cli.gateway.supervisor import WakeFailed
+from sagellm_cli.gateway.transport import direct_writer
 from sagellm_cli.gateway.upstream import UpstreamConnectError
 
 try:  # orjson is ~5x faster for the one parse we do; json is the fallback.
@@ -308,7 +309,8 @@ class Proxy:
         ) and strip_gateway_fields(body):
             raw = None  # the gateway's own fields never reach the engine
         req = ProxyRequest(send, receive, endpoint, group, body, raw, info, stream, started, first,
-                           deadline_ms=deadline, cost_budget=getattr(ticket, "budget", None))  # fmt: skip
+                           deadline_ms=deadline, cost_budget=getattr(ticket, "budget", None),
+                           scope=scope)  # fmt: skip
         try:
             await self._forward(req)
         finally:
@@ -470,9 +472,7 @@ class Proxy:
             return status
         self.registry.mark_success(backend)
         # From here on bytes reach the client: no retry, errors become an SSE error event.
-        pump = asyncio.ensure_future(
-            self._pump(send, resp, backend, req.started, model, req.endpoint.name)
-        )
+        pump = asyncio.ensure_future(self._pump(req, resp, backend, model))
         watcher = asyncio.ensure_future(_wait_disconnect(req.receive))
         try:
             done, _ = await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -490,7 +490,8 @@ class Proxy:
                     await pump
             await resp.close()
 
-    async def _pump(self, send, resp: UpstreamResponse, backend, started, model, endpoint) -> int:
+    async def _pump(self, req: ProxyRequest, resp: UpstreamResponse, backend, model) -> int:
+        send = req.send
         await send(
             {
                 "type": "http.response.start",
@@ -503,21 +504,17 @@ class Proxy:
                 ],
             }
         )
-        first = True
-        prompt = completion = 0
+        writer = direct_writer(req.scope) if req.scope is not None else None
+        tap = _StreamTap(self, model, backend.id, req.endpoint.name, req.started, writer)
         try:
-            async for chunk in resp.chunks():
-                if first:
-                    first = False
-                    ttft = time.perf_counter() - started
-                    self.metrics.first_token(model, endpoint, ttft)
-                    self.stats.first_token(model, backend.id, ttft)
-                if b'"usage"' in chunk:
-                    # Anthropic splits usage over message_start (input) and message_delta
-                    # (output); OpenAI sends it once: the largest of each counts.
-                    p, c = _usage(chunk)
-                    prompt, completion = max(prompt, p), max(completion, c)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if writer is not None:
+                # Chunks go from the engine's connection callback to the client's transport:
+                # no task wake-up and no ASGI message per chunk (docs/gateway.md).
+                await resp.relay(tap, writer.drain)
+            else:  # another server: ASGI messages, one per chunk
+                async for chunk in resp.chunks():
+                    tap(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the stream broke after bytes were sent
@@ -532,11 +529,47 @@ class Proxy:
                 }
             )
             return 502
-        if prompt or completion:
-            self.metrics.usage(model, prompt, completion)
-            self.stats.tokens(model, backend.id, completion)
+        if tap.prompt or tap.completion:
+            self.metrics.usage(model, tap.prompt, tap.completion)
+            self.stats.tokens(model, backend.id, tap.completion)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return 200
+
+
+class _StreamTap:
+    """What the gateway reads from a stream on its way through: the time to the first
+    chunk, and usage. Called once per chunk, so it does as little as it can: a substring
+    test, and the usage regex only on the chunk that carries usage (the last, usually)."""
+
+    __slots__ = ("proxy", "model", "engine", "endpoint", "started", "first", "write",
+                 "prompt", "completion")  # fmt: skip
+
+    def __init__(self, proxy: Proxy, model: str, engine: str, endpoint: str, started, writer):
+        self.proxy = proxy
+        self.model = model
+        self.engine = engine
+        self.endpoint = endpoint
+        self.started = started
+        self.first = True
+        self.write = writer.write if writer is not None else None
+        self.prompt = self.completion = 0
+
+    def __call__(self, chunk: bytes) -> bool:
+        if self.first:
+            self.first = False
+            ttft = time.perf_counter() - self.started
+            self.proxy.metrics.first_token(self.model, self.endpoint, ttft)
+            self.proxy.stats.first_token(self.model, self.engine, ttft)
+        if b'"usage"' in chunk:
+            # Anthropic splits usage over message_start (input) and message_delta
+            # (output); OpenAI sends it once: the largest of each counts.
+            p, c = _usage(chunk)
+            if p > self.prompt:
+                self.prompt = p
+            if c > self.completion:
+                self.completion = c
+        write = self.write
+        return True if write is None else write(chunk)
 
 
 def _unsupported(endpoint: Endpoint, group: ModelGroup) -> bytes:

@@ -130,3 +130,4 @@ class ProxyRequest:
     first: Backend | None = None  # the engine whose slot the scheduler reserved
     deadline_ms: float | None = None  # the SLO, relative to `started` (stats)
     cost_budget: float | None = None  # a retry may only go to an engine within it
+    scope: dict | None = None  # the ASGI scope (for the server's direct writer)

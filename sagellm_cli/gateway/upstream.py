@@ -8,7 +8,7 @@ arrived are raised as `UpstreamConnectError`, which the proxy may retry elsewher
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 
@@ -25,6 +25,11 @@ class UpstreamResponse(Protocol):
     async def read(self) -> bytes: ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def relay(self, write: Callable[[bytes], bool], drain: Callable[[], Awaitable]) -> None:
+        """Call `write(piece)` for each body piece as it arrives (no task switch per piece);
+        when it returns False, stop reading until `await drain()` returns."""
+        ...
 
     async def close(self) -> None: ...
 
