@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from sagellm_cli.core import probe
 from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
-from sagellm_cli.core.launcher import LOCAL
+from sagellm_cli.core.launcher import launcher_for
 from sagellm_cli.core.records import NAME_PATTERN, EngineRecord
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def _adapter_path(record: EngineRecord, path: str) -> str:
     """An absolute path vLLM can read: checked here when the engine runs on this machine."""
     if not path:
         raise BadInput("the adapter PATH is empty", hint="give the adapter's directory")
-    if record.node != LOCAL:
+    if not launcher_for(record.node).on_this_machine:
         return path  # a path on the engine's node: vLLM checks it
     resolved = Path(path).expanduser().resolve()
     if not (resolved / "adapter_config.json").is_file():

@@ -128,6 +128,15 @@ class EngineSpec:
             return False
         return self.use_gpu
 
+    def gpu_count(self, gpus_exist: bool) -> int:
+        """GPUs the engine runs on: TP x PP, or 0 for the CPU. `gpus_exist` says whether
+        the machine (or cluster) has any: an engine that may use one runs on the CPU
+        without. One that must have one still counts them (its placement then refuses)."""
+        wants = self.wants_gpu()
+        if wants is False or (wants is None and not gpus_exist):
+            return 0
+        return self.tensor_parallel * self.pipeline_parallel
+
     @property
     def lora(self) -> bool:
         """True if the engine is started with LoRA support (asked for, or adapters listed)."""
@@ -174,6 +183,9 @@ class EngineRecord:
     pid: int | None = None
     pgid: int | None = None
     pid_create_time: float | None = None
+    # The launcher's name for this run of the engine (`pid@host`, a Ray actor's, an
+    # external URL): what "the same engine as before" compares; pid is for signals.
+    instance: str | None = None
     gpus: list[int] = field(default_factory=list)
     gpu_memory_gb: float | None = None
     cpu_cores: list[int] = field(default_factory=list)

@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from sagellm_cli.core.external import HEALTH_PATH as EXTERNAL_HEALTH_PATH
-from sagellm_cli.core.launcher import LOCAL, launcher_for
+from sagellm_cli.core.launcher import launcher_for
 from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.probe import probe_request
 from sagellm_cli.gateway.loops import every
@@ -77,6 +77,6 @@ async def _alive(record) -> bool:
     """The launcher's liveness check: two /proc reads here, a remote call (in a thread, off
     the event loop) for an engine on a Ray node."""
     launcher = launcher_for(record.node)
-    if record.node == LOCAL:
+    if launcher.on_this_machine:
         return launcher.is_alive(record)
     return await asyncio.to_thread(launcher.is_alive, record)

@@ -78,7 +78,7 @@ def spec_from_body(body: Any, *, allow_remote_config: bool = False) -> EngineSpe
     if not is_loopback(spec.host):
         raise Forbidden(f"engines started through the API bind loopback only, not {spec.host!r}",
                         hint=flag)  # fmt: skip
-    from sagellm_cli.core.launcher import cluster_address
+    from sagellm_cli.core.ray_launcher import cluster_address
 
     if cluster_address(spec):  # a Ray node's engine binds the node's address (docs/cluster.md)
         raise Forbidden("engines on a Ray cluster bind their node's address, not loopback",
