@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from sagellm_cli.core import protocol
 from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class GatewayHandle:
     @property
     def v1(self) -> str:
         """The OpenAI base URL (`url` + `/v1`)."""
-        return self.url + "/v1"
+        return protocol.api_base(self.url)
 
     @property
     def running(self) -> bool:
@@ -478,12 +479,14 @@ class ControlPlane:
         """
         from sagellm_cli.client import PRIORITIES
 
+        chat_path = protocol.v1_relative(protocol.CHAT)
+
         if not isinstance(priority, str) or priority.lower() not in PRIORITIES:
             raise BadInput(f"unknown priority {priority!r}", hint=f"use one of {PRIORITIES}")
         if isinstance(prompt, str):
-            path, body = "/completions", {"prompt": prompt}
+            path, body = protocol.v1_relative(protocol.COMPLETIONS), {"prompt": prompt}
         elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            path, body = "/chat/completions", {"messages": prompt}
+            path, body = chat_path, {"messages": prompt}
         else:
             raise BadInput("submit_request takes a prompt string or a list of messages",
                            hint='e.g. [{"role": "user", "content": "hi"}]')  # fmt: skip
@@ -493,7 +496,7 @@ class ControlPlane:
         body = {**params, **body, **({"model": model} if model else {})}
         client = self.client()
         request_id = request_id or f"req-{os.getpid()}-{next(_request_ids)}"
-        chat = path == "/chat/completions"
+        chat = path == chat_path
 
         def run() -> InferenceResult:
             answer = client.post(path, body, **gateway)

@@ -225,3 +225,70 @@ def test_engine_statuses_are_read_from_the_enum_never_written_as_literals():
             if hits:
                 found.append(f"{path.relative_to(root)}:{node.lineno}: {hits}")
     assert not found, "use core.lifecycle.Status:\n" + "\n".join(found)
+
+
+def _protocol_literals() -> tuple[set[str], set[str]]:
+    """core/protocol.py's header names, and its routes (with their forms under /v1)."""
+    from sagellm_cli.core import protocol
+
+    values = [v for k, v in vars(protocol).items() if k.isupper() and isinstance(v, str)]
+    headers = {v for v in values if v.startswith("x-") or v == protocol.AUTHORIZATION}
+    routes = {v for v in values if v.startswith("/")}
+    routes |= {protocol.v1_relative(r) for r in routes if r.startswith(protocol.V1 + "/")}
+    return headers, routes
+
+
+def _code_strings(tree: ast.AST):
+    """Every string constant of a module but its docstrings."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and id(node) not in docstrings:
+            value = node.value.decode("latin-1") if isinstance(node.value, bytes) else node.value
+            if isinstance(value, str):
+                yield node.lineno, value
+
+
+def test_header_names_and_routes_are_spelled_only_in_protocol():
+    """A header name or route written as a literal outside core/protocol.py is a second
+    definition of what the gateway, its clients and the engines agree on."""
+    headers, routes = _protocol_literals()
+    root = Path(__file__).resolve().parent.parent / "sagellm_cli"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "protocol.py" and path.parent.name == "core":
+            continue
+        for line, value in _code_strings(ast.parse(path.read_text(encoding="utf-8"))):
+            route = any(value == r or value.startswith((r + "/", r + "?")) for r in routes)
+            if value.lower() in headers or route:
+                found.append(f"{path.relative_to(root)}:{line}: {value!r}")
+    assert not found, "use sagellm_cli.core.protocol:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("", "http://127.0.0.1:8000"),
+        ("::", "http://[::1]:8000"),
+        ("::1", "http://[::1]:8000"),
+        ("[::1]", "http://[::1]:8000"),
+        ("fe80::2", "http://[fe80::2]:8000"),
+        ("node-7", "http://node-7:8000"),
+    ],
+)
+def test_base_url_reaches_the_bound_host(host, url):
+    from sagellm_cli.core.protocol import base_url
+    from sagellm_cli.core.records import EngineRecord
+
+    assert base_url(host, 8000) == url
+    record = EngineRecord(id="e", kind="llm", runtime="vllm", model="m",
+                          served_model_name="m", host=host, port=8000)  # fmt: skip
+    assert record.url == url  # an engine bound to `::` is reached on ::1, not [::]

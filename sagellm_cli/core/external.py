@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from sagellm_cli.core import protocol
 from sagellm_cli.core.errors import BadInput, OperationFailed
 from sagellm_cli.core.external_launcher import NODE_PREFIX
 from sagellm_cli.core.lifecycle import Status
@@ -24,8 +25,7 @@ from sagellm_cli.core.records import EXTERNAL, EngineRecord
 if TYPE_CHECKING:
     from sagellm_cli.core.engines import EngineManager
 
-# The route every OpenAI-compatible server answers; /health is not universal.
-HEALTH_PATH = "/v1/models"
+HEALTH_PATH = protocol.health_path(external=True)
 CHECK_TIMEOUT_S = 10.0
 
 
@@ -45,7 +45,7 @@ def normalise_url(url: str) -> str:
         raise BadInput(f"{url!r} has an invalid port") from None
     if parts.query or parts.fragment or parts.username:
         raise BadInput(f"{url!r} must not carry a query, a fragment or credentials")
-    path = parts.path.rstrip("/").removesuffix("/v1")
+    path = parts.path.rstrip("/").removesuffix(protocol.V1)
     return f"{parts.scheme}://{parts.netloc}{path}"
 
 

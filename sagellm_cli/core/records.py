@@ -234,10 +234,9 @@ class EngineRecord:
         """The engine's routable base URL (no `/v1`)."""
         if self.base_url:
             return self.base_url
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        from sagellm_cli.core.protocol import base_url
+
+        return base_url(self.host, self.port)
 
     @property
     def is_live(self) -> bool:

@@ -256,12 +256,9 @@ class GatewayConfig:
     @property
     def url(self) -> str:
         """The base URL clients use (no `/v1`)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        if host == "::":
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        from sagellm_cli.core.protocol import base_url
+
+        return base_url(self.host, self.port)
 
 
 def cli_options() -> dict[str, CliOption]:
