@@ -255,11 +255,10 @@ class ControlPlane:
         **spec: Any,
     ) -> EngineRecord:
         """Start an engine, as `sage llm engine start`; wait until it is ready unless
-        `wait=False`. `spec` takes the same options, by their EngineSpec names
-        (served_model_name, label, max_model_len, kv_cache_gb, use_gpu, gpus, role,
-        max_inflight, cost_per_1k_tokens, extra_args, env, ...); an unknown one is
-        BadInput naming it. A failed load raises OperationFailed with the log tail in
-        `.details`."""
+        `wait=False`. `spec` takes the same options by their EngineSpec field names
+        (`sagellm_cli.core.records.option_fields()`: served_model_name, label, gpus, env,
+        ...); an unknown one is BadInput naming it and listing them. A failed load raises
+        OperationFailed with the log tail in `.details`."""
         from sagellm_cli.core.spec_schema import parse_engine_options
 
         _timeout(timeout)

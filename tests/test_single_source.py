@@ -1,7 +1,8 @@
 """One definition of each thing: these fail when a field is added in one place only.
 
-- EngineSpec's options must be settable from `sage llm engine start`, a preset file and
-  the management API, and reach the spec unchanged.
+- EngineSpec's options must be settable from `sage llm engine start`, a preset file,
+  the management API and ControlPlane.start_engine, and reach the spec unchanged;
+  `engine start`'s options are built from the fields, and no one else lists them.
 - Every GatewayConfig field must be reachable from `sage llm serve`.
 - Engine statuses are spelled once, in core/lifecycle.py.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import types
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,83 @@ def test_engine_start_reaches_every_spec_field(home, monkeypatch):
     spec = captured[0]
     for name in option_fields():
         assert getattr(spec, name) == SAMPLES[name], f"engine start does not set {name}"
+
+
+# `engine start`'s options that are no EngineSpec field (cli/engine.py).
+START_ONLY = {"wait", "timeout", "json_out"}
+
+
+def _start_command():
+    import typer
+
+    from sagellm_cli.cli.engine import app
+
+    return typer.main.get_command(app).commands["start"]
+
+
+def test_every_user_settable_spec_field_is_an_engine_start_option():
+    """The options are built from EngineSpec: each field's flags, help and default are
+    the ones on the field, and none is spelled a second time in cli/engine.py."""
+    from sagellm_cli.core.options import cli_fields
+
+    params = {p.name: p for p in _start_command().params}
+    internal = {f.name for f in dataclasses.fields(EngineSpec) if f.metadata.get("internal")}
+    user_settable = {f.name for f in dataclasses.fields(EngineSpec)} - internal
+    assert set(params) - START_ONLY == user_settable == set(option_fields())
+    for field in cli_fields(EngineSpec):
+        param = params[field.name]
+        assert param.help == field.option.help, field.name
+        if field.option.argument:
+            continue
+        assert param.default == field.default, field.name
+        assert field.flag in param.opts, field.name
+
+
+def test_engine_start_keeps_its_flags_and_short_flags():
+    params = {p.name: p for p in _start_command().params}
+    assert params["kind"].opts == ["--engine-kind", "-k"]
+    assert params["tensor_parallel"].opts == ["--tensor-parallel", "-tp"]
+    assert params["pipeline_parallel"].opts == ["--pipeline-parallel", "-pp"]
+    assert params["use_gpu"].secondary_opts == ["--no-gpu"]
+    assert params["enable_lora"].is_flag and not params["enable_lora"].secondary_opts
+    assert params["keep_alive"].default == "-1"
+    assert params["model"].required and params["model"].param_type_name == "argument"
+
+
+def test_the_library_takes_every_spec_field_by_name(home, monkeypatch):
+    from sagellm_cli import ControlPlane
+    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.errors import BadInput
+
+    captured: list[EngineSpec] = []
+    record = types.SimpleNamespace(id="e")
+    monkeypatch.setattr(EngineManager, "spawn", lambda self, spec: captured.append(spec) or record)
+    monkeypatch.setattr(EngineManager, "wait_ready", lambda self, engine_id, timeout: record)
+    options = {k: v for k, v in SAMPLES.items() if k not in ("model", "kind")}
+    assert ControlPlane().start_engine(SAMPLES["model"], SAMPLES["kind"], **options) is record
+    for name in option_fields():
+        assert getattr(captured[0], name) == SAMPLES[name], f"start_engine does not set {name}"
+    with pytest.raises(BadInput) as err:
+        ControlPlane().start_engine("m", served_model="typo")
+    assert err.value.hint == "accepted: " + ", ".join(option_fields())
+
+
+def test_spec_field_names_are_listed_only_by_records():
+    """A list, tuple or set literal of mostly (three or more) EngineSpec field names
+    outside core/records.py is a second list of the options: derive it instead."""
+    root = Path(__file__).resolve().parent.parent / "sagellm_cli"
+    names = set(option_fields())
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "records.py" and path.parent.name == "core":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                items = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+                spec_names = [i for i in items if i in names]
+                if len(spec_names) >= 3 and len(spec_names) * 3 >= len(items) * 2:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {items}")
+    assert not found, "use core.records.option_fields():\n" + "\n".join(found)
 
 
 def test_preset_keys_are_the_spec_options_plus_name_replicas_and_url():
