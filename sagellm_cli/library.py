@@ -549,12 +549,13 @@ class ControlPlane:
 
 
 def __getattr__(name: str) -> Any:
-    # ControlPlaneManager lives with the other seed names (sagellm_cli/seed/); still
-    # importable from here, loaded on first use.
+    # ControlPlaneManager lives with the other seed names (sagellm_cli/seed/), which build
+    # on this module; still importable from here through the package's lazy table, so this
+    # module never imports the seeds (no import cycle).
     if name == "ControlPlaneManager":
-        from sagellm_cli.seed.manager import ControlPlaneManager
+        import sagellm_cli
 
-        return ControlPlaneManager
+        return sagellm_cli.ControlPlaneManager
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -371,3 +371,20 @@ def test_base_url_reaches_the_bound_host(host, url):
     record = EngineRecord(id="e", kind="llm", runtime="vllm", model="m",
                           served_model_name="m", host=host, port=8000)  # fmt: skip
     assert record.url == url  # an engine bound to `::` is reached on ::1, not [::]
+
+
+def test_the_library_names_the_seed_manager_without_importing_the_seeds():
+    """sagellm_cli/__init__.py is the one table of where each public name lives; library.py
+    re-exports ControlPlaneManager through it, so it never imports seed/ (which imports it)."""
+    from sagellm_cli.library import ControlPlaneManager
+    from sagellm_cli.seed.manager import ControlPlaneManager as defined
+
+    assert ControlPlaneManager is defined
+    path = Path(__file__).resolve().parent.parent / "sagellm_cli" / "library.py"
+    imported = [
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    ]
+    assert not [m for m in imported if m and m.startswith("sagellm_cli.seed")], imported
