@@ -55,8 +55,8 @@ class EngineSpec:
     """What the user asked for: everything needed to (re)start an engine.
 
     This is the one definition of an engine's options. The annotations are pydantic
-    constraints, kept as strings (never evaluated on import, so `engine list` stays
-    cheap); `core/spec_schema.py` turns them into the strict model that validates
+    constraints, kept as strings (read without pydantic where only types are needed, so
+    `engine list` stays cheap); `core/spec_schema.py` turns them into the strict model that validates
     presets, the management API and `engine start` alike. Each field's `option()` is its
     `engine start` option (core/options.py); the field order is the `--help` order.
     """
