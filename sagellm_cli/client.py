@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sagellm_cli.core import protocol
 from sagellm_cli.core.errors import (
     BadInput,
     NotFound,
@@ -37,7 +38,12 @@ from sagellm_cli.core.errors import (
 if TYPE_CHECKING:
     import httpx
 
-PRIORITIES = ("critical", "high", "normal", "low")
+PRIORITIES = protocol.PRIORITY_CLASSES
+# Paths under `base_url`, which ends in /v1.
+_CHAT = protocol.v1_relative(protocol.CHAT)
+_COMPLETIONS = protocol.v1_relative(protocol.COMPLETIONS)
+_EMBEDDINGS = protocol.v1_relative(protocol.EMBEDDINGS)
+_MODELS = protocol.v1_relative(protocol.MODELS)
 Messages = list[dict[str, Any]] | str
 
 
@@ -114,8 +120,11 @@ def _split(params: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
     if priority is not None:
         if not isinstance(priority, str) or priority.lower() not in PRIORITIES:
             raise BadInput(f"unknown priority {priority!r}", hint=f"use one of {PRIORITIES}")
-        headers["X-Priority"] = priority.lower()
-    for key, header in (("slo_deadline_ms", "X-SLO-Deadline-Ms"), ("cost_budget", "X-Cost-Budget")):
+        headers[protocol.HEADER_PRIORITY] = priority.lower()
+    for key, header in (
+        ("slo_deadline_ms", protocol.HEADER_DEADLINE),
+        ("cost_budget", protocol.HEADER_COST_BUDGET),
+    ):
         value = params.pop(key, None)
         if value is None:
             continue
@@ -270,9 +279,9 @@ class _Base:
             raise BadInput(f"base_url {base_url!r} is not an http(s) URL",
                            hint="e.g. http://127.0.0.1:8889")  # fmt: skip
         base = base_url.rstrip("/")
-        self.base_url = base if base.endswith("/v1") else base + "/v1"
+        self.base_url = protocol.api_base(base)
         key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-        self._auth = {"Authorization": f"Bearer {key}"} if key else {}
+        self._auth = protocol.bearer(key)
         self.last_response: Any = None
         self.last_usage: dict[str, Any] | None = None
 
@@ -347,7 +356,7 @@ class UnifiedInferenceClient(_Base):
         started = time.perf_counter()
         resp = self._send(path, body, headers)
         data = self._check(resp)
-        return Answer(data, resp.headers.get("x-sagellm-engine"), time.perf_counter() - started)
+        return Answer(data, resp.headers.get(protocol.HEADER_ENGINE), time.perf_counter() - started)
 
     def _stream(self, path: str, payload: dict[str, Any], headers: dict[str, str], chat: bool):
         import httpx
@@ -375,8 +384,8 @@ class UnifiedInferenceClient(_Base):
         headers, params = _split(params)
         body = _body({"messages": _messages(messages)}, model, stream, params)
         if stream:
-            return self._stream("/chat/completions", body, headers, chat=True)
-        return self._text(self._post("/chat/completions", body, headers), chat=True)
+            return self._stream(_CHAT, body, headers, chat=True)
+        return self._text(self._post(_CHAT, body, headers), chat=True)
 
     def generate(
         self, prompt: str, model: str | None = None, stream: bool = False, **params: Any
@@ -387,19 +396,19 @@ class UnifiedInferenceClient(_Base):
         headers, params = _split(params)
         body = _body({"prompt": prompt}, model, stream, params)
         if stream:
-            return self._stream("/completions", body, headers, chat=False)
-        return self._text(self._post("/completions", body, headers), chat=False)
+            return self._stream(_COMPLETIONS, body, headers, chat=False)
+        return self._text(self._post(_COMPLETIONS, body, headers), chat=False)
 
     def embed(self, texts: list[str] | str, model: str | None = None) -> list[list[float]]:
         """One vector per text, in input order."""
-        return self._vectors(self._post("/embeddings", self._embed_body(texts, model), {}))
+        return self._vectors(self._post(_EMBEDDINGS, self._embed_body(texts, model), {}))
 
     def models(self) -> list[str]:
         """Model names the gateway serves."""
         import httpx
 
         try:
-            resp = self._http.get("/models")
+            resp = self._http.get(_MODELS)
         except httpx.HTTPError as exc:
             raise _unreachable(self.base_url, exc) from None
         return [m["id"] for m in self._check(resp)["data"]]
@@ -455,7 +464,7 @@ class AsyncUnifiedInferenceClient(_Base):
         started = time.perf_counter()
         resp = await self._send(path, body, headers)
         data = self._check(resp)
-        return Answer(data, resp.headers.get("x-sagellm-engine"), time.perf_counter() - started)
+        return Answer(data, resp.headers.get(protocol.HEADER_ENGINE), time.perf_counter() - started)
 
     async def _stream(
         self, path: str, payload: dict[str, Any], headers: dict[str, str], chat: bool
@@ -480,8 +489,8 @@ class AsyncUnifiedInferenceClient(_Base):
         headers, params = _split(params)
         body = _body({"messages": _messages(messages)}, model, stream, params)
         if stream:
-            return await self._stream("/chat/completions", body, headers, chat=True)
-        return self._text(await self._post("/chat/completions", body, headers), chat=True)
+            return await self._stream(_CHAT, body, headers, chat=True)
+        return self._text(await self._post(_CHAT, body, headers), chat=True)
 
     async def generate(
         self, prompt: str, model: str | None = None, stream: bool = False, **params: Any
@@ -492,12 +501,12 @@ class AsyncUnifiedInferenceClient(_Base):
         headers, params = _split(params)
         body = _body({"prompt": prompt}, model, stream, params)
         if stream:
-            return await self._stream("/completions", body, headers, chat=False)
-        return self._text(await self._post("/completions", body, headers), chat=False)
+            return await self._stream(_COMPLETIONS, body, headers, chat=False)
+        return self._text(await self._post(_COMPLETIONS, body, headers), chat=False)
 
     async def embed(self, texts: list[str] | str, model: str | None = None) -> list[list[float]]:
         """One vector per text, in input order."""
-        body = await self._post("/embeddings", self._embed_body(texts, model), {})
+        body = await self._post(_EMBEDDINGS, self._embed_body(texts, model), {})
         return self._vectors(body)
 
     async def models(self) -> list[str]:
@@ -505,7 +514,7 @@ class AsyncUnifiedInferenceClient(_Base):
         import httpx
 
         try:
-            resp = await self._http.get("/models")
+            resp = await self._http.get(_MODELS)
         except httpx.HTTPError as exc:
             raise _unreachable(self.base_url, exc) from None
         return [m["id"] for m in self._check(resp)["data"]]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from sagellm_cli.core import protocol
 from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class GatewayHandle:
     @property
     def v1(self) -> str:
         """The OpenAI base URL (`url` + `/v1`)."""
-        return self.url + "/v1"
+        return protocol.api_base(self.url)
 
     @property
     def running(self) -> bool:
@@ -254,11 +255,10 @@ class ControlPlane:
         **spec: Any,
     ) -> EngineRecord:
         """Start an engine, as `sage llm engine start`; wait until it is ready unless
-        `wait=False`. `spec` takes the same options, by their EngineSpec names
-        (served_model_name, label, max_model_len, kv_cache_gb, use_gpu, gpus, role,
-        max_inflight, cost_per_1k_tokens, extra_args, env, ...); an unknown one is
-        BadInput naming it. A failed load raises OperationFailed with the log tail in
-        `.details`."""
+        `wait=False`. `spec` takes the same options by their EngineSpec field names
+        (`sagellm_cli.core.records.option_fields()`: served_model_name, label, gpus, env,
+        ...); an unknown one is BadInput naming it and listing them. A failed load raises
+        OperationFailed with the log tail in `.details`."""
         from sagellm_cli.core.spec_schema import parse_engine_options
 
         _timeout(timeout)
@@ -478,12 +478,14 @@ class ControlPlane:
         """
         from sagellm_cli.client import PRIORITIES
 
+        chat_path = protocol.v1_relative(protocol.CHAT)
+
         if not isinstance(priority, str) or priority.lower() not in PRIORITIES:
             raise BadInput(f"unknown priority {priority!r}", hint=f"use one of {PRIORITIES}")
         if isinstance(prompt, str):
-            path, body = "/completions", {"prompt": prompt}
+            path, body = protocol.v1_relative(protocol.COMPLETIONS), {"prompt": prompt}
         elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            path, body = "/chat/completions", {"messages": prompt}
+            path, body = chat_path, {"messages": prompt}
         else:
             raise BadInput("submit_request takes a prompt string or a list of messages",
                            hint='e.g. [{"role": "user", "content": "hi"}]')  # fmt: skip
@@ -493,7 +495,7 @@ class ControlPlane:
         body = {**params, **body, **({"model": model} if model else {})}
         client = self.client()
         request_id = request_id or f"req-{os.getpid()}-{next(_request_ids)}"
-        chat = path == "/chat/completions"
+        chat = path == chat_path
 
         def run() -> InferenceResult:
             answer = client.post(path, body, **gateway)
@@ -547,12 +549,13 @@ class ControlPlane:
 
 
 def __getattr__(name: str) -> Any:
-    # ControlPlaneManager lives with the other seed names (sagellm_cli/seed/); still
-    # importable from here, loaded on first use.
+    # ControlPlaneManager lives with the other seed names (sagellm_cli/seed/), which build
+    # on this module; still importable from here through the package's lazy table, so this
+    # module never imports the seeds (no import cycle).
     if name == "ControlPlaneManager":
-        from sagellm_cli.seed.manager import ControlPlaneManager
+        import sagellm_cli
 
-        return ControlPlaneManager
+        return sagellm_cli.ControlPlaneManager
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -98,7 +98,7 @@ def test_closed_loop_numbers_match_the_upstream(fake):
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["max_tokens"] == k and body["ignore_eos"] is True
     assert body["messages"][0]["role"] == "user"
-    assert "X-Priority" not in fake.seen[0]["headers"]
+    assert "x-priority" not in {k.lower() for k in fake.seen[0]["headers"]}
 
 
 def test_tokens_counted_from_chunks_without_usage(fake):
@@ -152,9 +152,9 @@ def test_goodput_and_per_class_split(fake):
     assert result.summary["all"]["slo_met"] == n_crit
     assert classes["critical"]["ttft_ms"]["p99"] < 80 < classes["normal"]["ttft_ms"]["p50"]
     # Each request carried its class and its E2E deadline.
-    sent = sorted(
-        (s["headers"]["X-Priority"], s["headers"]["X-SLO-Deadline-Ms"]) for s in fake.seen
-    )
+    # HTTP header names are case-insensitive.
+    heads = [{k.lower(): v for k, v in s["headers"].items()} for s in fake.seen]
+    sent = sorted((h["x-priority"], h["x-slo-deadline-ms"]) for h in heads)
     assert sent.count(("critical", "1000")) == n_crit
     assert sent.count(("normal", "2000")) == 20 - n_crit
     assert all("priority" not in s["body"] for s in fake.seen)  # body field is opt-in

@@ -1,7 +1,8 @@
 """One definition of each thing: these fail when a field is added in one place only.
 
-- EngineSpec's options must be settable from `sage llm engine start`, a preset file and
-  the management API, and reach the spec unchanged.
+- EngineSpec's options must be settable from `sage llm engine start`, a preset file,
+  the management API and ControlPlane.start_engine, and reach the spec unchanged;
+  `engine start`'s options are built from the fields, and no one else lists them.
 - Every GatewayConfig field must be reachable from `sage llm serve`.
 - Engine statuses are spelled once, in core/lifecycle.py.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import types
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,83 @@ def test_engine_start_reaches_every_spec_field(home, monkeypatch):
     spec = captured[0]
     for name in option_fields():
         assert getattr(spec, name) == SAMPLES[name], f"engine start does not set {name}"
+
+
+# `engine start`'s options that are no EngineSpec field (cli/engine.py).
+START_ONLY = {"wait", "timeout", "json_out"}
+
+
+def _start_command():
+    import typer
+
+    from sagellm_cli.cli.engine import app
+
+    return typer.main.get_command(app).commands["start"]
+
+
+def test_every_user_settable_spec_field_is_an_engine_start_option():
+    """The options are built from EngineSpec: each field's flags, help and default are
+    the ones on the field, and none is spelled a second time in cli/engine.py."""
+    from sagellm_cli.core.options import cli_fields
+
+    params = {p.name: p for p in _start_command().params}
+    internal = {f.name for f in dataclasses.fields(EngineSpec) if f.metadata.get("internal")}
+    user_settable = {f.name for f in dataclasses.fields(EngineSpec)} - internal
+    assert set(params) - START_ONLY == user_settable == set(option_fields())
+    for field in cli_fields(EngineSpec):
+        param = params[field.name]
+        assert param.help == field.option.help, field.name
+        if field.option.argument:
+            continue
+        assert param.default == field.default, field.name
+        assert field.flag in param.opts, field.name
+
+
+def test_engine_start_keeps_its_flags_and_short_flags():
+    params = {p.name: p for p in _start_command().params}
+    assert params["kind"].opts == ["--engine-kind", "-k"]
+    assert params["tensor_parallel"].opts == ["--tensor-parallel", "-tp"]
+    assert params["pipeline_parallel"].opts == ["--pipeline-parallel", "-pp"]
+    assert params["use_gpu"].secondary_opts == ["--no-gpu"]
+    assert params["enable_lora"].is_flag and not params["enable_lora"].secondary_opts
+    assert params["keep_alive"].default == "-1"
+    assert params["model"].required and params["model"].param_type_name == "argument"
+
+
+def test_the_library_takes_every_spec_field_by_name(home, monkeypatch):
+    from sagellm_cli import ControlPlane
+    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.errors import BadInput
+
+    captured: list[EngineSpec] = []
+    record = types.SimpleNamespace(id="e")
+    monkeypatch.setattr(EngineManager, "spawn", lambda self, spec: captured.append(spec) or record)
+    monkeypatch.setattr(EngineManager, "wait_ready", lambda self, engine_id, timeout: record)
+    options = {k: v for k, v in SAMPLES.items() if k not in ("model", "kind")}
+    assert ControlPlane().start_engine(SAMPLES["model"], SAMPLES["kind"], **options) is record
+    for name in option_fields():
+        assert getattr(captured[0], name) == SAMPLES[name], f"start_engine does not set {name}"
+    with pytest.raises(BadInput) as err:
+        ControlPlane().start_engine("m", served_model="typo")
+    assert err.value.hint == "accepted: " + ", ".join(option_fields())
+
+
+def test_spec_field_names_are_listed_only_by_records():
+    """A list, tuple or set literal of mostly (three or more) EngineSpec field names
+    outside core/records.py is a second list of the options: derive it instead."""
+    root = Path(__file__).resolve().parent.parent / "sagellm_cli"
+    names = set(option_fields())
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "records.py" and path.parent.name == "core":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                items = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+                spec_names = [i for i in items if i in names]
+                if len(spec_names) >= 3 and len(spec_names) * 3 >= len(items) * 2:
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {items}")
+    assert not found, "use core.records.option_fields():\n" + "\n".join(found)
 
 
 def test_preset_keys_are_the_spec_options_plus_name_replicas_and_url():
@@ -225,3 +304,87 @@ def test_engine_statuses_are_read_from_the_enum_never_written_as_literals():
             if hits:
                 found.append(f"{path.relative_to(root)}:{node.lineno}: {hits}")
     assert not found, "use core.lifecycle.Status:\n" + "\n".join(found)
+
+
+def _protocol_literals() -> tuple[set[str], set[str]]:
+    """core/protocol.py's header names, and its routes (with their forms under /v1)."""
+    from sagellm_cli.core import protocol
+
+    values = [v for k, v in vars(protocol).items() if k.isupper() and isinstance(v, str)]
+    headers = {v for v in values if v.startswith("x-") or v == protocol.AUTHORIZATION}
+    routes = {v for v in values if v.startswith("/")}
+    routes |= {protocol.v1_relative(r) for r in routes if r.startswith(protocol.V1 + "/")}
+    return headers, routes
+
+
+def _code_strings(tree: ast.AST):
+    """Every string constant of a module but its docstrings."""
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and id(node) not in docstrings:
+            value = node.value.decode("latin-1") if isinstance(node.value, bytes) else node.value
+            if isinstance(value, str):
+                yield node.lineno, value
+
+
+def test_header_names_and_routes_are_spelled_only_in_protocol():
+    """A header name or route written as a literal outside core/protocol.py is a second
+    definition of what the gateway, its clients and the engines agree on."""
+    headers, routes = _protocol_literals()
+    root = Path(__file__).resolve().parent.parent / "sagellm_cli"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "protocol.py" and path.parent.name == "core":
+            continue
+        for line, value in _code_strings(ast.parse(path.read_text(encoding="utf-8"))):
+            route = any(value == r or value.startswith((r + "/", r + "?")) for r in routes)
+            if value.lower() in headers or route:
+                found.append(f"{path.relative_to(root)}:{line}: {value!r}")
+    assert not found, "use sagellm_cli.core.protocol:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("127.0.0.1", "http://127.0.0.1:8000"),
+        ("0.0.0.0", "http://127.0.0.1:8000"),
+        ("", "http://127.0.0.1:8000"),
+        ("::", "http://[::1]:8000"),
+        ("::1", "http://[::1]:8000"),
+        ("[::1]", "http://[::1]:8000"),
+        ("fe80::2", "http://[fe80::2]:8000"),
+        ("node-7", "http://node-7:8000"),
+    ],
+)
+def test_base_url_reaches_the_bound_host(host, url):
+    from sagellm_cli.core.protocol import base_url
+    from sagellm_cli.core.records import EngineRecord
+
+    assert base_url(host, 8000) == url
+    record = EngineRecord(id="e", kind="llm", runtime="vllm", model="m",
+                          served_model_name="m", host=host, port=8000)  # fmt: skip
+    assert record.url == url  # an engine bound to `::` is reached on ::1, not [::]
+
+
+def test_the_library_names_the_seed_manager_without_importing_the_seeds():
+    """sagellm_cli/__init__.py is the one table of where each public name lives; library.py
+    re-exports ControlPlaneManager through it, so it never imports seed/ (which imports it)."""
+    from sagellm_cli.library import ControlPlaneManager
+    from sagellm_cli.seed.manager import ControlPlaneManager as defined
+
+    assert ControlPlaneManager is defined
+    path = Path(__file__).resolve().parent.parent / "sagellm_cli" / "library.py"
+    imported = [
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    ]
+    assert not [m for m in imported if m and m.startswith("sagellm_cli.seed")], imported

@@ -22,12 +22,13 @@ from typing import Any
 
 from sagellm_cli.bench.metrics import RequestRecord, measured_duration, summarize
 from sagellm_cli.bench.workload import BenchRequest, Workload
+from sagellm_cli.core import protocol
 from sagellm_cli.core.errors import BadInput, OperationFailed
 
 ENDPOINTS = {
-    "chat": "/chat/completions",
-    "completions": "/completions",
-    "embeddings": "/embeddings",
+    "chat": protocol.v1_relative(protocol.CHAT),
+    "completions": protocol.v1_relative(protocol.COMPLETIONS),
+    "embeddings": protocol.v1_relative(protocol.EMBEDDINGS),
 }
 RESULT_VERSION = 1
 
@@ -39,15 +40,15 @@ def base_url(url: str) -> str:
         raise BadInput(
             f"--url {url!r} is not an http(s) URL", hint="e.g. --url http://127.0.0.1:8000"
         )
-    return url if url.endswith("/v1") else url + "/v1"
+    return protocol.api_base(url)
 
 
 def detect_model(url: str, api_key: str | None = None, timeout: float = 10.0) -> str:
     """The first model id of the server's `/v1/models` (for a missing --model)."""
     import httpx
 
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    target = base_url(url) + "/models"
+    headers = protocol.bearer(api_key)
+    target = base_url(url) + protocol.v1_relative(protocol.MODELS)
     hint = "pass --model NAME"
     try:
         resp = httpx.get(target, headers=headers, timeout=timeout)
@@ -229,11 +230,11 @@ class BenchRunner:
         load = self.load
         headers = {"Content-Type": "application/json"}
         if load.api_key:
-            headers["Authorization"] = f"Bearer {load.api_key}"
+            headers.update(protocol.bearer(load.api_key))
         if req.priority_set:
-            headers["X-Priority"] = req.cls
+            headers[protocol.HEADER_PRIORITY] = req.cls
         if req.slo_e2e_ms is not None:
-            headers["X-SLO-Deadline-Ms"] = f"{req.slo_e2e_ms:g}"
+            headers[protocol.HEADER_DEADLINE] = f"{req.slo_e2e_ms:g}"
         body: dict[str, Any] = {"model": load.model}
         if load.endpoint == "embeddings":
             body["input"] = req.text()

@@ -7,7 +7,6 @@ import sys
 import time
 from typing import Any
 
-from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.lifecycle import Status
 
 # One colour per engine status, for every table that shows one (engine list, top, presets).
@@ -87,32 +86,11 @@ def stderr_is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
-def parse_env(pairs: list[str] | None, option: str = "--env") -> dict[str, str]:
-    """Turn repeated `K=V` options (`--env`, or `option`) into a dict."""
-    env: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise BadInput(f"{option} {pair!r} is not K=V", hint=f"write it as {option} NAME=value")
-        env[key] = value
-    return env
-
-
 def check_timeout(seconds: float, option: str = "--timeout") -> float:
     """Return `seconds` if it is a finite number >= 0; else exit 2 naming `option`."""
     from sagellm_cli.core.checks import check_seconds  # shared with the library
 
     return check_seconds(seconds, option)
-
-
-def parse_index_list(text: str | None, option: str) -> list[int] | None:
-    """Parse `0,1` into [0, 1]."""
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise BadInput(f"{option} {text!r} is not a comma-separated list of integers") from None
 
 
 def human_duration(seconds: float | None) -> str:

@@ -12,17 +12,16 @@ from sagellm_cli.cli.common import (
     check_timeout,
     emit_json,
     info,
-    parse_env,
-    parse_index_list,
     status_color,
     stderr_console,
     stderr_is_terminal,
     stdout_console,
     uptime,
 )
+from sagellm_cli.cli.options import Params, field_parameters, own_parameters, with_parameters
 from sagellm_cli.core.errors import BadInput, ExitCode
 from sagellm_cli.core.lifecycle import Status
-from sagellm_cli.core.records import spec_default
+from sagellm_cli.core.records import EngineSpec, spec_default
 
 app = typer.Typer(help="Start, stop and inspect engines.", no_args_is_help=True)
 
@@ -61,129 +60,21 @@ def wait_with_spinner(wait_fn, *, quiet: bool):
         return wait_fn(update)
 
 
-@app.command("start")
-def start(
-    model: str = typer.Argument(..., help="Model path or Hugging Face id."),
-    engine_kind: str = typer.Option(
-        spec_default("kind"), "--engine-kind", "-k", help="llm or embedding."
-    ),
-    runtime: str | None = typer.Option(
-        None, help="vllm (llm, embedding) or sentence-transformers (embedding, default)."
-    ),
-    use_gpu: bool | None = typer.Option(
-        None, "--use-gpu/--no-gpu", help="Default: llm on a GPU when one exists, embedding on CPU."
-    ),
-    tensor_parallel: int = typer.Option(
-        spec_default("tensor_parallel"), "--tensor-parallel", "-tp", min=1
-    ),
-    pipeline_parallel: int = typer.Option(
-        spec_default("pipeline_parallel"), "--pipeline-parallel", "-pp", min=1
-    ),
-    port: int | None = typer.Option(None, help="Default: a free port."),
-    host: str = typer.Option(spec_default("host"), help="Address the engine binds."),
-    label: str | None = typer.Option(None, help="A name to refer to the engine by."),
-    served_model_name: str | None = typer.Option(None, help="Default: MODEL as given."),
-    max_model_len: int | None = typer.Option(None, min=1),
-    kv_cache_gb: float | None = typer.Option(None, help="KV-cache bound in GiB (CPU default 1)."),
-    gpu_memory_gb: float | None = typer.Option(None, help="Override the GPU memory estimate."),
-    gpus: str | None = typer.Option(None, help="Pin NVML GPU indices, e.g. 0,1."),
-    placement: str = typer.Option(
-        spec_default("placement"), help="GPU placement: pack (best fit) or spread."
-    ),
-    role: str = typer.Option(
-        spec_default("role"), help="general, prefill or decode (length routing)."
-    ),
-    max_inflight: int | None = typer.Option(
-        None, min=1, help="Gateway scheduling: requests in flight at once on this engine."
-    ),
-    cost_per_1k_tokens: float | None = typer.Option(
-        None, min=0, help="Gateway `cost` scheduling: this engine's price per 1k tokens."
-    ),
-    cache: str = typer.Option(
-        spec_default("cache"),
-        help="vLLM's compile cache: shared (vLLM's own, reused) or private (this engine's).",
-    ),
-    restart: str = typer.Option(
-        spec_default("restart"),
-        help="While `sage llm serve` runs: no, on-failure or always restart a crashed engine.",
-    ),
-    max_restarts: int = typer.Option(
-        spec_default("max_restarts"),
-        min=0,
-        help="Restarts within 10 minutes before the engine is failed as a crash loop.",
-    ),
-    keep_alive: str = typer.Option(
-        "-1",
-        help="Unload after this long without requests (30s, 5m, 1h; 0 = after each use; "
-        "-1 = never). With --no-wait and 0, the engine loads on its first request.",
-    ),
-    unload: str = typer.Option(
-        spec_default("unload"),
-        help="How an idle engine unloads: stop (the process) or sleep (vLLM sleep mode, GPU).",
-    ),
-    cluster: str | None = typer.Option(
-        None,
-        help="Place the engine on a Ray cluster's node: ray://HOST:PORT or the head's "
-        "HOST:PORT (default: $SAGELLM_RAY_ADDRESS; docs/cluster.md).",
-    ),
-    enable_lora: bool = typer.Option(
-        spec_default("enable_lora"),
-        "--enable-lora",
-        help="Serve LoRA adapters (vLLM), added with `sage llm engine lora add`.",
-    ),
-    max_lora_rank: int | None = typer.Option(
-        None, min=1, help="The largest adapter rank to serve (vLLM's default: 16)."
-    ),
-    lora_adapter: list[str] | None = typer.Option(
-        None, "--lora-adapter", help="NAME=PATH of a LoRA adapter to load (repeatable)."
-    ),
-    extra_arg: list[str] | None = typer.Option(
-        None, "--extra-arg", help="Passed to the runtime verbatim (repeatable)."
-    ),
-    env: list[str] | None = typer.Option(None, "--env", help="K=V for the engine (repeatable)."),
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the engine is ready."),
-    timeout: float = typer.Option(600.0, help="Seconds to wait for readiness."),
-    json_out: bool = typer.Option(False, "--json", help="Print the record as JSON."),
-) -> None:
-    """Start an engine and wait until it serves requests."""
-    from sagellm_cli.core.records import EngineSpec
+# `engine start`'s own options; every other one is an EngineSpec field (core/records.py).
+_START_OPTIONS: Params = [
+    ("wait", bool, typer.Option(True, "--wait/--no-wait", help="Wait until the engine is ready.")),
+    ("timeout", float, typer.Option(600.0, help="Seconds to wait for readiness.")),
+    ("json_out", bool, typer.Option(False, "--json", help="Print the record as JSON.")),
+]
 
+
+def start(**values) -> None:
+    """Start an engine and wait until it serves requests."""
+    from sagellm_cli.core.options import to_fields
+
+    wait, timeout, json_out = values.pop("wait"), values.pop("timeout"), values.pop("json_out")
     check_timeout(timeout)
-    if engine_kind not in ("llm", "embedding"):
-        raise BadInput(
-            f"unknown engine kind {engine_kind!r}", hint="use --engine-kind llm or embedding"
-        )
-    spec = EngineSpec(
-        model=model,
-        kind=engine_kind,
-        runtime=runtime,
-        use_gpu=use_gpu,
-        tensor_parallel=tensor_parallel,
-        pipeline_parallel=pipeline_parallel,
-        port=port,
-        host=host,
-        label=label,
-        served_model_name=served_model_name,
-        max_model_len=max_model_len,
-        kv_cache_gb=kv_cache_gb,
-        gpu_memory_gb=gpu_memory_gb,
-        gpus=parse_index_list(gpus, "--gpus"),
-        placement=placement,
-        role=role,
-        max_inflight=max_inflight,
-        cost_per_1k_tokens=cost_per_1k_tokens,
-        cache=cache,
-        restart=restart,
-        max_restarts=max_restarts,
-        keep_alive=_duration(keep_alive, "--keep-alive"),
-        unload=unload,
-        cluster=cluster,
-        enable_lora=enable_lora,
-        max_lora_rank=max_lora_rank,
-        lora_adapters=parse_env(lora_adapter, "--lora-adapter"),
-        extra_args=list(extra_arg or []),
-        env=parse_env(env),
-    )
+    spec = EngineSpec(**to_fields(EngineSpec, values))  # validated by core before it starts
     manager = _manager()
     # Without --wait, core decides whether the engine loads now or on first use (lazy).
     record = manager.spawn(spec) if wait else manager.start(spec, wait=False)
@@ -215,6 +106,11 @@ def start(
             f"engine {record.id} {record.status}: {record.url}/v1 serves {record.served_model_name!r}"
         )
         typer.echo(record.id)
+
+
+app.command("start")(
+    with_parameters(start, field_parameters(EngineSpec) + own_parameters(_START_OPTIONS))
+)
 
 
 @app.command("register")
@@ -274,15 +170,6 @@ def stop(
         what = "unregistered (external: nothing was signalled)"
         status = what if record.is_external and record.status == Status.STOPPED else None
         info(f"engine {record.id} {'was already ' if already else ''}{status or record.status}")
-
-
-def _duration(text: str, flag: str) -> float:
-    from sagellm_cli.core.durations import parse_duration
-
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise BadInput(f"{flag}: {exc}") from None
 
 
 def _render_table(records) -> None:

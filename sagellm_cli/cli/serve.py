@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from sagellm_cli.cli.common import emit_json, human_duration, info
+from sagellm_cli.cli.options import KW, Params, field_parameters, own_parameters, with_parameters
 from sagellm_cli.core.credentials import (
     ADMIN_TOKEN_ENV,
     API_KEY_ENV,
@@ -17,7 +18,7 @@ from sagellm_cli.core.credentials import (
 from sagellm_cli.core.errors import BadInput
 
 # The options of `serve` itself; every other option is a GatewayConfig field (config.py).
-_COMMAND_OPTIONS: list[tuple[str, Any, Any]] = [
+_COMMAND_OPTIONS: Params = [
     ("background", bool, typer.Option(
         False, "--background", "-d", help="Detach, record in the state file, wait until ready.")),
     ("status", bool, typer.Option(False, "--status", help="Show the running gateway.")),
@@ -32,42 +33,14 @@ _COMMAND_OPTIONS: list[tuple[str, Any, Any]] = [
 ]  # fmt: skip
 
 
-def _config_parameters() -> list[inspect.Parameter]:
-    """One Typer option per GatewayConfig field, built from the field's CliOption."""
-    import dataclasses
-    import typing
-
-    from sagellm_cli.gateway.config import GatewayConfig, cli_options
-
-    hints = typing.get_type_hints(GatewayConfig)
-    defaults = GatewayConfig()
-    params = []
-    for spec in dataclasses.fields(GatewayConfig):
-        option = cli_options()[spec.name]
-        default = option.cli_default if option.to_field else getattr(defaults, spec.name)
-        info_ = typer.Option(
-            default, *option.flags.split(), help=option.help, envvar=option.envvar,
-            hidden=option.hidden, show_envvar=bool(option.envvar),
-        )  # fmt: skip
-        annotation = option.cli_type or hints[spec.name]
-        params.append(inspect.Parameter(spec.name, _KW, default=info_, annotation=annotation))
-    return params
-
-
-_KW = inspect.Parameter.KEYWORD_ONLY
-
-
 def _config(values: dict[str, Any]):
     """The GatewayConfig the options describe."""
+    from sagellm_cli.core.options import to_fields
     from sagellm_cli.core.paths import trusted_state_dir
-    from sagellm_cli.gateway.config import GatewayConfig, cli_options
+    from sagellm_cli.gateway.config import GatewayConfig
 
     trusted_state_dir()  # exit 2 before anything starts if others can write to it
-    converted = {}
-    for name, option in cli_options().items():
-        value = values[name]
-        converted[name] = option.to_field(value) if option.to_field else value
-    config = GatewayConfig(**converted)
+    config = GatewayConfig(**to_fields(GatewayConfig, values))
     config.api_key = config.api_key or None
     # The management API always takes a token: the given one, else the token file's.
     config.admin_token = config.admin_token or ensure_admin_token()
@@ -81,12 +54,11 @@ def register(parent: typer.Typer) -> None:
         """Serve one OpenAI-compatible API in front of every engine (foreground by default)."""
         _serve(ctx, values)
 
-    params = [inspect.Parameter("ctx", _KW, annotation=typer.Context)]
-    params += [inspect.Parameter(n, _KW, default=d, annotation=t) for n, t, d in _COMMAND_OPTIONS]
-    params += _config_parameters()
-    serve.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    serve.__annotations__ = {p.name: p.annotation for p in params}
-    parent.command("serve")(serve)
+    from sagellm_cli.gateway.config import GatewayConfig
+
+    params = [inspect.Parameter("ctx", KW, annotation=typer.Context)]
+    params += own_parameters(_COMMAND_OPTIONS) + field_parameters(GatewayConfig)
+    parent.command("serve")(with_parameters(serve, params))
 
 
 def _serve(ctx: typer.Context, values: dict[str, Any]) -> None:

@@ -21,8 +21,7 @@ GPU_TASK_TIMEOUT_S = 30.0
 
 def resolve_address(explicit: str | None, records: list[EngineRecord]) -> str:
     """`--cluster`, else SAGELLM_RAY_ADDRESS, else the one cluster our engines were put on."""
-    from sagellm_cli.core.launcher import RAY_ADDRESS_ENV
-    from sagellm_cli.core.ray_launcher import is_ray_node
+    from sagellm_cli.core.ray_launcher import RAY_ADDRESS_ENV, is_ray_node
 
     if explicit:
         return explicit

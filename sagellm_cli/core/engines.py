@@ -25,7 +25,7 @@ from sagellm_cli.core.errors import (
     ResourceUnavailable,
     SageError,
 )
-from sagellm_cli.core.launcher import LOCAL, launcher_for, launcher_for_spec
+from sagellm_cli.core.launcher import Launcher, launcher_for, launcher_for_spec
 from sagellm_cli.core.lifecycle import EXPECTED_EXIT, PROBED, Status, allowed, transition
 from sagellm_cli.core.limits import check_exec_size
 from sagellm_cli.core.records import (
@@ -214,15 +214,15 @@ class EngineManager:
         if not due:
             return state
         healthy = {
-            r.id: (r.pid, _probe_ready(r, 1.0, generate=r.status == Status.STARTING).ready)
+            r.id: (r.instance, _probe_ready(r, 1.0, generate=r.status == Status.STARTING).ready)
             for r in due
         }
         with self.store.transaction() as state:
             self.reconcile(state)
             now = time.time()
-            for engine_id, (pid, ok) in healthy.items():
+            for engine_id, (instance, ok) in healthy.items():
                 record = state.engines.get(engine_id)
-                if record is None or record.pid != pid or not record.is_live:
+                if record is None or record.instance != instance or not record.is_live:
                     continue  # restarted or stopped meanwhile: the probe is stale
                 hung = record.unresponsive_since is not None  # /health is not enough then
                 if ok and not hung and record.status in (Status.STARTING, Status.UNHEALTHY):
@@ -372,12 +372,13 @@ class EngineManager:
             current = state.engines.get(record.id)
             if current is not None and current.status == Status.STARTING:
                 current.pid, current.pgid = handle.pid, handle.pgid
-                current.pid_create_time = handle.create_time
+                current.pid_create_time, current.instance = handle.create_time, handle.instance
                 current.started_at = spawned_at
                 return current
         # Stopped or pruned while the process was being spawned: don't leave it behind.
         record.pid, record.pgid = handle.pid, handle.pgid
         record.pid_create_time, record.started_at = handle.create_time, spawned_at
+        record.instance = handle.instance
         launcher.terminate(record, timeout=10.0)
         raise OperationFailed(f"engine {record.id} was stopped while starting")
 
@@ -875,10 +876,10 @@ def resolve_ref(state: State, ref: str) -> EngineRecord:
     raise NotFound(f"no engine {ref!r}", hint="see `sage llm engine list --all`")
 
 
-def _exit_code(launcher, record: EngineRecord) -> int | None:
+def _exit_code(launcher: Launcher, record: EngineRecord) -> int | None:
     """A dead engine's exit code. Its wrapper writes it just after the engine exits: a
     reconcile that sees the death first waits for it, briefly (restart policies use it)."""
-    if record.pid is None or record.node != LOCAL:  # nothing ran, or a remote call each
+    if record.pid is None or not launcher.on_this_machine:  # nothing ran, or a remote call each
         return launcher.exit_code(record)
     for _ in range(EXIT_CODE_POLLS):
         code = launcher.exit_code(record)

@@ -4,7 +4,7 @@ The seeds' deployment model (instances registered by host and port): a Kubernete
 another team's vLLM, an SGLang or llama.cpp server. `sage llm engine register URL` records
 one with `runtime: external`; the gateway routes to it, health-checks it (`GET /v1/models`:
 the one route every such server has) and drains it like any other engine. Stopping it only
-unregisters it: no signal ever goes anywhere (`ExternalLauncher`).
+unregisters it: no signal ever goes anywhere (core/external_launcher.py).
 """
 
 from __future__ import annotations
@@ -13,21 +13,19 @@ import http.client
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from sagellm_cli.core.errors import BadInput, OperationFailed, ResourceUnavailable
+from sagellm_cli.core import protocol
+from sagellm_cli.core.errors import BadInput, OperationFailed
+from sagellm_cli.core.external_launcher import NODE_PREFIX
 from sagellm_cli.core.lifecycle import Status
-from sagellm_cli.core.process import ProcessHandle
-from sagellm_cli.core.records import EXTERNAL, EngineRecord, EngineSpec
+from sagellm_cli.core.records import EXTERNAL, EngineRecord
 
 if TYPE_CHECKING:
     from sagellm_cli.core.engines import EngineManager
 
-NODE_PREFIX = "external:"
-# The route every OpenAI-compatible server answers; /health is not universal.
-HEALTH_PATH = "/v1/models"
+HEALTH_PATH = protocol.health_path(external=True)
 CHECK_TIMEOUT_S = 10.0
 
 
@@ -47,7 +45,7 @@ def normalise_url(url: str) -> str:
         raise BadInput(f"{url!r} has an invalid port") from None
     if parts.query or parts.fragment or parts.username:
         raise BadInput(f"{url!r} must not carry a query, a fragment or credentials")
-    path = parts.path.rstrip("/").removesuffix("/v1")
+    path = parts.path.rstrip("/").removesuffix(protocol.V1)
     return f"{parts.scheme}://{parts.netloc}{path}"
 
 
@@ -179,54 +177,7 @@ def register(
             host=parts.hostname, port=parts.port or 80,
             label=spec.label, status=Status.READY, created_at=now, started_at=now, ready_at=now,
             role=spec.role, node=NODE_PREFIX + parts.hostname, base_url=url, preset=preset,
-            served_models=models, spec=spec,
+            served_models=models, spec=spec, instance=url,
         )  # fmt: skip
         state.engines[engine_id] = record
         return record
-
-
-class ExternalLauncher:
-    """The launcher of engines something else runs: nothing to spawn, signal or clean."""
-
-    def __init__(self, node: str):
-        self.node = node
-
-    def allocate_port(self, host, taken) -> int:
-        raise BadInput("external engines are registered, not started", hint=_HINT)
-
-    check_port = allocate_port
-
-    def engine_host(self, spec: EngineSpec) -> str:
-        return spec.host
-
-    def place(self, spec, runtime, state, live):
-        raise BadInput("external engines are registered, not started", hint=_HINT)
-
-    def scratch_dir(self, engine_id: str) -> Path:
-        raise BadInput("external engines have no scratch space", hint=_HINT)
-
-    def spawn(self, engine_id, argv, env, log_path) -> ProcessHandle:
-        raise ResourceUnavailable("external engines are registered, not started", hint=_HINT)
-
-    def is_alive(self, record: EngineRecord) -> bool:
-        """Always: only health checks can tell, and they drain it like any engine."""
-        return True
-
-    def has_leftovers(self, record: EngineRecord) -> bool:
-        return False
-
-    def terminate(self, record: EngineRecord, timeout: float) -> int:
-        """Never signals anything: stopping an external engine only unregisters it."""
-        return 0
-
-    def exit_code(self, record: EngineRecord) -> int | None:
-        return None
-
-    def wait_port_free(self, record: EngineRecord, timeout: float = 5.0) -> None:
-        return None
-
-    def cleanup(self, record: EngineRecord, *, forget: bool = False) -> None:
-        return None
-
-
-_HINT = "use `sage llm engine register URL --model NAME`"

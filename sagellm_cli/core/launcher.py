@@ -8,7 +8,7 @@ process group on this machine.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -28,6 +28,9 @@ class Launcher(Protocol):
     """Starts, checks and stops engine processes on some node."""
 
     node: str
+    # True when every call is a local look (/proc, this machine's files): no network, so
+    # it may run on an event loop, and paths it is given are this machine's.
+    on_this_machine: bool
 
     def allocate_port(self, host: str, taken: Iterable[int]) -> int:
         """A free port on the node that no record holds."""
@@ -55,7 +58,8 @@ class Launcher(Protocol):
     def spawn(
         self, engine_id: str, argv: list[str], env: dict[str, str], log_path: Path
     ) -> ProcessHandle:
-        """Start the engine detached from the caller and return its identity."""
+        """Start the engine detached from the caller and return its handle, whose
+        `instance` names this run of the engine (a restart gets another)."""
         ...
 
     def is_alive(self, record: EngineRecord) -> bool:
@@ -87,6 +91,7 @@ class LocalLauncher:
     """Runs engines as detached process groups on this machine."""
 
     node = LOCAL
+    on_this_machine = True
 
     def allocate_port(self, host: str, taken: Iterable[int]) -> int:
         """A port the OS reports free and no record holds."""
@@ -124,10 +129,15 @@ class LocalLauncher:
     def spawn(
         self, engine_id: str, argv: list[str], env: dict[str, str], log_path: Path
     ) -> ProcessHandle:
-        """Start `argv` in its own session with output appended to `log_path`."""
+        """Start `argv` in its own session with output appended to `log_path`; its instance
+        is `pid@host`."""
+        import dataclasses
+        import socket
+
         exit_file = _exit_file(engine_id)
         paths.ensure_private_dir(exit_file.parent)
-        return process.spawn_group(argv, env, log_path, exit_file)
+        handle = process.spawn_group(argv, env, log_path, exit_file)
+        return dataclasses.replace(handle, instance=f"{handle.pid}@{socket.gethostname()}")
 
     def is_alive(self, record: EngineRecord) -> bool:
         """Main pid alive and not reused."""
@@ -189,41 +199,52 @@ def _own_pid(record: EngineRecord) -> int | None:
     return record.pid if process.is_alive(record.pid, record.pid_create_time) else None
 
 
-_LAUNCHERS: dict[str, Launcher] = {LOCAL: LocalLauncher()}
+def node_kind(node: str) -> str:
+    """The kind of a record's `node`: `local`, or the prefix of `ray:<id>` or `external:<host>`."""
+    return node.partition(":")[0]
 
 
-# A Ray cluster for every new engine that names none (docs/cluster.md).
-RAY_ADDRESS_ENV = "SAGELLM_RAY_ADDRESS"
+def _ray(node: str | None, spec: EngineSpec | None) -> Launcher:
+    from sagellm_cli.core.ray_launcher import RayLauncher  # ray itself: only when used
+
+    return RayLauncher(node, spec=spec)
 
 
-def cluster_address(spec: EngineSpec | None) -> str | None:
-    """The Ray cluster a new engine goes to: its `cluster`, else SAGELLM_RAY_ADDRESS."""
-    import os
+def _external(node: str | None, spec: EngineSpec | None) -> Launcher:
+    from sagellm_cli.core.external_launcher import ExternalLauncher
 
-    return (spec.cluster if spec is not None else None) or os.environ.get(RAY_ADDRESS_ENV) or None
+    return ExternalLauncher(node)
+
+
+def _local(node: str | None, spec: EngineSpec | None) -> Launcher:
+    return _LOCAL
+
+
+# Node kind -> the factory of its launcher (a launcher module is imported on first use).
+_KINDS: dict[str, Callable[[str | None, EngineSpec | None], Launcher]] = {
+    LOCAL: _local,
+    "ray": _ray,
+    "external": _external,
+}
+_LOCAL = LocalLauncher()
+_LAUNCHERS: dict[str, Launcher] = {LOCAL: _LOCAL}
 
 
 def launcher_for_spec(spec: EngineSpec) -> Launcher:
     """Where a new engine runs: a Ray cluster's node when one is named, else this machine."""
-    if cluster_address(spec):
-        from sagellm_cli.core.ray_launcher import RayLauncher  # ray itself: only when used
+    from sagellm_cli.core.ray_launcher import cluster_address  # no ray import: an env lookup
 
-        return RayLauncher(spec=spec)  # one per engine: its first port call picks the node
-    return _LAUNCHERS[LOCAL]
+    kind = "ray" if cluster_address(spec) else LOCAL
+    # A new launcher per Ray engine: its first port call chooses the node.
+    return _KINDS[kind](None, spec)
 
 
 def launcher_for(node: str) -> Launcher:
-    """The launcher of a node: `local`, `ray:<node id>` for an engine on a Ray node, or
-    `external:<host>` for a registered engine that something else runs."""
+    """The launcher of a record's node (one per node, made on first use)."""
     launcher = _LAUNCHERS.get(node)
-    if launcher is None and node.startswith("ray:"):
-        from sagellm_cli.core.ray_launcher import RayLauncher
-
-        launcher = _LAUNCHERS.setdefault(node, RayLauncher(node))
-    elif launcher is None and node.startswith("external:"):
-        from sagellm_cli.core.external import ExternalLauncher
-
-        launcher = _LAUNCHERS.setdefault(node, ExternalLauncher(node))
     if launcher is None:
-        raise NotImplementedError(f"no launcher for node {node!r}")
+        factory = _KINDS.get(node_kind(node))
+        if factory is None:
+            raise NotImplementedError(f"no launcher for node {node!r}")
+        launcher = _LAUNCHERS.setdefault(node, factory(node, None))
     return launcher

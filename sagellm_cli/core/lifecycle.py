@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from sagellm_cli.core.records import EngineRecord
+from typing import Protocol
 
 log = logging.getLogger("sagellm.lifecycle")
+
+
+class Tracked(Protocol):
+    """What the table changes: a record with an id and a status (an EngineRecord; named
+    structurally so that records.py, which uses the statuses, is not imported back)."""
+
+    id: str
+    status: Status
 
 
 class Status(str, enum.Enum):
@@ -98,7 +103,7 @@ def allowed(current: Status | str, new: Status | str) -> bool:
     return current == new or new in TRANSITIONS[current]
 
 
-def transition(record: EngineRecord, new: Status, *, reason: str | None = None) -> bool:
+def transition(record: Tracked, new: Status, *, reason: str | None = None) -> bool:
     """Set `record.status` to `new` if the table allows it and return True; otherwise log
     the refusal, leave the record untouched and return False.
 
@@ -118,7 +123,7 @@ def transition(record: EngineRecord, new: Status, *, reason: str | None = None) 
     return True
 
 
-def require(record: EngineRecord, new: Status, *, reason: str | None = None) -> None:
+def require(record: Tracked, new: Status, *, reason: str | None = None) -> None:
     """`transition()`, raising IllegalTransition when it is refused (for a writer that
     must abandon a whole transaction then)."""
     if not transition(record, new, reason=reason):

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sagellm_cli.core import probe
+from sagellm_cli.core import probe, protocol
 from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
-from sagellm_cli.core.launcher import LOCAL
+from sagellm_cli.core.launcher import launcher_for
 from sagellm_cli.core.records import NAME_PATTERN, EngineRecord
 
 if TYPE_CHECKING:
     from sagellm_cli.core.engines import EngineManager
 
-LOAD_PATH = "/v1/load_lora_adapter"
-UNLOAD_PATH = "/v1/unload_lora_adapter"
+LOAD_PATH = protocol.LORA_LOAD
+UNLOAD_PATH = protocol.LORA_UNLOAD
 # Statuses in which the engine's process serves requests: the adapter is (un)loaded now.
 # In the others that are live but without a serving process (idle, restarting), only
 # the record changes, and the next start loads what it lists.
@@ -127,7 +127,7 @@ def _adapter_path(record: EngineRecord, path: str) -> str:
     """An absolute path vLLM can read: checked here when the engine runs on this machine."""
     if not path:
         raise BadInput("the adapter PATH is empty", hint="give the adapter's directory")
-    if record.node != LOCAL:
+    if not launcher_for(record.node).on_this_machine:
         return path  # a path on the engine's node: vLLM checks it
     resolved = Path(path).expanduser().resolve()
     if not (resolved / "adapter_config.json").is_file():
@@ -183,7 +183,7 @@ def _message(data: bytes) -> str:
 def _loaded(record: EngineRecord) -> set[str] | None:
     """The adapter names the engine's /v1/models lists (None if it does not answer)."""
     try:
-        status, data = probe.get(record.url, "/v1/models", 5.0)
+        status, data = probe.get(record.url, protocol.MODELS, 5.0)
         if status != 200:
             return None
         models = json.loads(data).get("data", [])

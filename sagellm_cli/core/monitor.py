@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urlsplit
 
-from sagellm_cli.core import probe
+from sagellm_cli.core import probe, protocol
 from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from sagellm_cli.core.records import GatewayRecord
     from sagellm_cli.core.state import State, StateStore
 
-METRICS_PATH = "/v1/management/metrics"
+METRICS_PATH = protocol.MANAGEMENT_METRICS
 
 
 def recorded_gateway(store: StateStore | None = None) -> GatewayRecord | None:
@@ -65,7 +65,7 @@ def fetch_metrics(
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
         raise BadInput(f"gateway URL {url!r} is not http://HOST:PORT")
-    headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+    headers = protocol.bearer(admin_token)
     query = f"{METRICS_PATH}?{urlencode({'window': window})}"
     try:
         status, body = probe.get(url, query, timeout, headers)

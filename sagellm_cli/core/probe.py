@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from sagellm_cli.core import protocol
+
 
 def get(
     url: str, path: str, timeout: float, headers: dict[str, str] | None = None
@@ -25,7 +27,7 @@ def get(
 def health_ok(url: str, timeout: float = 1.0) -> bool:
     """True if `GET /health` answers 200."""
     try:
-        return get(url, "/health", timeout)[0] == 200
+        return get(url, protocol.HEALTH, timeout)[0] == 200
     except (OSError, http.client.HTTPException):
         return False
 
@@ -33,8 +35,8 @@ def health_ok(url: str, timeout: float = 1.0) -> bool:
 # One tiny request per engine kind: what "it answers" means, for readiness and for the
 # gateway's probes of running engines. A broken engine can pass /health and die here.
 PROBE_REQUESTS: dict[str, tuple[str, dict]] = {
-    "llm": ("/v1/completions", {"prompt": "ping", "max_tokens": 1}),
-    "embedding": ("/v1/embeddings", {"input": ["ping"]}),
+    "llm": (protocol.COMPLETIONS, {"prompt": "ping", "max_tokens": 1}),
+    "embedding": (protocol.EMBEDDINGS, {"input": ["ping"]}),
 }
 
 
@@ -76,11 +78,11 @@ def check_ready(
     one real request (a 1-token completion, a 1-input embedding) succeeds; `generate=False`
     skips that request (re-checking an engine already seen answering)."""
     try:
-        status, _ = get(url, "/health", timeout)
+        status, _ = get(url, protocol.HEALTH, timeout)
         if status != 200:
             return NOT_YET
         if kind == "llm":
-            status, body = get(url, "/v1/models", timeout)
+            status, body = get(url, protocol.MODELS, timeout)
             if status != 200:
                 return NOT_YET
             models = json.loads(body).get("data", [])

@@ -30,11 +30,13 @@ _CREATE_TIME_TOLERANCE = 0.05
 
 @dataclass(frozen=True)
 class ProcessHandle:
-    """Identity of a spawned engine: its main pid, process group and create time."""
+    """A spawned engine: its main pid, process group and create time (for process
+    operations), and the launcher's name for this run of it (for identity)."""
 
     pid: int
     pgid: int
     create_time: float
+    instance: str = ""
 
 
 def spawn_group(

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from sagellm_cli.core.state import State
 
 NODE_PREFIX = "ray:"
+# A Ray cluster for every new engine that names none (docs/cluster.md).
+RAY_ADDRESS_ENV = "SAGELLM_RAY_ADDRESS"
 NODE_ID_CHARS = 16
 NAMESPACE = "sagellm"
 ACTOR_PREFIX = "sagellm-"
@@ -72,11 +74,9 @@ _exit_codes: dict[str, tuple[int | None, int | None]] = {}
 # --------------------------------------------------------------------------- connection
 
 
-def ray_address(spec: EngineSpec | None) -> str | None:
-    """The cluster an engine spec asks for: its `cluster`, else SAGELLM_RAY_ADDRESS."""
-    from sagellm_cli.core.launcher import cluster_address
-
-    return cluster_address(spec) if spec is not None else cluster_address(None)
+def cluster_address(spec: EngineSpec | None) -> str | None:
+    """The Ray cluster a new engine goes to: its `cluster`, else SAGELLM_RAY_ADDRESS."""
+    return (spec.cluster if spec is not None else None) or os.environ.get(RAY_ADDRESS_ENV) or None
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -130,8 +130,6 @@ def connect(address: str | None = None) -> str:
                     hint="use one Ray cluster per sagellm state directory",
                 )
             return current or address or ""
-        from sagellm_cli.core.launcher import cluster_address
-
         address = (address or cluster_address(None) or "").strip()
         if not address:
             raise BadInput(
@@ -282,16 +280,6 @@ def engines_per_node() -> dict[str, int]:
     return counts
 
 
-def gpus_wanted(spec: EngineSpec, cluster_gpus: float) -> int:
-    """GPUs an engine asks Ray for: TP x PP when it runs on GPUs, else 0 (CPU)."""
-    wants = spec.wants_gpu()
-    if wants is False:
-        return 0
-    if wants is None and cluster_gpus <= 0:
-        return 0  # an llm without GPUs in the cluster runs on vLLM's CPU build, as locally
-    return spec.tensor_parallel * spec.pipeline_parallel
-
-
 # --------------------------------------------------------------------------- placement
 
 
@@ -327,10 +315,12 @@ class RayLauncher:
     call); `launcher_for(node)` keeps one per node for records that exist.
     """
 
-    def __init__(self, node: str = NODE_PREFIX + "?", *, spec: EngineSpec | None = None):
-        self.node = node
+    on_this_machine = False  # every call asks the cluster
+
+    def __init__(self, node: str | None = None, *, spec: EngineSpec | None = None):
+        self.node = node or NODE_PREFIX + "?"  # "?" until the first port call chooses
         self.spec = spec
-        self.address = ray_address(spec) if spec is not None else None
+        self.address = cluster_address(spec) if spec is not None else None
         self._node_id: str | None = None
         self._ip: str | None = None
         self._port: int | None = None
@@ -384,7 +374,7 @@ class RayLauncher:
             )
         nodes = [n for n in _nodes() if n.get("Alive")]
         cluster_gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
-        self._gpus = gpus = gpus_wanted(spec, cluster_gpus)
+        self._gpus = gpus = spec.gpu_count(cluster_gpus > 0)
         fits = [
             n
             for n in nodes
@@ -543,7 +533,12 @@ class RayLauncher:
                 f"Ray could not start the engine on node {self.node}: {_short(exc)}"
             ) from None
         _exit_codes.pop(engine_id, None)
-        return ProcessHandle(pid=info["pid"], pgid=info["pgid"], create_time=info["create_time"])
+        return ProcessHandle(
+            pid=info["pid"],
+            pgid=info["pgid"],
+            create_time=info["create_time"],
+            instance=f"{options['name']}#{info['pid']}",  # the actor's name, this run's pid
+        )
 
     def _create(self, options: dict[str, Any]):
         from sagellm_cli.core.ray_actor import RemoteEngineActor

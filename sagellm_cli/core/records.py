@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
+from sagellm_cli.core import options
 from sagellm_cli.core.credentials import redact_argv, redact_env
 from sagellm_cli.core.durations import parse_duration, restart_policy
 from sagellm_cli.core.lifecycle import LIVE, NO_PROCESS, Status
@@ -24,6 +25,7 @@ from sagellm_cli.core.limits import (  # used in EngineSpec's (string) annotatio
     MAX_MODEL_CHARS,
     MAX_NAME_CHARS,
 )
+from sagellm_cli.core.options import as_list, duration, index_list, key_values, option
 
 if TYPE_CHECKING:  # the annotations below are strings; pydantic resolves them on demand
     from pydantic import BeforeValidator, Field
@@ -43,7 +45,9 @@ PRESET_DEFAULTS: dict[str, Any] = {"restart": "on-failure"}
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 # Marks EngineSpec fields that sagellm fills in itself (never from a user, a file or the API).
-INTERNAL = {"internal": True}
+INTERNAL = {options.INTERNAL: True}
+# A repeatable option (`--env K=V --env ...`) of a list or dict field.
+_REPEATED: dict[str, Any] = {"cli_type": list[str] | None, "cli_default": None}
 
 
 @dataclass
@@ -51,67 +55,129 @@ class EngineSpec:
     """What the user asked for: everything needed to (re)start an engine.
 
     This is the one definition of an engine's options. The annotations are pydantic
-    constraints, kept as strings (never evaluated on import, so `engine list` stays
-    cheap); `core/spec_schema.py` turns them into the strict model that validates
-    presets, the management API and `engine start` alike.
+    constraints, kept as strings (read without pydantic where only types are needed, so
+    `engine list` stays cheap); `core/spec_schema.py` turns them into the strict model that validates
+    presets, the management API and `engine start` alike. Each field's `option()` is its
+    `engine start` option (core/options.py); the field order is the `--help` order.
     """
 
-    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)]
-    kind: Literal["llm", "embedding"] = "llm"
-    # `external`: a server something else runs, registered by URL (core/external.py).
-    runtime: Literal["vllm", "sentence-transformers", "external"] | None = None
-    use_gpu: bool | None = None
-    tensor_parallel: Annotated[int, Field(ge=1)] = 1
-    pipeline_parallel: Annotated[int, Field(ge=1)] = 1
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
-    host: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] = "127.0.0.1"
-    label: Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_LABEL_CHARS)] | None = None
-    served_model_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
-    max_model_len: Annotated[int, Field(ge=1)] | None = None
-    kv_cache_gb: Annotated[float, Field(gt=0)] | None = None
-    gpu_memory_gb: Annotated[float, Field(gt=0)] | None = None
-    gpus: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_LIST_ITEMS)] | None = (
-        None
+    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)] = option(
+        help="Model path or Hugging Face id.", argument=True
     )
-    placement: Literal["pack", "spread"] = "pack"
-    extra_args: Annotated[
-        list[Annotated[str, Field(max_length=MAX_ARG_CHARS)]], Field(max_length=MAX_EXTRA_ARGS)
-    ] = field(default_factory=list)
-    env: Annotated[
-        dict[
-            Annotated[str, Field(pattern=ENV_NAME_PATTERN, max_length=MAX_NAME_CHARS)],
-            Annotated[str, Field(max_length=MAX_ENV_VALUE_CHARS)],
-        ],
-        Field(max_length=MAX_ENV_VARS),
-    ] = field(default_factory=dict)
-    role: Literal["general", "prefill", "decode"] = "general"
-    cost_per_1k_tokens: Annotated[float, Field(ge=0)] | None = None
-    max_inflight: Annotated[int, Field(ge=1)] | None = None
+    kind: Literal["llm", "embedding"] = option("llm", "--engine-kind -k", "llm or embedding.")
+    # `external`: a server something else runs, registered by URL (core/external.py).
+    runtime: Literal["vllm", "sentence-transformers", "external"] | None = option(
+        None, help="vllm (llm, embedding) or sentence-transformers (embedding, default)."
+    )
+    use_gpu: bool | None = option(
+        None, "--use-gpu/--no-gpu", "Default: llm on a GPU when one exists, embedding on CPU."
+    )
+    tensor_parallel: Annotated[int, Field(ge=1)] = option(1, "--tensor-parallel -tp")
+    pipeline_parallel: Annotated[int, Field(ge=1)] = option(1, "--pipeline-parallel -pp")
+    port: Annotated[int, Field(ge=1, le=65535)] | None = option(None, help="Default: a free port.")
+    host: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] = option(
+        "127.0.0.1", help="Address the engine binds."
+    )
+    label: Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_LABEL_CHARS)] | None = option(
+        None, help="A name to refer to the engine by."
+    )
+    served_model_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = (
+        option(None, help="Default: MODEL as given.")
+    )
+    max_model_len: Annotated[int, Field(ge=1)] | None = None
+    kv_cache_gb: Annotated[float, Field(gt=0)] | None = option(
+        None, help="KV-cache bound in GiB (CPU default 1)."
+    )
+    gpu_memory_gb: Annotated[float, Field(gt=0)] | None = option(
+        None, help="Override the GPU memory estimate."
+    )
+    gpus: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_LIST_ITEMS)] | None = (
+        option(
+            None, help="Pin NVML GPU indices, e.g. 0,1.",
+            cli_type=str | None, to_field=index_list,
+        )
+    )  # fmt: skip
+    placement: Literal["pack", "spread"] = option(
+        "pack", help="GPU placement: pack (best fit) or spread."
+    )
+    role: Literal["general", "prefill", "decode"] = option(
+        "general", help="general, prefill or decode (length routing)."
+    )
+    max_inflight: Annotated[int, Field(ge=1)] | None = option(
+        None, help="Gateway scheduling: requests in flight at once on this engine."
+    )
+    cost_per_1k_tokens: Annotated[float, Field(ge=0)] | None = option(
+        None, help="Gateway `cost` scheduling: this engine's price per 1k tokens."
+    )
     # vLLM's compile cache: "shared" leaves VLLM_CACHE_ROOT alone (vLLM's own, reused across
     # engines and runs); "private" gives the engine a cache of its own under the state dir.
-    cache: Literal["shared", "private"] = "shared"
+    cache: Literal["shared", "private"] = option(
+        "shared",
+        help="vLLM's compile cache: shared (vLLM's own, reused) or private (this engine's).",
+    )
     # Supervision (docs/supervisor.md), applied while `sage llm serve` runs.
     restart: Annotated[Literal["no", "on-failure", "always"], BeforeValidator(restart_policy)] = (
-        "no"
+        option(
+            "no", help="While `sage llm serve` runs: no, on-failure or always restart a crashed "
+            "engine.",
+        )
+    )  # fmt: skip
+    max_restarts: Annotated[int, Field(ge=0)] = option(
+        5, help="Restarts within 10 minutes before the engine is failed as a crash loop."
     )
-    max_restarts: Annotated[int, Field(ge=0)] = 5
     # Seconds without requests before the engine is unloaded; negative means never.
-    keep_alive: Annotated[float, BeforeValidator(parse_duration)] = -1.0
-    unload: Literal["stop", "sleep"] = "stop"
+    keep_alive: Annotated[float, BeforeValidator(parse_duration)] = option(
+        -1.0,
+        help="Unload after this long without requests (30s, 5m, 1h; 0 = after each use; "
+        "-1 = never). With --no-wait and 0, the engine loads on its first request.",
+        cli_type=str, cli_default="-1", to_field=duration,
+    )  # fmt: skip
+    unload: Literal["stop", "sleep"] = option(
+        "stop",
+        help="How an idle engine unloads: stop (the process) or sleep (vLLM sleep mode, GPU).",
+    )
     # A Ray cluster (`ray://HOST:PORT` or the head's `HOST:PORT`) to place the engine on,
     # instead of this machine (docs/cluster.md); SAGELLM_RAY_ADDRESS is the default.
-    cluster: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = None
+    cluster: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = option(
+        None,
+        help="Place the engine on a Ray cluster's node: ray://HOST:PORT or the head's "
+        "HOST:PORT (default: $SAGELLM_RAY_ADDRESS; docs/cluster.md).",
+    )
     # LoRA (vLLM only): serve adapters, loaded at start from `lora_adapters` (name -> path)
     # and at runtime by `sage llm engine lora add`, which records them here.
-    enable_lora: bool = False
-    max_lora_rank: Annotated[int, Field(ge=1)] | None = None
+    enable_lora: bool = option(
+        False, "--enable-lora",
+        "Serve LoRA adapters (vLLM), added with `sage llm engine lora add`.",
+    )  # fmt: skip
+    max_lora_rank: Annotated[int, Field(ge=1)] | None = option(
+        None, help="The largest adapter rank to serve (vLLM's default: 16)."
+    )
     lora_adapters: Annotated[
         dict[
             Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_LABEL_CHARS)],
             Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)],
         ],
         Field(max_length=MAX_LIST_ITEMS),
-    ] = field(default_factory=dict)
+    ] = option(
+        None, "--lora-adapter", "NAME=PATH of a LoRA adapter to load (repeatable).",
+        factory=dict, **_REPEATED, to_field=key_values,
+    )  # fmt: skip
+    extra_args: Annotated[
+        list[Annotated[str, Field(max_length=MAX_ARG_CHARS)]], Field(max_length=MAX_EXTRA_ARGS)
+    ] = option(
+        None, "--extra-arg", "Passed to the runtime verbatim (repeatable).",
+        factory=list, **_REPEATED, to_field=as_list,
+    )  # fmt: skip
+    env: Annotated[
+        dict[
+            Annotated[str, Field(pattern=ENV_NAME_PATTERN, max_length=MAX_NAME_CHARS)],
+            Annotated[str, Field(max_length=MAX_ENV_VALUE_CHARS)],
+        ],
+        Field(max_length=MAX_ENV_VARS),
+    ] = option(
+        None, "--env", "K=V for the engine (repeatable).",
+        factory=dict, **_REPEATED, to_field=key_values,
+    )  # fmt: skip
     preset: str | None = field(default=None, metadata=INTERNAL)
     preset_engine: str | None = field(default=None, metadata=INTERNAL)
 
@@ -127,6 +193,15 @@ class EngineSpec:
         if self.use_gpu is None and self.kind == "embedding":
             return False
         return self.use_gpu
+
+    def gpu_count(self, gpus_exist: bool) -> int:
+        """GPUs the engine runs on: TP x PP, or 0 for the CPU. `gpus_exist` says whether
+        the machine (or cluster) has any: an engine that may use one runs on the CPU
+        without. One that must have one still counts them (its placement then refuses)."""
+        wants = self.wants_gpu()
+        if wants is False or (wants is None and not gpus_exist):
+            return 0
+        return self.tensor_parallel * self.pipeline_parallel
 
     @property
     def lora(self) -> bool:
@@ -154,8 +229,9 @@ def spec_default(name: str) -> Any:
 
 
 def option_fields() -> tuple[str, ...]:
-    """The EngineSpec fields a user sets (CLI options, preset keys, API body fields)."""
-    return tuple(f.name for f in dataclasses.fields(EngineSpec) if not f.metadata.get("internal"))
+    """The EngineSpec fields a user sets (`engine start` options, preset keys, API body
+    fields, ControlPlane.start_engine keywords)."""
+    return tuple(f.name for f in options.cli_fields(EngineSpec))
 
 
 @dataclass
@@ -174,6 +250,9 @@ class EngineRecord:
     pid: int | None = None
     pgid: int | None = None
     pid_create_time: float | None = None
+    # The launcher's name for this run of the engine (`pid@host`, a Ray actor's, an
+    # external URL): what "the same engine as before" compares; pid is for signals.
+    instance: str | None = None
     gpus: list[int] = field(default_factory=list)
     gpu_memory_gb: float | None = None
     cpu_cores: list[int] = field(default_factory=list)
@@ -225,10 +304,9 @@ class EngineRecord:
         """The engine's routable base URL (no `/v1`)."""
         if self.base_url:
             return self.base_url
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        from sagellm_cli.core.protocol import base_url
+
+        return base_url(self.host, self.port)
 
     @property
     def is_live(self) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
-from sagellm_cli.core import records
+from sagellm_cli.core import options, records
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.records import EngineSpec
 
@@ -37,7 +37,7 @@ def engine_options_model(*, preset: bool = False) -> type[BaseModel]:
     )
     fields: dict[str, Any] = {}
     for spec_field in dataclasses.fields(EngineSpec):
-        if spec_field.metadata.get("internal"):
+        if spec_field.metadata.get(options.INTERNAL):
             continue
         if preset and spec_field.name in records.PRESET_DEFAULTS:
             default: Any = records.PRESET_DEFAULTS[spec_field.name]

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sagellm_cli.core import paths
+from sagellm_cli.core import paths, protocol
 from sagellm_cli.core.credentials import ensure_admin_token
 from sagellm_cli.core.state import StateStore
 from sagellm_cli.gateway.auth import RequestGuard, TokenCheck
@@ -96,10 +96,10 @@ class Gateway:
         )
         self.app = Starlette(
             routes=[
-                Route("/health", self.health_endpoint, methods=["GET"]),
+                Route(protocol.HEALTH, self.health_endpoint, methods=["GET"]),
                 Route("/ready", self.ready_endpoint, methods=["GET"]),
-                Route("/v1/models", self.models_endpoint, methods=["GET"]),
-                Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+                Route(protocol.MODELS, self.models_endpoint, methods=["GET"]),
+                Route(protocol.METRICS, self.metrics_endpoint, methods=["GET"]),
                 *self.management.routes(),
             ],
             lifespan=self.lifespan,
@@ -183,7 +183,7 @@ class Gateway:
         return _json({"status": "not ready", "engines": [], "reason": "no ready engine"}, 503)
 
     async def models_endpoint(self, request: Request) -> Response:
-        if not self.api_check.allows(request.headers.get("authorization")):
+        if not self.api_check.allows(request.headers.get(protocol.AUTHORIZATION)):
             return Response(
                 error_body(401, "invalid or missing API key", code="invalid_api_key"),
                 401,

@@ -13,9 +13,12 @@ import hmac
 import ipaddress
 from collections.abc import Iterable
 
+from sagellm_cli.core.protocol import AUTHORIZATION, bearer
+
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 # Bounds the memo of Host values seen (a client could send endless distinct ones).
 _MEMO_SIZE = 256
+_AUTHORIZATION = AUTHORIZATION.encode()
 
 
 class TokenCheck:
@@ -24,7 +27,7 @@ class TokenCheck:
     __slots__ = ("_expected",)
 
     def __init__(self, token: str | None):
-        self._expected = f"Bearer {token}".encode() if token else None
+        self._expected = bearer(token)[AUTHORIZATION].encode() if token else None
 
     @property
     def enabled(self) -> bool:
@@ -36,7 +39,7 @@ class TokenCheck:
         if self._expected is None:
             return True
         for name, value in headers:
-            if name == b"authorization":
+            if name == _AUTHORIZATION:
                 return hmac.compare_digest(value, self._expected)
         return False
 

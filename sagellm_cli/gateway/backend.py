@@ -86,8 +86,8 @@ class Backend:
         return self.record.status in WAKEABLE
 
     def same_process(self, record: EngineRecord) -> bool:
-        """True if `record` still describes the process this backend talks to."""
-        return record.url == self.url and record.pid == self.record.pid
+        """True if `record` still describes the run of the engine this backend talks to."""
+        return record.url == self.url and record.instance == self.record.instance
 
     def to_dict(self) -> dict:
         """Runtime view for the management API."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, fields
 
 from sagellm_cli.core.errors import BadInput
+from sagellm_cli.core.options import CliOption, as_list, option
 from sagellm_cli.gateway.policies import POLICIES, POLICY_ALIASES
 from sagellm_cli.gateway.routing import ROUTING_ALIASES, STRATEGIES
 
@@ -15,49 +14,28 @@ DEFAULT_PORT = 8889
 MIB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class CliOption:
-    """How one GatewayConfig field appears on `sage llm serve`.
-
-    `to_field` turns the option's value into the field's where they differ (MiB vs bytes,
-    repeated MODEL=STRATEGY pairs vs a dict); `cli_default` is then the option's default.
-    """
-
-    flags: str
-    help: str
-    envvar: str | None = None
-    hidden: bool = False
-    cli_type: Any = None
-    cli_default: Any = None
-    to_field: Callable[[Any], Any] | None = None
+# Each field's `sage llm serve` option (core/options.py; cli/serve.py builds them).
+_option = option
 
 
-def _option(default: Any, flags: str, help: str, *, factory: Any = None, **kw: Any) -> Any:
-    meta = {"cli": CliOption(flags, help, **kw)}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def _pairs(values: list[str] | None) -> dict[str, str]:
+def _pairs(values: list[str] | None, flag: str) -> dict[str, str]:
     """Repeated `--model-routing MODEL=STRATEGY` options as a dict."""
     routing: dict[str, str] = {}
     for pair in values or []:
         model, sep, strategy = pair.rpartition("=")
         if not sep or not model or not strategy:
             raise BadInput(
-                f"--model-routing {pair!r} is not MODEL=STRATEGY",
-                hint="e.g. --model-routing tiny=affinity",
+                f"{flag} {pair!r} is not MODEL=STRATEGY", hint=f"e.g. {flag} tiny=affinity"
             )
         routing[model] = strategy
     return routing
 
 
-def _mib_to_bytes(mib: float) -> int:
+def _mib_to_bytes(mib: float, flag: str) -> int:
     return int(mib * MIB)
 
 
-_LIST = {"cli_type": list[str] | None, "cli_default": None, "to_field": lambda v: list(v or [])}
+_LIST = {"cli_type": list[str] | None, "cli_default": None, "to_field": as_list}
 
 
 @dataclass
@@ -106,7 +84,7 @@ class GatewayConfig:
     )  # fmt: skip
     max_header_bytes: int = _option(
         64 * 1024, "--max-header-kb", "Largest request line + headers, in KiB; larger gets 431.",
-        cli_type=int, cli_default=64, to_field=lambda kib: int(kib) * 1024,
+        cli_type=int, cli_default=64, to_field=lambda kib, flag: int(kib) * 1024,
     )  # fmt: skip
     header_timeout_s: float = _option(
         10.0, "--header-timeout",
@@ -256,12 +234,9 @@ class GatewayConfig:
     @property
     def url(self) -> str:
         """The base URL clients use (no `/v1`)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        if host == "::":
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        from sagellm_cli.core.protocol import base_url
+
+        return base_url(self.host, self.port)
 
 
 def cli_options() -> dict[str, CliOption]:

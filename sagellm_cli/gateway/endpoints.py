@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sagellm_cli.core import protocol
 from sagellm_cli.core.records import EXTERNAL
 from sagellm_cli.core.runtimes import VLLM
 
@@ -35,16 +36,16 @@ class Endpoint:
 _POOLING = frozenset({VLLM, EXTERNAL})
 
 ENDPOINTS = (
-    Endpoint("chat", "/v1/chat/completions", "llm", True),
-    Endpoint("completions", "/v1/completions", "llm", True),
-    Endpoint("messages", "/v1/messages", "llm", True),  # Anthropic Messages
-    Endpoint("responses", "/v1/responses", "llm", True),  # OpenAI Responses
-    Endpoint("tokenize", "/tokenize", "llm", False),
-    Endpoint("detokenize", "/detokenize", "llm", False),
-    Endpoint("embeddings", "/v1/embeddings", "embedding", False),
-    Endpoint("rerank", "/v1/rerank", "embedding", False, _POOLING),
-    Endpoint("score", "/v1/score", "embedding", False, _POOLING),
+    Endpoint("chat", protocol.CHAT, "llm", True),
+    Endpoint("completions", protocol.COMPLETIONS, "llm", True),
+    Endpoint("messages", protocol.MESSAGES, "llm", True),  # Anthropic Messages
+    Endpoint("responses", protocol.RESPONSES, "llm", True),  # OpenAI Responses
+    Endpoint("tokenize", protocol.TOKENIZE, "llm", False),
+    Endpoint("detokenize", protocol.DETOKENIZE, "llm", False),
+    Endpoint("embeddings", protocol.EMBEDDINGS, "embedding", False),
+    Endpoint("rerank", protocol.RERANK, "embedding", False, _POOLING),
+    Endpoint("score", protocol.SCORE, "embedding", False, _POOLING),
 )
 BY_PATH = {e.path: e for e in ENDPOINTS}
 # Where to send a model of each engine kind (for the 400 that redirects a client).
-PATH_FOR_KIND = {"llm": "/v1/chat/completions", "embedding": "/v1/embeddings"}
+PATH_FOR_KIND = {"llm": protocol.CHAT, "embedding": protocol.EMBEDDINGS}

@@ -7,22 +7,7 @@ import logging
 import uuid
 
 from sagellm_cli.core.errors import BadInput, ExitCode, SageError
-
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    405: "invalid_request_error",
-    415: "invalid_request_error",
-    431: "invalid_request_error",
-    404: "not_found_error",
-    409: "conflict_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "server_error",
-    502: "upstream_error",
-    503: "service_unavailable",
-}
+from sagellm_cli.core.protocol import error_object
 
 _STATUS_FOR_EXIT = {
     ExitCode.BAD_INPUT: 400,
@@ -34,9 +19,7 @@ _STATUS_FOR_EXIT = {
 
 def error_body(status: int, message: str, code: str | None = None, **extra) -> bytes:
     """`{"error": {"message", "type", "param", "code", ...}}` as JSON bytes."""
-    error = {"message": message, "type": _TYPES.get(status, "error"), "param": None, "code": code}
-    error.update(extra)
-    return json.dumps({"error": error}).encode()
+    return json.dumps(error_object(status, message, code, **extra)).encode()
 
 
 async def send_json(send, status: int, body: bytes, extra: list | None = None) -> None:

@@ -12,10 +12,10 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from sagellm_cli.core.external import HEALTH_PATH as EXTERNAL_HEALTH_PATH
-from sagellm_cli.core.launcher import LOCAL, launcher_for
+from sagellm_cli.core.launcher import launcher_for
 from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.probe import probe_request
+from sagellm_cli.core.protocol import health_path
 from sagellm_cli.gateway.loops import every
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class HealthChecker:
                 path, payload = probe_request(record.kind, record.served_model_name)
                 status = await self.upstream.post_status(backend.url + path, payload, self.timeout)
             else:
-                path = EXTERNAL_HEALTH_PATH if record.is_external else "/health"
+                path = health_path(record.is_external)
                 status = await self.upstream.get_status(backend.url + path, self.timeout)
         except Exception as exc:  # noqa: BLE001 - any failure to answer is a failed probe
             self.registry.mark_failure(backend, f"health check failed: {type(exc).__name__}")
@@ -77,6 +77,6 @@ async def _alive(record) -> bool:
     """The launcher's liveness check: two /proc reads here, a remote call (in a thread, off
     the event loop) for an engine on a Ray node."""
     launcher = launcher_for(record.node)
-    if record.node == LOCAL:
+    if launcher.on_this_machine:
         return launcher.is_alive(record)
     return await asyncio.to_thread(launcher.is_alive, record)

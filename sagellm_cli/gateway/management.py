@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from sagellm_cli.core import protocol
 from sagellm_cli.core.credentials import env_allowed_remotely
 from sagellm_cli.core.engine_args import refused_api_arg
 from sagellm_cli.core.errors import BadInput, ExitCode, SageError
@@ -78,7 +79,7 @@ def spec_from_body(body: Any, *, allow_remote_config: bool = False) -> EngineSpe
     if not is_loopback(spec.host):
         raise Forbidden(f"engines started through the API bind loopback only, not {spec.host!r}",
                         hint=flag)  # fmt: skip
-    from sagellm_cli.core.launcher import cluster_address
+    from sagellm_cli.core.ray_launcher import cluster_address
 
     if cluster_address(spec):  # a Ray node's engine binds the node's address (docs/cluster.md)
         raise Forbidden("engines on a Ray cluster bind their node's address, not loopback",
@@ -140,34 +141,35 @@ class Management:
 
     def routes(self) -> list[Route]:
         """The management routes."""
+        ENGINES = protocol.MANAGEMENT_ENGINES  # noqa: N806 - a route, read as a constant
         return [
-            Route("/v1/management/engines", self.guard(self.list_engines), methods=["GET"]),
-            Route("/v1/management/engines", self.guard(self.start_engine), methods=["POST"]),
+            Route(ENGINES, self.guard(self.list_engines), methods=["GET"]),
+            Route(ENGINES, self.guard(self.start_engine), methods=["POST"]),
             Route(
-                "/v1/management/engines/register",
+                ENGINES + "/register",
                 self.guard(self.register_engine),
                 methods=["POST"],
             ),
             Route(
-                "/v1/management/engines/{engine_id}",
+                ENGINES + "/{engine_id}",
                 self.guard(self.get_engine),
                 methods=["GET"],
             ),
             Route(
-                "/v1/management/engines/{engine_id}",
+                ENGINES + "/{engine_id}",
                 self.guard(self.stop_engine),
                 methods=["DELETE"],
             ),
-            Route("/v1/management/status", self.guard(self.status), methods=["GET"]),
-            Route("/v1/management/metrics", self.guard(self.metrics), methods=["GET"]),
-            Route("/v1/management/gpu", self.guard(self.gpu), methods=["GET"]),
+            Route(protocol.MANAGEMENT + "/status", self.guard(self.status), methods=["GET"]),
+            Route(protocol.MANAGEMENT_METRICS, self.guard(self.metrics), methods=["GET"]),
+            Route(protocol.MANAGEMENT + "/gpu", self.guard(self.gpu), methods=["GET"]),
         ]
 
     def guard(self, handler):
         """Admin token, JSON content type and body limit; SageErrors become JSON errors."""
 
         async def endpoint(request: Request) -> Response:
-            if not self.admin_check.allows(request.headers.get("authorization")):
+            if not self.admin_check.allows(request.headers.get(protocol.AUTHORIZATION)):
                 return _error(401, "invalid or missing admin token", "invalid_admin_token",
                               {"www-authenticate": "Bearer"})  # fmt: skip
             if request.method == "POST":

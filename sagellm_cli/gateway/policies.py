@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from sagellm_cli.core.protocol import DEFAULT_PRIORITY, PRIORITY_CLASSES
+
 if TYPE_CHECKING:
     from sagellm_cli.gateway.backend import Backend
 
@@ -20,22 +22,11 @@ POLICIES = ("fifo", "priority", "slo_aware", "cost", "adaptive")
 POLICY_ALIASES = {"cost_optimized": "cost"}
 # The policies `adaptive` switches between (it is never its own sub-policy).
 SUB_POLICIES = ("fifo", "priority", "slo_aware", "cost")
-PRIORITY_CLASSES = ("critical", "high", "normal", "low")
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITY_CLASSES)}
-DEFAULT_CLASS = "normal"
+DEFAULT_CLASS = DEFAULT_PRIORITY
 
 # adaptive: below this share of admitted slots in use (and nothing queued) cost wins.
 COST_UTILIZATION = 0.5
-
-
-def priority_class(value: Any) -> str | None:
-    """`critical|high|normal|low` (case-insensitive) from a header or body value, else None."""
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    if not isinstance(value, str):
-        return None
-    value = value.strip().lower()
-    return value if value in PRIORITY_RANK else None
 
 
 def deadline_ms(value: Any) -> float | None:

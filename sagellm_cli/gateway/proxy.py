@@ -16,6 +16,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from sagellm_cli.core import protocol
 from sagellm_cli.gateway.auth import TokenCheck
 from sagellm_cli.gateway.endpoints import PATH_FOR_KIND, Endpoint
 from sagellm_cli.gateway.errors import error_body, send_json
@@ -63,6 +64,9 @@ log = logging.getLogger("sagellm.gateway")
 
 _UPSTREAM_HEADERS = {"Content-Type": "application/json"}
 _STREAM_HEADERS = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+# Raw ASGI header names (bytes), made once.
+_HEADER_SESSION = protocol.HEADER_SESSION.encode()
+_HEADER_ENGINE = protocol.HEADER_ENGINE.encode()
 # OpenAI's names, then Anthropic's and the Responses API's.
 _PROMPT_RE = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
 _COMPLETION_RE = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
@@ -278,7 +282,7 @@ class Proxy:
         if not isinstance(session, str):
             session = None
             for name, value in headers:
-                if name == b"x-session-id":
+                if name == _HEADER_SESSION:
                     session = value.decode("latin-1")
                     break
         info = RouteInfo(body, session)
@@ -447,7 +451,7 @@ class Proxy:
                 "headers": [
                     (b"content-type", resp.content_type.encode()),
                     (b"content-length", str(len(data)).encode()),
-                    (b"x-sagellm-engine", backend.id.encode()),
+                    (_HEADER_ENGINE, backend.id.encode()),
                 ],
             }
         )
@@ -468,7 +472,7 @@ class Proxy:
                 await resp.close()
             if status >= 500:
                 raise _Failure(f"engine answered {status}", status, data, resp.content_type)
-            await send_json(send, status, data, [(b"x-sagellm-engine", backend.id.encode())])
+            await send_json(send, status, data, [(_HEADER_ENGINE, backend.id.encode())])
             return status
         self.registry.mark_success(backend)
         # From here on bytes reach the client: no retry, errors become an SSE error event.
@@ -500,7 +504,7 @@ class Proxy:
                     (b"content-type", resp.content_type.encode()),
                     (b"cache-control", b"no-cache"),
                     (b"x-accel-buffering", b"no"),
-                    (b"x-sagellm-engine", backend.id.encode()),
+                    (_HEADER_ENGINE, backend.id.encode()),
                 ],
             }
         )

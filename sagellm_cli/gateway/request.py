@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sagellm_cli.gateway.policies import DEFAULT_CLASS, deadline_ms, priority_class
+from sagellm_cli.core import protocol
+from sagellm_cli.core.protocol import priority_class
+from sagellm_cli.gateway.policies import DEFAULT_CLASS, deadline_ms
 
 if TYPE_CHECKING:
     from sagellm_cli.gateway.backend import Backend
@@ -26,9 +28,9 @@ BODY_PRIORITY = "priority"
 BODY_DEADLINE = "slo_deadline_ms"
 BODY_COST_BUDGET = "cost_budget"
 # ASGI header names arrive lower-cased.
-HEADER_PRIORITY = b"x-priority"
-HEADER_DEADLINE = b"x-slo-deadline-ms"
-HEADER_COST_BUDGET = b"x-cost-budget"
+HEADER_PRIORITY = protocol.HEADER_PRIORITY.encode()
+HEADER_DEADLINE = protocol.HEADER_DEADLINE.encode()
+HEADER_COST_BUDGET = protocol.HEADER_COST_BUDGET.encode()
 
 
 class InvalidBudget(ValueError):

@@ -25,6 +25,7 @@ from sagellm_cli.core.engines import EngineManager
 from sagellm_cli.core.errors import ResourceUnavailable, SageError
 from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.probe import probe_request
+from sagellm_cli.core.protocol import ENGINE_SLEEP, ENGINE_WAKE
 from sagellm_cli.gateway.loops import every
 
 if TYPE_CHECKING:
@@ -170,11 +171,11 @@ class Supervisor:
         self.registry.drain(backend)  # no new request reaches it from here on
         if record.spec.unload == "sleep":
             status = await self.upstream.post_status(
-                f"{backend.url}/sleep?level=1", b"", SLEEP_TIMEOUT_S
+                f"{backend.url}{ENGINE_SLEEP}?level=1", b"", SLEEP_TIMEOUT_S
             )
             if status != 200:
                 self.registry.mark_success(backend)
-                raise WakeFailed(f"/sleep answered {status}")
+                raise WakeFailed(f"{ENGINE_SLEEP} answered {status}")
             if not await asyncio.to_thread(self.manager.mark_asleep, record.id, ASLEEP_GIB):
                 return  # stopped or crashed meanwhile: it stays so (logged by the table)
         elif await asyncio.to_thread(self.manager.unload, record.id) is None:
@@ -300,7 +301,7 @@ class Supervisor:
             return await self._awake_elsewhere(engine_id)
         try:
             status = await self.upstream.post_status(
-                f"{record.url}/wake_up", b"", self.config.wake_timeout_s
+                f"{record.url}{ENGINE_WAKE}", b"", self.config.wake_timeout_s
             )
         except BaseException:
             # Cancelled or unreachable: back to SLEEPING with the full reservation kept
@@ -309,7 +310,7 @@ class Supervisor:
             raise
         if status != 200:
             await asyncio.to_thread(self.manager.mark_awake, engine_id, woke=False)
-            raise WakeFailed(f"engine {engine_id} did not wake: /wake_up answered {status}")
+            raise WakeFailed(f"engine {engine_id} did not wake: {ENGINE_WAKE} answered {status}")
         if not await asyncio.to_thread(self.manager.mark_awake, engine_id):
             return await self._awake_elsewhere(engine_id)
         return True

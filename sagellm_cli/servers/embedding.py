@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sagellm_cli.core import protocol
 from sagellm_cli.core.embedding_models import is_available_offline, resolve_embedding_model
 from sagellm_cli.core.ports import bind_socket
 
@@ -392,9 +393,9 @@ def create_app(
 
     return Starlette(
         routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route(protocol.HEALTH, health, methods=["GET"]),
+            Route(protocol.MODELS, models, methods=["GET"]),
+            Route(protocol.EMBEDDINGS, embeddings, methods=["POST"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,

@@ -106,9 +106,8 @@ def plan_gpu(
     transaction. Raises BadInput (bad --gpus, TP/PP, placement, unknown size)
     or ResourceUnavailable (no GPU when --use-gpu, nothing fits).
     """
-    wants = spec.wants_gpu()
-    if wants is False:
-        return None
+    if spec.wants_gpu() is False:
+        return None  # before NVML is read
     if spec.placement not in algo.PLACEMENTS:
         raise BadInput(f"unknown placement {spec.placement!r}", hint="use pack or spread")
     tp, pp = int(spec.tensor_parallel), int(spec.pipeline_parallel)
@@ -116,9 +115,9 @@ def plan_gpu(
         raise BadInput("--tensor-parallel and --pipeline-parallel must be at least 1")
     if inventory is None:
         inventory = read_inventory(engine_pid_map(state))
+    if not spec.gpu_count(inventory.available):
+        return None  # an llm without GPUs runs on vLLM's CPU build
     if not inventory.available:
-        if wants is None:
-            return None  # an llm without GPUs runs on vLLM's CPU build
         reason = inventory.reason or "no usable GPU"
         raise ResourceUnavailable(
             f"no GPU available: {reason}",

@@ -435,7 +435,7 @@ def _place(
     An engine that can't be placed gets a blocker and the others are still planned.
     """
     from sagellm_cli.core.gpu import engine_pid_map, read_inventory
-    from sagellm_cli.core.launcher import cluster_address
+    from sagellm_cli.core.ray_launcher import cluster_address
     from sagellm_cli.core.runtimes import build_launch
 
     for engine_id in going:
