@@ -13,6 +13,7 @@
 #                     CONVERGE_MODES=concurrent makes converge ~4 min: both within 9)
 #                 bash scripts/gpu_device_run.sh gwbench             (gateway data plane: vllm bench
 #                     serve direct vs through `sage llm serve`; builds the models if missing)
+#                 bash scripts/gpu_device_run.sh model multimodel    (scheduler: cost vs LRU)
 #
 # `model` builds a random 1.2 B-parameter Qwen2 (2.4 GB, bf16) in /root/m-1b, so that sleep
 # moves real weights; each step writes $OUT/<step>.log.
@@ -86,6 +87,17 @@ while [ $# -gt 0 ]; do
     swap)
         python3 benchmarks/supervisor_wake.py --model "$BIG" --swap --cycles 2 --unload sleep \
             --gpu-memory-gb 80 2>&1 | tee "$OUT/swap.log"
+        shift ;;
+    multimodel)
+        # Three engines of $BIG reserving 60 GiB each (two awake + one asleep fit), both
+        # eviction policies on one trace; bounded to 280 s, engines stopped on any exit.
+        # The script's own deadline (230 s) ends first and stops its engines; the trap
+        # stops them too if `timeout` had to SIGKILL it.
+        MM_HOME=$(mktemp -d)/sagellm
+        trap 'SAGELLM_HOME=$MM_HOME timeout 30 python3 -m sagellm_cli llm serve --stop >/dev/null 2>&1; SAGELLM_HOME=$MM_HOME timeout 30 python3 -m sagellm_cli llm engine stop --all >/dev/null 2>&1' EXIT
+        timeout -k 10 280 python3 benchmarks/multi_model.py --real --model "$BIG" --home "$MM_HOME" \
+            --deadline-s 230 --gpu-memory-gb 60 --sessions 4 --rounds 5 2>&1 | tee "$OUT/multimodel.log"
+        rc=${PIPESTATUS[0]}
         shift ;;
     startup)
         python3 tests/tinymodel.py /root/tiny >/dev/null 2>&1

@@ -372,6 +372,56 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+@dataclass
+class SleepyEngine(FakeUpstream):
+    """FakeUpstream that also honours vLLM's sleep mode: POST /sleep, /wake_up and
+    /collective_rpc (200 after `sleep_s` / `wake_s`), GET /is_sleeping. Asleep, it
+    answers inference with 503, and a unary request that was running when it fell
+    asleep with 500 (vLLM aborts those): so a scheduler that sleeps a busy engine shows.
+    Paths in `hold` wait until `release(path)`; `calls` lists the sleep/wake requests."""
+
+    sleep_s: float = 0.0
+    wake_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.hold: set[str] = set()
+        self.calls: list[str] = []
+        self.asleep = False
+        self._slept = 0  # sleeps so far: a request spanning one was aborted
+
+    async def _sleep_wake(self, request: web.Request) -> web.Response:
+        self.calls.append(request.path)
+        if request.path in self.hold:
+            await self._gate(request.path).wait()
+        if request.path == "/sleep":
+            self.asleep, self._slept = True, self._slept + 1
+            await asyncio.sleep(self.sleep_s)
+        elif request.path == "/wake_up":
+            await asyncio.sleep(self.wake_s)
+            self.asleep = False
+        return web.Response(text="")
+
+    async def _is_sleeping(self, request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": self.asleep})
+
+    async def _infer(self, request: web.Request) -> web.StreamResponse:
+        if self.asleep:
+            return self._error(503)
+        slept = self._slept
+        response = await super()._infer(request)
+        if self._slept != slept and type(response) is web.Response:
+            return self._error(500)
+        return response
+
+    def app(self) -> web.Application:
+        application = super().app()
+        for path in ("/sleep", "/wake_up", "/collective_rpc"):
+            application.router.add_post(path, self._sleep_wake)
+        application.router.add_get("/is_sleeping", self._is_sleeping)
+        return application
+
+
 def from_args(args: argparse.Namespace) -> FakeUpstream:
     latency, itl = _ms(args.latency_ms), _ms(args.itl_ms)
     if args.delay_ms is not None:

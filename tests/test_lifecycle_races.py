@@ -5,7 +5,7 @@ The engine is a FAKE, on purpose: vLLM's sleep mode is CUDA-only, so on a CPU ru
 real engine can sleep. The stand-in has the two halves of an engine the lifecycle sees:
 - a real process group (a sleeping Python), spawned by the local launcher exactly as an
   engine is, which `engine stop` terminates and a test kills to simulate a crash;
-- its HTTP API, `SleepyEngine` (tests/fakes.py's FakeUpstream plus vLLM's `/sleep` and
+- its HTTP API, `SleepyEngine` (tests/fakes.py: FakeUpstream plus vLLM's `/sleep` and
   `/wake_up`), in a thread of the test, so that it can answer a held `/sleep` or
   `/wake_up` *after* the process was stopped: the late answer the races are about. The
   record routes to it by URL; its own port is a free one that nothing binds.
@@ -25,9 +25,8 @@ import time
 import httpx
 import psutil
 import pytest
-from aiohttp import web
 from conftest import sage, wait_for
-from fakes import FakeUpstream
+from fakes import SleepyEngine
 from test_gateway_support import add_engine_record, free_port, inprocess_gateway, running_gateway
 
 from sagellm_cli.core.engines import EngineManager, Reuse
@@ -41,35 +40,15 @@ CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_t
 GIB = 20.0
 
 
-class SleepyEngine(FakeUpstream):
-    """FakeUpstream that also honours vLLM's POST /sleep and /wake_up (always 200). Paths
-    in `hold` wait until `release(path)`; `calls` lists the sleep/wake requests seen."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.hold: set[str] = set()
-        self.calls: list[str] = []
-
-    async def _sleep_wake(self, request: web.Request) -> web.Response:
-        self.calls.append(request.path)
-        if request.path in self.hold:
-            await self._gate(request.path).wait()
-        return web.Response(text="")
-
-    def app(self) -> web.Application:
-        application = super().app()
-        for path in ("/sleep", "/wake_up"):
-            application.router.add_post(path, self._sleep_wake)
-        return application
-
-
 @pytest.fixture
 def mock_gpu(monkeypatch):
     monkeypatch.setenv("SAGELLM_MOCK_GPUS", "1x80")
 
 
 @contextlib.contextmanager
-def stand_in(home, fake: SleepyEngine, status: Status, *, engine_id="race0001", **spec):
+def stand_in(
+    home, fake: SleepyEngine, status: Status, *, engine_id="race0001", name="fake", **spec
+):
     """A stand-in engine (see the module docstring) recorded with `status` and a 20 GiB
     reservation on mock GPU 0 (asleep: 1 GiB). Its process group is always killed."""
     home.mkdir(parents=True, exist_ok=True)
@@ -86,7 +65,7 @@ def stand_in(home, fake: SleepyEngine, status: Status, *, engine_id="race0001", 
             pid_create_time=psutil.Process(handle.pid).create_time() if has_process else None,
             started_at=began, created_at=began, status=status, base_url=fake.url,
             gpus=[0], gpu_memory_gb=GIB,
-            spec=EngineSpec(model="/fake/fake", served_model_name="fake", **spec),
+            name=name, spec=EngineSpec(model="/fake/fake", served_model_name=name, **spec),
         )  # fmt: skip
         with StateStore(home / "state.json").transaction() as state:
             state.reservations[engine_id] = GpuReservation(

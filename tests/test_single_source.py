@@ -46,6 +46,7 @@ SAMPLES = {
     "max_restarts": 2,
     "keep_alive": 300.0,
     "unload": "sleep",
+    "pin": True,
     "cluster": "ray://head.example:10001",
     "enable_lora": True,
     "max_lora_rank": 32,
@@ -60,6 +61,7 @@ CLI_FORMS = {
     "extra_args": lambda v: [arg for a in v for arg in ("--extra-arg", a)],
     "env": lambda v: [arg for k, x in v.items() for arg in ("--env", f"{k}={x}")],
     "enable_lora": lambda v: ["--enable-lora"] if v else [],
+    "pin": lambda v: ["--pin"] if v else [],
     "lora_adapters": lambda v: [a for k, x in v.items() for a in ("--lora-adapter", f"{k}={x}")],
 }
 
@@ -214,6 +216,7 @@ GATEWAY_SAMPLES = {
     "max_body_bytes": ("2", 2 * 1024 * 1024),
     "max_header_bytes": ("32", 32 * 1024),
     "scheduling": ("fifo", "fifo"),
+    "eviction": ("lru", "lru"),
 }
 
 

@@ -1,4 +1,4 @@
-"""`sage llm engine`: start, stop, list, show, logs, restart, prune, lora."""
+"""`sage llm engine`: start, hold, stop, list, show, logs, restart, prune, lora."""
 
 from __future__ import annotations
 
@@ -111,6 +111,26 @@ def start(**values) -> None:
 app.command("start")(
     with_parameters(start, field_parameters(EngineSpec) + own_parameters(_START_OPTIONS))
 )
+
+
+@app.command("hold")
+def hold(
+    ref: str = typer.Argument(..., help="Engine id, label or unique id prefix."),
+    duration: str = typer.Option(
+        ..., "--for", help="How long the scheduler must not unload it (10m, 2h; 0 ends it)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the record as JSON."),
+) -> None:
+    """Lease an engine for a batch job: the gateway never unloads it until the lease ends."""
+    from sagellm_cli.core.options import duration as parse_duration
+
+    record = _manager().hold(ref, parse_duration(duration, "--for"))
+    if json_out:
+        emit_json(record.to_dict())
+    elif record.held_until:
+        info(f"engine {record.id} held for {duration}: the scheduler will not unload it")
+    else:
+        info(f"engine {record.id}: lease ended")
 
 
 @app.command("register")

@@ -70,7 +70,7 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 # Supervision fields a record keeps when it is started again under the same id.
-_CARRIED = ("created_at", "restarts", "last_exit", "restart_times", "launch_env")
+_CARRIED = ("created_at", "restarts", "last_exit", "restart_times", "launch_env", "held_until")
 # Variables that select or key vLLM's compile cache (VLLM_CACHE_ROOT, torch inductor's and
 # Triton's caches); names that look like secrets are never written to the state file.
 _PINNED_PREFIXES = ("VLLM_", "TORCHINDUCTOR_", "TRITON_", "XDG_CACHE_HOME")
@@ -790,6 +790,25 @@ class EngineManager:
             if transition(record, Status.UNHEALTHY, reason=reason):
                 record.error = reason
                 record.unresponsive_since = record.unresponsive_since or time.time()
+
+    def hold(self, ref: str, seconds: float) -> EngineRecord:
+        """A lease: the scheduler never unloads the engine for `seconds` (0 ends it).
+
+        For a batch job that must not find its model unloaded half-way. Exit 3 if
+        unknown, 2 if not live or `seconds` is negative.
+        """
+        if seconds < 0:
+            raise BadInput(f"lease of {seconds:g}s", hint="give a duration >= 0 (0 ends it)")
+        with self.store.transaction() as state:
+            self.reconcile(state)
+            record = resolve_ref(state, ref)
+            if not record.is_live:
+                raise BadInput(
+                    f"engine {record.id} is {record.status}: nothing to hold",
+                    hint=f"start it first: `sage llm engine restart {record.id}`",
+                )
+            record.held_until = time.time() + seconds if seconds > 0 else None
+            return record
 
     def mark_asleep(self, engine_id: str, resident_gib: float) -> bool:
         """vLLM slept: SLEEPING, and the ledger holds only `resident_gib` per GPU.

@@ -136,6 +136,11 @@ class EngineSpec:
         "stop",
         help="How an idle engine unloads: stop (the process) or sleep (vLLM sleep mode, GPU).",
     )
+    # Never unloaded, by keep_alive or to make room for another model (the scheduler).
+    pin: bool = option(
+        False, "--pin",
+        "Never unload it: not after keep_alive, not to make room for another model.",
+    )  # fmt: skip
     # A Ray cluster (`ray://HOST:PORT` or the head's `HOST:PORT`) to place the engine on,
     # instead of this machine (docs/cluster.md); SAGELLM_RAY_ADDRESS is the default.
     cluster: Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | None = option(
@@ -207,6 +212,11 @@ class EngineSpec:
     def lora(self) -> bool:
         """True if the engine is started with LoRA support (asked for, or adapters listed)."""
         return self.enable_lora or bool(self.lora_adapters)
+
+    @property
+    def pinned(self) -> bool:
+        """True if nothing but `engine stop` unloads it (`pin`, or keep_alive -1)."""
+        return self.pin or self.keep_alive < 0
 
     def public_dict(self) -> dict[str, Any]:
         """`to_dict()` with secret env values and flag values masked, for output."""
@@ -281,6 +291,8 @@ class EngineRecord:
     last_exit: int | None = None
     restart_times: list[float] = field(default_factory=list)
     next_restart_at: float | None = None
+    # A lease (`engine hold`): until this time the scheduler never unloads the engine.
+    held_until: float | None = None
     # Set while the engine fails generation probes although its process runs.
     unresponsive_since: float | None = None
     # External engines (runtime `external`): the URL they were registered with, and the

@@ -37,6 +37,7 @@ class Backend:
         "last_probe",
         "probe_failures",
         "hung",
+        "draining",
     )
 
     def __init__(self, record: EngineRecord):
@@ -52,6 +53,8 @@ class Backend:
         self.record = record
         # Set by the supervisor while generation probes fail although /health answers.
         self.hung = record.unresponsive_since is not None
+        # Set while the supervisor unloads or sleeps it: health checks must not heal it.
+        self.draining = False
         # A record the lifecycle already saw ready starts healthy; a starting
         # one waits for the first successful active check.
         self.healthy = record.status == SERVING and not self.hung
@@ -78,7 +81,7 @@ class Backend:
     def checkable(self) -> bool:
         """True if health checks may put the engine (back) in rotation: its process should
         be up and serving, and the supervisor has not found it hung."""
-        return self.record.status in CHECKABLE and not self.hung
+        return self.record.status in CHECKABLE and not self.hung and not self.draining
 
     @property
     def wakeable(self) -> bool:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.options import CliOption, as_list, option
+from sagellm_cli.core.scheduler import POLICIES as EVICTION_POLICIES
 from sagellm_cli.gateway.policies import POLICIES, POLICY_ALIASES
 from sagellm_cli.gateway.routing import ROUTING_ALIASES, STRATEGIES
 
@@ -155,6 +156,11 @@ class GatewayConfig:
         600.0, "--wake-timeout",
         "Seconds a request waits for an unloaded or sleeping engine to load; then 503.",
     )  # fmt: skip
+    eviction: str = _option(
+        "cost", "--eviction",
+        "Which engine makes room for another: cost (reload cost x recent demand per GiB; "
+        "never one with queued requests, pinned or leased) or lru (least recently used).",
+    )  # fmt: skip
     probe_interval_s: float = _option(
         30.0, "--probe-interval",
         "Seconds an engine must be idle between one-token generation probes that find engines "
@@ -223,6 +229,11 @@ class GatewayConfig:
             raise BadInput("--body-timeout must be >= 0", hint="0 means no limit")
         if self.wake_timeout_s <= 0 or self.probe_timeout_s <= 0 or self.supervise_interval_s <= 0:
             raise BadInput("--wake-timeout, --probe-timeout and --supervise-interval must be > 0")
+        if self.eviction not in EVICTION_POLICIES:
+            raise BadInput(
+                f"unknown eviction policy {self.eviction!r}",
+                hint=f"use one of {', '.join(EVICTION_POLICIES)}",
+            )
         if self.probe_interval_s < 0:
             raise BadInput("--probe-interval must be >= 0", hint="0 turns probes off")
         if self.max_queue < 0 or self.queue_timeout_s < 0 or self.max_inflight_per_engine < 0:

@@ -160,6 +160,11 @@ class Management:
                 self.guard(self.stop_engine),
                 methods=["DELETE"],
             ),
+            Route(
+                protocol.MANAGEMENT_ENGINES + "/{engine_id}/hold",
+                self.guard(self.hold_engine),
+                methods=["POST"],
+            ),
             Route(protocol.MANAGEMENT + "/status", self.guard(self.status), methods=["GET"]),
             Route(protocol.MANAGEMENT_METRICS, self.guard(self.metrics), methods=["GET"]),
             Route(protocol.MANAGEMENT + "/gpu", self.guard(self.gpu), methods=["GET"]),
@@ -239,6 +244,29 @@ class Management:
         timeout = _query_float(request, "timeout", 30.0)
         record = await asyncio.to_thread(
             self.manager.stop, request.path_params["engine_id"], timeout=timeout
+        )
+        await self.registry.refresh(force=True)
+        return _json(record.to_dict())
+
+    async def hold_engine(self, request: Request) -> Response:
+        """A lease, as `sage llm engine hold`: body {"for": "10m"} (or seconds; 0 ends it)."""
+        from sagellm_cli.core.durations import parse_duration
+
+        body = await self._body(request)
+        if not isinstance(body, dict) or "for" not in body:
+            raise BadInput("'for' is required", hint='send {"for": "10m"} (0 ends the lease)')
+        try:
+            seconds = parse_duration(body["for"])
+        except ValueError as exc:
+            raise BadInput(f"'for': {exc}") from None
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, float)
+            or not math.isfinite(seconds)
+        ):
+            raise BadInput("'for' must be a duration", hint='e.g. "10m" or 600 (0 ends the lease)')
+        record = await asyncio.to_thread(
+            self.manager.hold, request.path_params["engine_id"], seconds
         )
         await self.registry.refresh(force=True)
         return _json(record.to_dict())

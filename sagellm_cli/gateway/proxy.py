@@ -273,7 +273,7 @@ class Proxy:
                 await send_json(
                     send,
                     503,
-                    error_body(503, message, code="model_loading"),
+                    error_body(503, message, code=exc.code),
                     [(b"retry-after", b"30")],
                 )
                 return

@@ -75,6 +75,7 @@ class Registry:
                 ):
                     # Loaded, woken, unloaded or put to sleep by the lifecycle or supervisor.
                     old.healthy = record.status == SERVING and not old.hung
+                    old.draining = False  # a new status: the unload is over
                 old.record = record
                 old.role = record.role
                 fresh[record.id] = old
@@ -169,6 +170,7 @@ class Registry:
     def drain(self, backend: Backend, *, hung: bool = False) -> None:
         """Stop routing to an engine the supervisor unloads or found hung."""
         backend.hung = backend.hung or hung
+        backend.draining = not hung
         if backend.healthy:
             backend.healthy = False
             self._health_changed()

@@ -6,7 +6,9 @@ the CLI sees it at once, and restarting the gateway leaves the engines running. 
 gateway recorded in the state file supervises (a second, unrecorded one just routes).
 
 One action runs per engine at a time (a restart, an unload, a wake, a probe); requests
-for an unloaded model share its one wake.
+for an unloaded model share its one wake, and wait in that model's queue meanwhile.
+Which engine makes room for another is core/scheduler.py's decision (reference counts,
+pins and leases, cost); this module gathers what it needs and does the I/O.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
+from sagellm_cli.core import scheduler
 from sagellm_cli.core.engines import EngineManager
 from sagellm_cli.core.errors import ResourceUnavailable, SageError
-from sagellm_cli.core.lifecycle import Status
+from sagellm_cli.core.lifecycle import LOADING, Status
 from sagellm_cli.core.probe import probe_request
 from sagellm_cli.core.protocol import ENGINE_SLEEP, ENGINE_WAKE
 from sagellm_cli.gateway.loops import every
@@ -37,16 +42,32 @@ if TYPE_CHECKING:
     from sagellm_cli.gateway.upstream import Upstream
 
 log = logging.getLogger("sagellm.gateway")
+# Every room decision with its scores and queues (INFO; benchmarks/multi_model.py --decisions).
+decisions = logging.getLogger("sagellm.gateway.scheduler")
 
 # vLLM's /sleep and /wake_up move weights between host and GPU: allow them time.
 SLEEP_TIMEOUT_S = 120.0
 # What a sleeping vLLM engine keeps on each GPU, for the ledger (NVML's real figure counts
 # where larger). Measured on an H200: 19.7 GiB awake, 1.3 GiB for the whole GPU asleep.
 ASLEEP_GIB = 1.0
+# "Needed recently", for the cost of unloading an engine: requests within this window,
+# each weighted 2^(-age / USES_HALF_LIFE_S) (a burst a minute ago counts half).
+RECENT_S = 300.0
+USES_HALF_LIFE_S = 60.0
+# How often a request waiting for room looks again (an unload ended, a request finished).
+ROOM_POLL_S = 0.05
+GIB = 1024**3
 
 
 class WakeFailed(Exception):
-    """An unloaded model could not be loaded for a request (the proxy answers 503)."""
+    """An unloaded model could not be loaded for a request (the proxy answers 503).
+
+    `code` is the error body's: `model_loading` (try again later) or
+    `model_does_not_fit` (it cannot load beside the engines that may not be unloaded)."""
+
+    def __init__(self, message: str, code: str = "model_loading"):
+        super().__init__(message)
+        self.code = code
 
 
 class Supervisor:
@@ -67,6 +88,17 @@ class Supervisor:
         self.active = False
         # engine id -> (action, task): one action per engine at a time.
         self._actions: dict[str, tuple[str, asyncio.Task]] = {}
+        # The scheduler's inputs that only this process sees (lost with it, and measured
+        # again: a state-file write per request would cost more than a re-measure).
+        self._queued: dict[str, int] = {}  # engine id -> requests waiting for its wake
+        self._wake_s: dict[str, float] = {}  # last sleep -> ready, seconds
+        self._cold_s: dict[str, float] = {}  # last idle -> ready, seconds
+        self._sleep_levels: dict[str, int] = {}  # the level each sleeping engine slept at
+        self._uses: dict[str, deque[tuple[float, int]]] = {}  # (time, requests) samples
+        self._counted: dict[str, int] = {}  # Backend.requests at the last sample
+        self._woken_at: dict[str, float] = {}  # monotonic time this gateway last loaded it
+        self._decided: dict[str, str] = {}  # engine id -> its last logged room decision
+        self._short: set[str] = set()  # engines whose load waits for room now
         labels = ["engine", "model"]
         self.restarts = Counter(
             "sagellm_engine_restarts", "Engines restarted by the supervisor.", labels,
@@ -105,8 +137,15 @@ class Supervisor:
         for backend in list(self.registry.backends.values()):
             if backend.id in self._actions or backend.record.status != Status.READY:
                 continue
-            keep_alive = backend.record.spec.keep_alive
-            if keep_alive >= 0 and backend.inflight == 0 and now - backend.last_used >= keep_alive:
+            self._sample_uses(backend, now)
+            spec = backend.record.spec
+            if (
+                not spec.pinned
+                and not self._leased_s(backend.record)
+                and backend.inflight == 0
+                and not self._queued.get(backend.id)
+                and now - backend.last_used >= spec.keep_alive
+            ):
                 self._start(backend.id, "unload", lambda b=backend: self._unload(b))
             elif self._probe_due(backend, now):
                 self._start(backend.id, "probe", lambda b=backend: self._probe(b))
@@ -150,6 +189,10 @@ class Supervisor:
         return {
             "active": self.active,
             "actions": {engine: action for engine, (action, _) in self._actions.items()},
+            "eviction": self.config.eviction,
+            "queued": {engine: n for engine, n in self._queued.items() if n},
+            "wake_s": {engine: round(s, 3) for engine, s in self._wake_s.items()},
+            "cold_start_s": {engine: round(s, 3) for engine, s in self._cold_s.items()},
         }
 
     # -- actions -------------------------------------------------------------
@@ -169,15 +212,22 @@ class Supervisor:
     async def _unload(self, backend: Backend) -> None:
         record = backend.record
         self.registry.drain(backend)  # no new request reaches it from here on
+        while backend.inflight:
+            # Drained by the scheduler with its burst still running: those requests finish
+            # (vLLM would abort them); new ones queue for the engine meanwhile.
+            await asyncio.sleep(ROOM_POLL_S)
         if record.spec.unload == "sleep":
+            level = await asyncio.to_thread(_sleep_level, record)
             status = await self.upstream.post_status(
-                f"{backend.url}{ENGINE_SLEEP}?level=1", b"", SLEEP_TIMEOUT_S
+                f"{backend.url}{ENGINE_SLEEP}?level={level}", b"", SLEEP_TIMEOUT_S
             )
             if status != 200:
+                backend.draining = False
                 self.registry.mark_success(backend)
                 raise WakeFailed(f"{ENGINE_SLEEP} answered {status}")
             if not await asyncio.to_thread(self.manager.mark_asleep, record.id, ASLEEP_GIB):
                 return  # stopped or crashed meanwhile: it stays so (logged by the table)
+            self._sleep_levels[record.id] = level
         elif await asyncio.to_thread(self.manager.unload, record.id) is None:
             return  # stopped meanwhile
         self.unloads.labels(record.id, record.served_model_name).inc()
@@ -234,22 +284,50 @@ class Supervisor:
     async def wake(self, group: ModelGroup) -> ModelGroup:
         """Load an engine of `group` for a request; the fresh group once one is healthy.
 
-        Requests share one wake per engine. Raises WakeFailed after `--wake-timeout`, or
-        at once when it cannot succeed (no memory and nothing idle to unload).
+        The request waits in the engine's queue meanwhile (its reference count: nothing
+        unloads an engine with queued requests). Requests share one wake per engine.
+        Raises WakeFailed after `--wake-timeout`, or at once when it cannot succeed (the
+        preflight: no room even after every allowed unload).
         """
-        candidates = [b for b in group.backends if b.wakeable]
+        # An engine being unloaded counts: its request waits for the unload, then wakes it.
+        unloading = {e for e, (action, _) in self._actions.items() if action == "unload"}
+        candidates = [b for b in group.backends if b.wakeable or b.id in unloading]
         if not candidates:
-            return group
+            if any(b.record.status in LOADING for b in group.backends):
+                await self._wait_loaded(group)  # started, not ready yet: wait in line
+            return self.registry.group(group.kind, group.name) or group
         # A sleeping engine wakes fastest; then the most recently used.
         backend = min(candidates, key=lambda b: (b.record.status != Status.SLEEPING, -b.last_used))
+        self._queued[backend.id] = self._queued.get(backend.id, 0) + 1
         try:
             await asyncio.wait_for(self._shared_wake(backend), self.config.wake_timeout_s)
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise WakeFailed(
                 f"model {group.name!r} is still loading after {self.config.wake_timeout_s:.0f}s"
             ) from None
+        finally:
+            self._queued[backend.id] -= 1
+            # Counted as used now: the request is about to reach it.
+            fresh = self.registry.backends.get(backend.id)
+            if fresh is not None:
+                fresh.last_used = time.monotonic()
         fresh = self.registry.group(group.kind, group.name)
         return fresh if fresh is not None else group
+
+    async def _wait_loaded(self, group: ModelGroup) -> None:
+        deadline = time.monotonic() + self.config.wake_timeout_s
+        while True:
+            await self.registry.refresh()
+            fresh = self.registry.group(group.kind, group.name)
+            if fresh is None or fresh.healthy:
+                return
+            if not any(b.record.status in LOADING for b in fresh.backends):
+                return  # it failed or stopped: the proxy answers as for any unhealthy model
+            if time.monotonic() > deadline:
+                raise WakeFailed(
+                    f"model {group.name!r} is still loading after {self.config.wake_timeout_s:.0f}s"
+                )
+            await asyncio.sleep(ROOM_POLL_S * 4)
 
     async def _shared_wake(self, backend: Backend) -> None:
         while True:
@@ -279,11 +357,14 @@ class Supervisor:
             if not await self._wake_up(record):
                 return  # another gateway woke it meanwhile
         elif record.status == Status.IDLE:
-            await self._with_room(
+            # The load itself, not the wait for room: a model that waited long for memory
+            # must not look expensive to reload (it would be kept over the planner).
+            self._cold_s[engine_id] = await self._with_room(
                 record, lambda: self.manager.wake(engine_id, timeout=self.config.wake_timeout_s)
             )
         else:
             return
+        self._woken_at[engine_id] = time.monotonic()
         self.wakes.labels(engine_id, record.served_model_name).inc()
         log.warning(
             "engine %s loaded for a request in %.1fs", engine_id, time.monotonic() - started
@@ -299,10 +380,17 @@ class Supervisor:
         await self._with_room(record, lambda: woken.append(self.manager.reclaim(engine_id)))
         if not woken[-1]:
             return await self._awake_elsewhere(engine_id)
+        began = time.monotonic()
         try:
             status = await self.upstream.post_status(
                 f"{record.url}{ENGINE_WAKE}", b"", self.config.wake_timeout_s
             )
+            if status == 200 and self._sleep_levels.get(engine_id) == 2:
+                # Level 2 dropped the weights: vLLM reloads them from disk on request.
+                status = await self.upstream.post_status(
+                    f"{record.url}/collective_rpc", b'{"method": "reload_weights"}',
+                    self.config.wake_timeout_s,
+                )  # fmt: skip
         except BaseException:
             # Cancelled or unreachable: back to SLEEPING with the full reservation kept
             # (vLLM may be half awake), so that the next request tries again.
@@ -313,6 +401,8 @@ class Supervisor:
             raise WakeFailed(f"engine {engine_id} did not wake: {ENGINE_WAKE} answered {status}")
         if not await asyncio.to_thread(self.manager.mark_awake, engine_id):
             return await self._awake_elsewhere(engine_id)
+        self._wake_s[engine_id] = time.monotonic() - began
+        self._sleep_levels.pop(engine_id, None)
         return True
 
     async def _awake_elsewhere(self, engine_id: str) -> bool:
@@ -324,37 +414,172 @@ class Supervisor:
         now = record.status if record is not None else "removed"
         raise WakeFailed(f"engine {engine_id} was {now} while waking; not woken")
 
-    async def _with_room(self, record: EngineRecord, load: Callable[[], object]) -> None:
-        """Run `load` in a thread; while GPU memory is short, unload the least recently used
-        idle-eligible engine first (as Ollama's scheduler does) and try again."""
-        while True:
-            try:
-                await asyncio.to_thread(load)
-                return
-            except ResourceUnavailable as exc:
-                victim = self._eviction_candidate(record.id)
-                unloading = [t for a, t in self._actions.values() if a == "unload"]
-                if victim is None and unloading:
-                    # Memory is on its way back: wait for those unloads, then try again.
-                    await asyncio.wait(unloading)
-                    continue
-                if victim is None:
-                    raise WakeFailed(
-                        f"cannot load model {record.served_model_name!r}: {exc.message}; "
-                        "no idle engine (keep_alive set) to unload"
-                    ) from None
-                log.warning("unloading engine %s to make room for %s", victim.id, record.id)
-                await self._start(victim.id, "unload", lambda v=victim: self._unload(v))
+    async def _with_room(self, record: EngineRecord, load: Callable[[], object]) -> float:
+        """Run `load` in a thread; while GPU memory is short, unload the engine the
+        scheduler chooses (`--eviction`, core/scheduler.py `decide`) and try again.
+        Returns the seconds the successful `load` took.
 
-    def _eviction_candidate(self, engine_id: str) -> Backend | None:
-        idle = [
-            b
+        Under `cost` the load may wait: for its target's burst or minimum residency, or,
+        when no engine may be unloaded yet, for their requests to end; unless the
+        preflight says the model can never fit: then WakeFailed at once, naming the
+        holders. Each new decision is logged with the scores (logger of this module)."""
+        began = time.monotonic()
+        try:
+            while True:
+                attempt = time.monotonic()
+                try:
+                    await asyncio.to_thread(load)
+                    return time.monotonic() - attempt
+                except ResourceUnavailable as exc:
+                    self._short.add(record.id)
+                    now = time.monotonic()
+                    decision = self._decide(record, now, now - began)
+                    victim = decision.victim
+                    if victim is not None:
+                        backend = self.registry.backends.get(victim.id)
+                        if backend is not None:
+                            log.warning(
+                                "unloading engine %s to make room for %s", victim.id, record.id
+                            )
+                            await self._start(
+                                victim.id, "unload", lambda b=backend: self._unload(b)
+                            )
+                            continue
+                    unloading = [t for a, t in self._actions.values() if a == "unload"]
+                    if unloading:
+                        # Memory is on its way back: wait for those unloads, then try again.
+                        await asyncio.wait(unloading)
+                        continue
+                    if self.config.eviction == "lru":
+                        raise WakeFailed(
+                            f"cannot load model {record.served_model_name!r}: {exc.message}; "
+                            "no idle engine (keep_alive set) to unload"
+                        ) from None
+                    verdict = await asyncio.to_thread(self._preflight, record, now)
+                    if not verdict.fits:
+                        raise WakeFailed(verdict.reason, code="model_does_not_fit") from None
+                    await asyncio.sleep(ROOM_POLL_S)  # a burst, a residency or requests run
+        finally:
+            self._decided.pop(record.id, None)
+            self._short.discard(record.id)
+
+    def _decide(self, record: EngineRecord, now: float, waited: float) -> scheduler.Decision:
+        """The scheduler's decision for `record`'s load, logged when it changes."""
+        pairs = self._candidates(record.id, now)
+        decision = scheduler.decide((v for _, v in pairs), self.config.eviction, waited)
+        victim = decision.victim
+        summary = f"unload {victim.name}" if victim is not None else decision.reason
+        # Logged when what it does or waits for changes, not at every poll.
+        hold = decision.ranked[0][2] if decision.ranked else ""
+        key = f"{victim is not None} {decision.target} {re.sub(r'[0-9.]+', '', hold)}"
+        if self._decided.get(record.id) != key:
+            self._decided[record.id] = key
+            scores = ", ".join(f"{n}={v:g} ({hold})" for n, v, hold in decision.ranked)
+            queued = {e: n for e, n in self._queued.items() if n}
+            decisions.info(
+                "room for %s after %.2fs (%s): %s%s; keep values: %s; queued: %s",
+                record.label or record.id, waited, self.config.eviction, summary,
+                f" ({decision.reason})" if victim is not None else "",
+                scores or "-", queued or "-",
+            )  # fmt: skip
+        return decision
+
+    # -- the scheduler's view ------------------------------------------------
+
+    def _leased_s(self, record: EngineRecord) -> float:
+        return max((record.held_until or 0.0) - time.time(), 0.0)
+
+    def _sample_uses(self, backend: Backend, now: float) -> float:
+        """Requests to `backend` within RECENT_S, each weighted by its age (half-life
+        USES_HALF_LIFE_S; sampled from its request counter), plus the queued ones."""
+        samples = self._uses.setdefault(backend.id, deque())
+        seen = self._counted.get(backend.id, 0)
+        fresh = backend.requests - seen if backend.requests >= seen else backend.requests
+        self._counted[backend.id] = backend.requests
+        if fresh:
+            samples.append((now, fresh))
+        while samples and now - samples[0][0] > RECENT_S:
+            samples.popleft()
+        decayed = sum(n * 0.5 ** ((now - t) / USES_HALF_LIFE_S) for t, n in samples)
+        return decayed + self._queued.get(backend.id, 0)
+
+    def _loaded(self, backend: Backend, now: float) -> scheduler.Loaded:
+        record = backend.record
+        spec = record.spec
+        lru = self.config.eviction == "lru"
+        full = record.gpu_memory_gb or 0.0
+        ready = record.status == Status.READY
+        # A load under way that is not waiting for room (two loads waiting for each other
+        # would wait forever). The registry's record may not show WAKING yet.
+        action = self._actions.get(backend.id, ("", None))[0]
+        waking = not lru and action == "wake" and not ready and backend.id not in self._short
+        awake = ready or waking
+        frees = (full - ASLEEP_GIB if spec.unload == "sleep" else full) if awake else 0.0
+        cold = self._cold_s.get(backend.id)
+        if cold is None and record.ready_at and record.started_at:
+            cold = record.ready_at - record.started_at
+        return scheduler.Loaded(
+            id=backend.id,
+            name=record.label or backend.id,
+            gpus=tuple(record.gpus),
+            frees_gib=max(frees, 0.0),
+            held_gib=full if ready else ASLEEP_GIB,
+            # The old LRU policy knew only in-flight requests and keep_alive (the baseline).
+            refs=backend.inflight + (0 if lru else self._queued.get(backend.id, 0)),
+            pinned=spec.keep_alive < 0 if lru else spec.pinned,
+            leased_s=0.0 if lru else self._leased_s(record),
+            busy=backend.id in self._actions,
+            ready=ready,
+            waking=waking,
+            idle_s=now - backend.last_used,
+            reload_s=scheduler.reload_cost(spec.unload, self._wake(backend.id), cold),
+            recent_uses=self._sample_uses(backend, now),
+            resident_s=now - self._woken_at.get(backend.id, float("-inf")),
+        )
+
+    def _wake(self, engine_id: str) -> float | None:
+        """Its measured wake, else the mean of the others' (an engine never woken by this
+        gateway must not look dearer, or cheaper, to reload than its measured peers)."""
+        if engine_id in self._wake_s:
+            return self._wake_s[engine_id]
+        return sum(self._wake_s.values()) / len(self._wake_s) if self._wake_s else None
+
+    def _candidates(self, engine_id: str, now: float) -> list[tuple[Backend, scheduler.Loaded]]:
+        return [
+            (b, self._loaded(b, now))
             for b in self.registry.backends.values()
-            if b.id != engine_id
-            and b.id not in self._actions
-            and b.record.status == Status.READY
-            and b.record.gpus
-            and b.record.spec.keep_alive >= 0
-            and b.inflight == 0
+            if b.id != engine_id and b.record.gpus
         ]
-        return min(idle, key=lambda b: b.last_used, default=None)
+
+    def _preflight(self, record: EngineRecord, now: float) -> scheduler.Verdict:
+        """The ledger's answer to "can `record` load at all?" (reads NVML: in a thread)."""
+        from sagellm_cli.core.gpu import capacities, engine_pid_map, read_inventory
+
+        state = self.manager.store.read()
+        caps = capacities(read_inventory(engine_pid_map(state)), state.reservations.values())
+        free = {c.index: c.free_gib for c in caps if c.usable}
+        own = state.reservations.get(record.id)
+        if own is not None:  # asleep: the rest of its own reservation, on its own GPUs
+            need, count = own.gib_per_gpu - own.held_gib, len(own.gpus)
+            free = {i: free[i] for i in own.gpus if i in free}
+        elif record.spec.gpu_memory_gb:
+            need = record.spec.gpu_memory_gb
+            count = record.spec.tensor_parallel * record.spec.pipeline_parallel
+        else:
+            return scheduler.Verdict(True)  # its size is unknown until placed: wait
+        loaded = [v for _, v in self._candidates(record.id, now)]
+        return scheduler.preflight(record.label or record.id, need, count, free, loaded)
+
+
+def _sleep_level(record: EngineRecord) -> int:
+    """Level 1 if host RAM can hold the engine's weights, else 2 (core/scheduler.py)."""
+    import psutil
+
+    from sagellm_cli.core.gpu.estimate import read_weights
+
+    try:
+        weights = read_weights(record.model, record.kind).checkpoint_bytes
+    except Exception:  # noqa: BLE001 - unreadable model dir: vLLM's default level
+        weights = None
+    free = psutil.virtual_memory().available / GIB
+    return scheduler.sleep_level(free, weights / GIB if weights else None)
