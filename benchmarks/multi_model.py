@@ -196,8 +196,11 @@ def statuses(home: Path) -> dict[str, str]:
 
 
 def wait_statuses(home: Path, wanted: dict[str, str], timeout: float) -> None:
+    """Wait until every label's status is one of its wanted ones (comma-separated)."""
     deadline = time.monotonic() + timeout
-    while any(statuses(home).get(k) != v for k, v in wanted.items()):
+    while any(statuses(home).get(k) not in v.split(",") for k, v in wanted.items()):
+        if "failed" in statuses(home).values():
+            raise RuntimeError(f"an engine failed: {statuses(home)}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"engines stayed {statuses(home)}, wanted {wanted}")
         time.sleep(0.5)
@@ -232,7 +235,7 @@ def _out_of_time(signum, frame) -> None:
 
 async def real_main(args, sessions) -> list[dict]:
     home = Path(args.home) if args.home else Path(tempfile.mkdtemp()) / "sagellm"
-    # The outer `timeout 280` must never kill us before the engines are stopped: our own
+    # The outer `timeout` must never kill us before the engines are stopped: our own
     # deadline comes first, and its SIGTERM also ends in the `finally` below.
     signal.signal(signal.SIGALRM, _out_of_time)
     signal.signal(signal.SIGTERM, _out_of_time)
@@ -243,10 +246,13 @@ async def real_main(args, sessions) -> list[dict]:
     try:
         # The keep-alive sleeps (two awake, one asleep) need a gateway while engines start.
         sage(home, "llm", "serve", "--background", "--port", port)
+        # The first two start at once (they fit; the default concurrent GPU start mode
+        # sizes each KV cache from its reservation), the third once they sleep.
         for label in MODELS[:2]:
-            sage(home, "llm", "engine", "start", args.model, "--label", label,
+            sage(home, "llm", "engine", "start", args.model, "--label", label, "--no-wait",
                  "--served-model-name", label, *common, timeout=400)  # fmt: skip
-            print(f"started {label}", flush=True)
+        wait_statuses(home, dict.fromkeys(MODELS[:2], "ready,sleeping"), 300)
+        print(f"started {MODELS[0]} and {MODELS[1]}", flush=True)
         wait_statuses(home, dict.fromkeys(MODELS[:2], "sleeping"), 60)
         sage(home, "llm", "engine", "start", args.model, "--label", MODELS[2],
              "--served-model-name", MODELS[2], *common, timeout=400)  # fmt: skip

@@ -90,13 +90,13 @@ while [ $# -gt 0 ]; do
         shift ;;
     multimodel)
         # Three engines of $BIG reserving 60 GiB each (two awake + one asleep fit), both
-        # eviction policies on one trace; bounded to 280 s, engines stopped on any exit.
-        # The script's own deadline (230 s) ends first and stops its engines; the trap
+        # eviction policies on one trace; bounded to 350 s, engines stopped on any exit.
+        # The script's own deadline (300 s) ends first and stops its engines; the trap
         # stops them too if `timeout` had to SIGKILL it.
         MM_HOME=$(mktemp -d)/sagellm
         trap 'SAGELLM_HOME=$MM_HOME timeout 30 python3 -m sagellm_cli llm serve --stop >/dev/null 2>&1; SAGELLM_HOME=$MM_HOME timeout 30 python3 -m sagellm_cli llm engine stop --all >/dev/null 2>&1' EXIT
-        timeout -k 10 280 python3 benchmarks/multi_model.py --real --model "$BIG" --home "$MM_HOME" \
-            --deadline-s 230 --gpu-memory-gb 60 --sessions 4 --rounds 5 2>&1 | tee "$OUT/multimodel.log"
+        timeout -k 10 350 python3 benchmarks/multi_model.py --real --model "$BIG" --home "$MM_HOME" \
+            --deadline-s 300 --gpu-memory-gb 60 --sessions 4 --rounds 5 2>&1 | tee "$OUT/multimodel.log"
         rc=${PIPESTATUS[0]}
         shift ;;
     startup)
