@@ -72,8 +72,16 @@ def wait_http(url: str, timeout: float) -> bool:
     return False
 
 
-def bench_cmd(args, base: str, name: str, conc: int, prompts: int, out: Path, tag: str,
-              model: str | None = None):
+def bench_cmd(
+    args,
+    base: str,
+    name: str,
+    conc: int,
+    prompts: int,
+    out: Path,
+    tag: str,
+    model: str | None = None,
+):
     """`vllm bench serve` sending `model: name`; the tokenizer is the model key's (`model`,
     default `name`): through the gateway `name` may be a label such as t1."""
     path = args.model_path[model or name]
