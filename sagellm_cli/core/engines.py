@@ -326,6 +326,7 @@ class EngineManager:
                 # Mock GPUs exist for placement tests: the process itself runs on CPU.
                 placement=None if placement is None or placement.mock else placement,
                 cpu_cores=record.cpu_cores,
+                kv_events_port=record.kv_events_port,
                 scratch_dir=launcher.scratch_dir(record.id),
                 cache_dir=paths.ensure_private_dir(paths.private_cache_dir(record.id))
                 if spec.cache == "private"
@@ -401,6 +402,10 @@ class EngineManager:
         check_label_free(live, spec.label)
         launcher = launcher_for_spec(spec)
         port = _choose_port(launcher, spec, taken, reuse.port if reuse else None)
+        # KV events (vLLM llm engines only): a second port, for the ZMQ publisher.
+        kv_port = None
+        if spec.kv_events and runtime == "vllm" and spec.kind == "llm":
+            kv_port = launcher.allocate_port(spec.host, taken | {port})
         if reuse_id:
             state.release(reuse_id)  # a restart may take its own reservation again
         placement, cpu_cores = _place(launcher, spec, runtime, state, live, reuse)
@@ -429,6 +434,7 @@ class EngineManager:
             role=spec.role,
             node=launcher.node,
             cpu_cores=cpu_cores,
+            kv_events_port=kv_port,
             spec=spec,
         )
         if old is not None and not allowed(old.status, record.status):

@@ -26,12 +26,14 @@ def _mix(x: int) -> int:
 class RouteInfo:
     """What strategies may look at: computed lazily, at most once per request."""
 
-    __slots__ = ("body", "session", "_text")
+    __slots__ = ("body", "session", "_text", "kv_keys")
 
     def __init__(self, body: dict[str, Any] | None, session: str | None):
         self.body = body
         self.session = session
         self._text: str | None = None
+        # `kv` routing's block keys of the prompt: (block size, keys), or None.
+        self.kv_keys: tuple[int, list[int] | None] | None = None
 
     def prompt_text(self, limit: int = 1 << 30) -> str:
         """The prompt (completions) or the concatenated message contents (chat, messages,
@@ -292,8 +294,66 @@ class Length(BaseStrategy):
         return self._inner.choose(self._pool(backends, info), info)
 
 
+class KVPrefix(BaseStrategy):
+    """The replica holding the longest cached prefix of the prompt, within `Prefix`'s load bound.
+
+    The cached blocks come from the engines' own KV events (gateway/kv_events.py); the
+    prompt is tokenized with the model's tokenizer and cut into the engines' blocks. Among
+    the replicas under `ceil(load_factor * (total + 1) / n)` in flight, the one with the
+    most leading blocks cached wins; ties (a prefix no replica holds yet) go in rendezvous
+    order of the first block, so concurrent requests of a new prefix still meet. A hot
+    prefix over the bound spills to the next replica, which then caches it too. Without
+    events or a local tokenizer for every replica, it is `prefix` (character hashing).
+    """
+
+    name = "kv"
+    uses_prompt = True
+
+    def __init__(self, index: Any = None, chars: int = 256, load_factor: float = 1.25) -> None:
+        self.index = index  # a gateway.kv_events.KVEventIndex, shared by the gateway's groups
+        self.load_factor = load_factor
+        self._fallback = Prefix(chars, load_factor)
+
+    def _keys(self, backends: list[Backend], info: RouteInfo, block_size: int) -> list[int] | None:
+        cached = info.kv_keys
+        if cached is not None and cached[0] == block_size:
+            return cached[1]
+        from sagellm_cli.gateway.kv_events import chain_keys, prompt_tokens
+
+        tokens = prompt_tokens(info.body or {}, backends[0].record.model)
+        keys = chain_keys(tokens, block_size) if tokens else None
+        info.kv_keys = (block_size, keys)
+        return keys
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+        n = len(backends)
+        if n == 1:
+            return backends[0]
+        indexes = [self.index.index_for(b) for b in backends] if self.index else [None]
+        if any(index is None for index in indexes):
+            return self._fallback.choose(backends, info)
+        keys = self._keys(backends, info, indexes[0].block_size)
+        if not keys:
+            return self._fallback.choose(backends, info)
+        total = sum(b.inflight for b in backends)
+        bound = math.ceil(self.load_factor * (total + 1) / n)
+        first = keys[0]
+        best, best_hit, best_rank = None, -1, -1
+        for backend, index in zip(backends, indexes, strict=True):
+            if backend.inflight + 1 > bound:
+                continue
+            hit = index.matched(keys)
+            rank = _mix(first ^ backend.hash_id)
+            if hit > best_hit or (hit == best_hit and rank > best_rank):
+                best, best_hit, best_rank = backend, hit, rank
+        if best is None:  # the least loaded is always under the bound; just in case
+            return max(backends, key=lambda b: _mix(first ^ b.hash_id))
+        return best
+
+
 STRATEGIES = {
-    cls.name: cls for cls in (RoundRobin, LeastLoaded, Random, PowerOfTwo, Affinity, Prefix, Length)
+    cls.name: cls
+    for cls in (RoundRobin, LeastLoaded, Random, PowerOfTwo, Affinity, Prefix, Length, KVPrefix)
 }
 # The seeds' names (docs/gateway.md has the table), accepted wherever a strategy is named.
 # `topology_aware` is least_loaded: topology (NVLink, NUMA) is applied when an engine's GPUs
@@ -301,6 +361,7 @@ STRATEGIES = {
 ROUTING_ALIASES = {
     "load_balanced": "least_loaded",
     "locality": "prefix",
+    "precise_prefix": "kv",
     "topology_aware": "least_loaded",
 }
 
@@ -312,8 +373,11 @@ def make_strategy(
     prefix_load_factor: float = 1.25,
     length_threshold_chars: int = 2048,
     length_threshold_tokens: int = 0,
+    kv_index: Any = None,
 ) -> Strategy:
-    """A fresh strategy instance (each model keeps its own counters)."""
+    """A fresh strategy instance (each model keeps its own counters); `kv` reads `kv_index`."""
+    if name == "kv":
+        return KVPrefix(kv_index, prefix_chars, prefix_load_factor)
     if name == "prefix":
         return Prefix(prefix_chars, prefix_load_factor)
     if name == "length":
