@@ -197,6 +197,9 @@ class KVEventIndex:
         self._tasks: dict[str, tuple[tuple[str | None, str], asyncio.Task]] = {}
         self.available = True
         self.unavailable_reason: str | None = None
+        # Model -> its local tokenizer (None: not local), loaded in a thread by `run`:
+        # importing transformers takes seconds, which the event loop must never wait.
+        self.tokenizers: dict[str, Any] = {}
 
     def index_for(self, backend: Backend) -> EngineIndex | None:
         """The index of an engine, or None when it publishes no events (or we can't read them)."""
@@ -269,10 +272,15 @@ class KVEventIndex:
 
     async def run(self, registry: Registry, interval: float = 1.0) -> None:
         """Keep the subscribers in step with the registry until cancelled."""
+        from sagellm_cli.core.tokens import local_tokenizer
         from sagellm_cli.gateway.loops import every
 
         async def step() -> None:
-            self.sync(registry.backends.values())
+            backends = list(registry.backends.values())
+            self.sync(backends)
+            for model in {b.record.model for b in backends if b.id in self.engines}:
+                if model not in self.tokenizers:
+                    self.tokenizers[model] = await asyncio.to_thread(local_tokenizer, model)
 
         try:
             await every(interval, step, "kv routing: could not follow the engines' events")
@@ -291,20 +299,17 @@ class KVEventIndex:
                 await task
 
 
-def prompt_tokens(body: dict[str, Any], model: str) -> list[int] | None:
-    """The prompt's token ids as vLLM will see them, or None when the model's tokenizer is
-    not local or the body has no prompt it can tokenize.
+def prompt_tokens(body: dict[str, Any], tokenizer: Any) -> list[int] | None:
+    """The prompt's token ids as vLLM will see them, or None when there is no tokenizer
+    (the model is not local, or it is still loading) or no prompt it can tokenize.
 
     Completions: the prompt with the tokenizer's special tokens (vLLM's default); token-id
     prompts as given. Chat: the chat template with the generation prompt."""
-    from sagellm_cli.core.tokens import local_tokenizer
-
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch: route by its first prompt
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return prompt
-    tokenizer = local_tokenizer(model)
     if tokenizer is None:
         return None
     try:
@@ -312,10 +317,11 @@ def prompt_tokens(body: dict[str, Any], model: str) -> list[int] | None:
             return tokenizer.encode(prompt[:MAX_PROMPT_CHARS])
         messages = body.get("messages")
         if isinstance(messages, list) and getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict):  # a BatchEncoding in some transformers versions
-                ids = ids["input_ids"]
-            return list(ids)
+            # As vLLM does: the template's text, encoded without adding special tokens again.
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+            return tokenizer.encode(text[:MAX_PROMPT_CHARS], add_special_tokens=False)
     except Exception:  # noqa: BLE001 - a prompt the tokenizer refuses routes by characters
         return None
     return None

@@ -82,8 +82,16 @@ def _kv_metrics(kv_index, registry: Registry):
         if index is not None:
             blocks.add_metric([b.served_model_name, b.id], index.blocks)
             events.add_metric([b.served_model_name, b.id], index.events)
+    tokenizers = GaugeMetricFamily(
+        "sagellm_gateway_kv_tokenizer_loaded",
+        "1 once `kv` routing has the model's tokenizer (until then it routes by characters).",
+        labels=["model"],
+    )
+    for model, tokenizer in list(kv_index.tokenizers.items()):
+        tokenizers.add_metric([model], 0 if tokenizer is None else 1)
     yield blocks
     yield events
+    yield tokenizers
 
 
 class Metrics:

@@ -320,7 +320,8 @@ class KVPrefix(BaseStrategy):
             return cached[1]
         from sagellm_cli.gateway.kv_events import chain_keys, prompt_tokens
 
-        tokens = prompt_tokens(info.body or {}, backends[0].record.model)
+        tokenizer = self.index.tokenizers.get(backends[0].record.model)  # loaded by its loop
+        tokens = prompt_tokens(info.body or {}, tokenizer)
         keys = chain_keys(tokens, block_size) if tokens else None
         info.kv_keys = (block_size, keys)
         return keys
