@@ -214,6 +214,12 @@ def one_run(home: Path, engines: list[dict], routing: str, prompts: list[str], a
         if routing == "kv":
             with contextlib.suppress(OSError):
                 text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+                routed = dict(
+                    re.findall(r'sagellm_gateway_kv_routed_blocks\{kind="(\w+)"\} (\S+)', text)
+                )
+                if float(routed.get("routed", 0)):
+                    expected = float(routed["expected_hit"]) / float(routed["routed"])
+                    result["kv_expected_block_hit"] = round(expected, 3)
                 result["kv_blocks"] = {
                     m.group(1): float(m.group(2))
                     for m in re.finditer(
@@ -270,6 +276,11 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+
+    def stop(signum, frame):  # `timeout`'s SIGTERM: still stop the engines (finally below)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     home = Path(tempfile.mkdtemp(prefix="kvroute-")) / "sagellm"
     home.mkdir(parents=True)
     results = []

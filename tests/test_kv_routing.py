@@ -154,6 +154,7 @@ class _Index:
     def __init__(self, engines):
         self.engines = engines
         self.tokenizers = {}
+        self.routed_blocks = self.expected_hit_blocks = 0
 
     def index_for(self, backend):
         return self.engines.get(backend.id)
@@ -179,6 +180,7 @@ def test_kv_routes_to_the_longest_cached_prefix():
     assert kv.choose([a, b, c], _info(TOKENS + [1])) is c
     assert kv.choose([a, b], _info(TOKENS)) is b  # c not a candidate: b has 2 blocks
     assert kv.choose([a, b, c], _info(other)) is a
+    assert (index.routed_blocks, index.expected_hit_blocks) == (9, 3 + 2 + 3)
     # No replica holds it: the same one every time (rendezvous on the first block).
     fresh = [5] * 12
     picks = {kv.choose([a, b, c], _info(fresh)).id for _ in range(5)}

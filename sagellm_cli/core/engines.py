@@ -130,6 +130,11 @@ def validate_spec(spec: EngineSpec) -> str:
     from sagellm_cli.core.ports import check_host
 
     check_host(spec.host)  # `[::1]` or an unknown name: exit 2 now, not at bind time
+    if spec.kv_events and (runtime != "vllm" or spec.kind != "llm"):
+        raise BadInput(
+            "--kv-events needs a vLLM llm engine (its KV cache publishes the events)",
+            hint="drop --kv-events for this engine",
+        )
     if spec.role not in ROLES:
         raise BadInput(f"unknown role {spec.role!r}", hint=f"use one of {', '.join(ROLES)}")
     if spec.placement not in ("pack", "spread"):
@@ -402,9 +407,9 @@ class EngineManager:
         check_label_free(live, spec.label)
         launcher = launcher_for_spec(spec)
         port = _choose_port(launcher, spec, taken, reuse.port if reuse else None)
-        # KV events (vLLM llm engines only): a second port, for the ZMQ publisher.
+        # KV events (vLLM llm engines: validate_spec): a second port, for the ZMQ publisher.
         kv_port = None
-        if spec.kv_events and runtime == "vllm" and spec.kind == "llm":
+        if spec.kv_events:
             kv_port = launcher.allocate_port(spec.host, taken | {port})
         if reuse_id:
             state.release(reuse_id)  # a restart may take its own reservation again

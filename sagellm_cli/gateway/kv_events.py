@@ -200,6 +200,10 @@ class KVEventIndex:
         # Model -> its local tokenizer (None: not local), loaded in a thread by `run`:
         # importing transformers takes seconds, which the event loop must never wait.
         self.tokenizers: dict[str, Any] = {}
+        # What `kv` routing predicted: prompt blocks routed, and of those cached on the chosen
+        # engine (their ratio is the hit rate the index expects; compare vLLM's own).
+        self.routed_blocks = 0
+        self.expected_hit_blocks = 0
 
     def index_for(self, backend: Backend) -> EngineIndex | None:
         """The index of an engine, or None when it publishes no events (or we can't read them)."""

@@ -89,9 +89,17 @@ def _kv_metrics(kv_index, registry: Registry):
     )
     for model, tokenizer in list(kv_index.tokenizers.items()):
         tokenizers.add_metric([model], 0 if tokenizer is None else 1)
+    expected = GaugeMetricFamily(
+        "sagellm_gateway_kv_routed_blocks",
+        "Prompt blocks `kv` routing placed, and those it expected cached on the chosen engine.",
+        labels=["kind"],
+    )
+    expected.add_metric(["routed"], kv_index.routed_blocks)
+    expected.add_metric(["expected_hit"], kv_index.expected_hit_blocks)
     yield blocks
     yield events
     yield tokenizers
+    yield expected
 
 
 class Metrics:

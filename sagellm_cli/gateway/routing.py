@@ -331,8 +331,8 @@ class KVPrefix(BaseStrategy):
         if n == 1:
             return backends[0]
         indexes = [self.index.index_for(b) for b in backends] if self.index else [None]
-        if any(index is None for index in indexes):
-            return self._fallback.choose(backends, info)
+        if any(index is None or index.block_size != indexes[0].block_size for index in indexes):
+            return self._fallback.choose(backends, info)  # no events, or blocks of two sizes
         keys = self._keys(backends, info, indexes[0].block_size)
         if not keys:
             return self._fallback.choose(backends, info)
@@ -348,7 +348,9 @@ class KVPrefix(BaseStrategy):
             if hit > best_hit or (hit == best_hit and rank > best_rank):
                 best, best_hit, best_rank = backend, hit, rank
         if best is None:  # the least loaded is always under the bound; just in case
-            return max(backends, key=lambda b: _mix(first ^ b.hash_id))
+            best, best_hit = max(backends, key=lambda b: _mix(first ^ b.hash_id)), 0
+        self.index.routed_blocks += len(keys)
+        self.index.expected_hit_blocks += best_hit
         return best
 
 
