@@ -188,7 +188,7 @@ def one_run(home: Path, engines: list[dict], routing: str, prompts: list[str], a
     logf = open(home.parent / f"gateway-{routing}-{port}.log", "wb")  # noqa: SIM115
     gw = subprocess.Popen(
         [sys.executable, "-m", "sagellm_cli", "llm", "serve", "--port", str(port),
-         "--routing", routing],
+         "--routing", routing, *args.gateway_args.split()],
         env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -258,6 +258,7 @@ def main() -> int:
     p.add_argument("--gpu-memory-gb", type=float, default=20)
     p.add_argument("--kv-gb", type=float, default=0.0037, help="CPU: KV cache per engine, GiB")
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--gateway-args", default="", help="more `sage llm serve` options")
     p.add_argument("--deadline-s", type=float, default=0, help="skip runs past this (0: none)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()

@@ -187,18 +187,32 @@ def test_kv_routes_to_the_longest_cached_prefix():
     assert len(picks) == 1
 
 
-def test_kv_spreads_a_hot_prefix_over_the_load_bound():
-    a, b = _backend(0), _backend(1)
-    kv = KVPrefix(_Index({"e0": _holding(TOKENS), "e1": EngineIndex()}))
-    for e in kv.index.engines.values():
-        e.block_size = BS
+def _pile_up(kv, backends, tokens, n):
+    """`n` requests of one prompt that all stay in flight; a replica chosen caches it."""
     picks = []
-    for _ in range(8):  # requests pile up in flight: the holder fills to the bound, then b
-        chosen = kv.choose([a, b], _info(TOKENS))
+    for _ in range(n):
+        chosen = kv.choose(backends, _info(tokens))
         chosen.inflight += 1
         picks.append(chosen.id)
-    assert picks[0] == "e0"
-    assert "e1" in picks and abs(a.inflight - b.inflight) <= 2
+        kv.index.engines[chosen.id] = _holding(tokens)  # what its events would then say
+    return picks
+
+
+def test_kv_holds_a_prefix_to_the_sticky_bound_then_spreads():
+    a, b = _backend(0), _backend(1)
+    kv = KVPrefix(_Index({"e0": _holding(TOKENS), "e1": _holding([5] * 12)}))
+    picks = _pile_up(kv, [a, b], TOKENS, 16)
+    # ceil(1.5 * (k + 1) / 2) lets the holder take 3 before the 4th spills; once both
+    # hold the prefix, the less loaded one gets it.
+    assert picks[:4] == ["e0"] * 3 + ["e1"]
+    assert abs(a.inflight - b.inflight) <= 1
+
+
+def test_kv_without_stickiness_spills_at_the_prefix_bound():
+    a, b = _backend(0), _backend(1)
+    kv = KVPrefix(_Index({"e0": _holding(TOKENS), "e1": _holding([5] * 12)}), 256, 1.25, 1.0)
+    picks = _pile_up(kv, [a, b], TOKENS, 4)
+    assert picks[:3] == ["e0", "e0", "e1"]  # ceil(1.25 * 3 / 2) = 2 in flight at most
 
 
 def test_kv_falls_back_to_prefix_without_events():

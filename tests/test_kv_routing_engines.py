@@ -140,9 +140,10 @@ def test_a_hot_prefix_spreads_over_both_engines(gateway, engines):
     prefix = _prefix(7)
     first = _complete(gateway.url, prefix).headers["x-sagellm-engine"]
     wait_for(lambda: _blocks(gateway)[first] > 0, 20, "the stored blocks")
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    # 16 at once: the holder may take ceil(1.5 * (k + 1) / 2) in flight, 3 of the first 4.
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
         futures = [
-            pool.submit(_complete, gateway.url, prefix + f" variant {i}", 48) for i in range(12)
+            pool.submit(_complete, gateway.url, prefix + f" variant {i}", 96) for i in range(16)
         ]
         served = [f.result().headers["x-sagellm-engine"] for f in futures]
     assert set(served) == {e["id"] for e in engines}, served

@@ -123,6 +123,11 @@ class GatewayConfig:
         1.25, "--prefix-load-factor",
         "`prefix` routing: how far above the mean load a replica may go before the key moves.",
     )  # fmt: skip
+    kv_sticky_load_factor: float = _option(
+        1.5, "--kv-sticky-load-factor",
+        "`kv` routing: how far above the mean load the replica caching a prompt's prefix may "
+        "go before the prefix spills (at most --prefix-load-factor: spill at that bound).",
+    )  # fmt: skip
     length_threshold_chars: int = _option(
         2048, "--length-threshold", "`length` routing: prompts longer than this (chars) go to "
         "prefill.",

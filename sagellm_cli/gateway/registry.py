@@ -133,6 +133,7 @@ class Registry:
                 length_threshold_chars=config.length_threshold_chars,
                 length_threshold_tokens=config.length_threshold_tokens,
                 kv_index=self.kv_index,
+                kv_sticky_load_factor=config.kv_sticky_load_factor,
             )
             self._strategies[key] = strategy
         return strategy

@@ -295,23 +295,37 @@ class Length(BaseStrategy):
 
 
 class KVPrefix(BaseStrategy):
-    """The replica holding the longest cached prefix of the prompt, within `Prefix`'s load bound.
+    """The replica holding the longest cached prefix of the prompt, within load bounds.
 
     The cached blocks come from the engines' own KV events (gateway/kv_events.py); the
-    prompt is tokenized with the model's tokenizer and cut into the engines' blocks. Among
-    the replicas under `ceil(load_factor * (total + 1) / n)` in flight, the one with the
-    most leading blocks cached wins; ties (a prefix no replica holds yet) go in rendezvous
-    order of the first block, so concurrent requests of a new prefix still meet. A hot
-    prefix over the bound spills to the next replica, which then caches it too. Without
-    events or a local tokenizer for every replica, it is `prefix` (character hashing).
+    prompt is tokenized with the model's tokenizer and cut into the engines' blocks.
+
+    - Among the replicas under `prefix`'s bound, `ceil(load_factor * (total + 1) / n)` in
+      flight, the one with the most leading blocks cached wins. Equal hits: for a prefix
+      no replica holds yet, rendezvous order of its first block (concurrent requests of a
+      new prefix meet before its events arrive); for one several hold, the least loaded
+      (so a hot prefix, once copied, spreads).
+    - The best holder may go on up to the higher `sticky_load_factor` bound when it holds
+      more than half the prompt's blocks beyond that winner: a longer queue there costs
+      less than prefilling (and caching twice) the prefix elsewhere. Past it the prefix
+      spills, and the replica it spills to caches it too.
+
+    Without events or a local tokenizer for every replica, it is `prefix` (characters).
     """
 
     name = "kv"
     uses_prompt = True
 
-    def __init__(self, index: Any = None, chars: int = 256, load_factor: float = 1.25) -> None:
+    def __init__(
+        self,
+        index: Any = None,
+        chars: int = 256,
+        load_factor: float = 1.25,
+        sticky_load_factor: float = 1.5,
+    ) -> None:
         self.index = index  # a gateway.kv_events.KVEventIndex, shared by the gateway's groups
         self.load_factor = load_factor
+        self.sticky_load_factor = max(sticky_load_factor, load_factor)
         self._fallback = Prefix(chars, load_factor)
 
     def _keys(self, backends: list[Backend], info: RouteInfo, block_size: int) -> list[int] | None:
@@ -338,19 +352,27 @@ class KVPrefix(BaseStrategy):
             return self._fallback.choose(backends, info)
         total = sum(b.inflight for b in backends)
         bound = math.ceil(self.load_factor * (total + 1) / n)
+        sticky = math.ceil(self.sticky_load_factor * (total + 1) / n)
         first = keys[0]
-        best, best_hit, best_rank = None, -1, -1
+        best, best_key = None, None  # under `bound`: (hit, tie-break)
+        holder, holder_hit = None, -1  # under `sticky`: the longest hit
         for backend, index in zip(backends, indexes, strict=True):
-            if backend.inflight + 1 > bound:
+            if backend.inflight + 1 > sticky:
                 continue
             hit = index.matched(keys)
-            rank = _mix(first ^ backend.hash_id)
-            if hit > best_hit or (hit == best_hit and rank > best_rank):
-                best, best_hit, best_rank = backend, hit, rank
+            if hit > holder_hit:
+                holder, holder_hit = backend, hit
+            if backend.inflight + 1 > bound:
+                continue
+            tie = _mix(first ^ backend.hash_id) if hit == 0 else -backend.inflight
+            if best_key is None or (hit, tie) > best_key:
+                best, best_key = backend, (hit, tie)
+        if holder is not None and (best_key is None or holder_hit > best_key[0] + len(keys) / 2):
+            best, best_key = holder, (holder_hit, 0)
         if best is None:  # the least loaded is always under the bound; just in case
-            best, best_hit = max(backends, key=lambda b: _mix(first ^ b.hash_id)), 0
+            best, best_key = max(backends, key=lambda b: _mix(first ^ b.hash_id)), (0, 0)
         self.index.routed_blocks += len(keys)
-        self.index.expected_hit_blocks += best_hit
+        self.index.expected_hit_blocks += best_key[0]
         return best
 
 
@@ -377,10 +399,11 @@ def make_strategy(
     length_threshold_chars: int = 2048,
     length_threshold_tokens: int = 0,
     kv_index: Any = None,
+    kv_sticky_load_factor: float = 1.5,
 ) -> Strategy:
     """A fresh strategy instance (each model keeps its own counters); `kv` reads `kv_index`."""
     if name == "kv":
-        return KVPrefix(kv_index, prefix_chars, prefix_load_factor)
+        return KVPrefix(kv_index, prefix_chars, prefix_load_factor, kv_sticky_load_factor)
     if name == "prefix":
         return Prefix(prefix_chars, prefix_load_factor)
     if name == "length":
