@@ -181,14 +181,17 @@ async def run_trace(base: str, prompts: list[str], args) -> dict:
             "ttft_p99_ms": round(pct(0.99), 1), "engines": engines}  # fmt: skip
 
 
-def one_run(home: Path, engines: list[dict], routing: str, prompts: list[str], args) -> dict:
-    """A fresh gateway with `routing` in front of the engines; the trace through it."""
+def one_run(home: Path, engines: list[dict], name: str, prompts: list[str], args) -> dict:
+    """A fresh gateway with routing `name` in front of the engines; the trace through it.
+    `kv@F` is `kv` with `--kv-sticky-load-factor F`."""
+    routing, _, sticky = name.partition("@")
+    extra = ["--kv-sticky-load-factor", sticky] if sticky else []
     port = free_port()
     env = {**os.environ, "SAGELLM_HOME": str(home)}
     logf = open(home.parent / f"gateway-{routing}-{port}.log", "wb")  # noqa: SIM115
     gw = subprocess.Popen(
         [sys.executable, "-m", "sagellm_cli", "llm", "serve", "--port", str(port),
-         "--routing", routing, *args.gateway_args.split()],
+         "--routing", routing, *extra, *args.gateway_args.split()],
         env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -236,7 +239,7 @@ def one_run(home: Path, engines: list[dict], routing: str, prompts: list[str], a
     hits = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
     queries = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
     result["hit_rate"] = round(hits / queries, 3) if queries else None
-    return {"routing": routing, **result}
+    return {"routing": name, **result}
 
 
 def main() -> int:
@@ -244,7 +247,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="the H200 form (defaults of the issue)")
     p.add_argument("--model", default=None, help="model dir (CPU default: the tiny test model)")
-    p.add_argument("--routings", default=",".join(ROUTINGS))
+    p.add_argument("--routings", help="comma-separated; kv@F: kv with sticky factor F")
     p.add_argument("--rounds", type=int, default=1, help="alternations of the routings")
     p.add_argument("--prefixes", type=int)
     p.add_argument("--prefix-len", type=int)
@@ -266,6 +269,8 @@ def main() -> int:
                concurrency=32, output_len=32)  # fmt: skip
     cpu = dict(prefixes=12, prefix_len=256, suffix_len=32, requests=96, hot_requests=48,
                concurrency=4, output_len=4)  # fmt: skip
+    gpu["routings"] = "round_robin,prefix,kv,kv@1.25"  # kv@1.25: kv without stickiness
+    cpu["routings"] = ",".join(ROUTINGS)
     for key, value in (gpu if args.gpu else cpu).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

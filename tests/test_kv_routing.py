@@ -283,3 +283,21 @@ def test_subscriber_reads_a_real_publisher():
             pub.close(linger=0)
 
     asyncio.run(scenario())
+
+
+def test_prepare_tokenizes_off_the_loop_for_choose(tiny_model):
+    from sagellm_cli.core.tokens import local_tokenizer
+
+    model = str(tiny_model)
+    tokenizer = local_tokenizer(model)
+    prompt = "shared words " * 100
+    tokens = tokenizer.encode(prompt)
+    a, b = _backend(0, model), _backend(1, model)
+    index = _Index({"e0": EngineIndex(), "e1": _holding(tokens)})
+    index.engines["e0"].block_size = BS
+    index.tokenizers[model] = tokenizer
+    kv = KVPrefix(index)
+    info = RouteInfo({"prompt": prompt}, None)
+    asyncio.run(kv.prepare([a, b], info))
+    assert info.kv_keys == (BS, chain_keys(tokens, BS))
+    assert kv.choose([a, b], info) is b

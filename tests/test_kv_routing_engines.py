@@ -99,6 +99,9 @@ def gateway(kv_home, engines):
     with running_gateway(kv_home, "--routing", "kv", "--health-interval", "1") as gw:
         wait_for(lambda: httpx.get(gw.url + "/ready").status_code == 200, 30, "gateway ready")
         wait_for(lambda: len(_blocks(gw)) == 2, 30, "a KV subscriber per engine")
+        # Until its tokenizer has loaded (transformers' import, in a thread) kv routes as prefix.
+        loaded = re.compile(r"sagellm_gateway_kv_tokenizer_loaded\{[^}]*\} 1")
+        wait_for(lambda: loaded.search(httpx.get(gw.url + "/metrics").text), 180, "the tokenizer")
         yield gw
 
 

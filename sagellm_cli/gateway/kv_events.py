@@ -230,6 +230,7 @@ class KVEventIndex:
                 index = EngineIndex()
                 self.engines[engine_id] = index
                 task = asyncio.create_task(self._subscribe(ident[1], index), name="kv-events")
+                task.add_done_callback(_log_end)
                 self._tasks[engine_id] = (ident, task)
 
     def _zmq_ok(self) -> bool:
@@ -301,6 +302,13 @@ class KVEventIndex:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _log_end(task: asyncio.Task) -> None:
+    """A subscriber that failed (a bad address, say) says why; its engine keeps an empty
+    index, so `kv` routing sees no hits there until the engine restarts."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("kv routing: a KV-event subscriber stopped: %s", task.exception())
 
 
 def prompt_tokens(body: dict[str, Any], tokenizer: Any) -> list[int] | None:

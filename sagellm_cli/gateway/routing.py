@@ -7,6 +7,7 @@ nothing on the common path, and keep their own small state (a counter).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from typing import Any, Protocol
@@ -339,6 +340,15 @@ class KVPrefix(BaseStrategy):
         keys = chain_keys(tokens, block_size) if tokens else None
         info.kv_keys = (block_size, keys)
         return keys
+
+    async def prepare(self, backends: list[Backend], info: RouteInfo) -> None:
+        """Tokenize the prompt in a worker thread before `choose` (which then finds the keys
+        in `info`): a tokenizer takes milliseconds the event loop must not spend."""
+        if len(backends) < 2 or self.index is None or info.kv_keys is not None:
+            return
+        index = self.index.index_for(backends[0])
+        if index is not None and self.index.tokenizers.get(backends[0].record.model):
+            await asyncio.to_thread(self._keys, backends, info, index.block_size)
 
     def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
         n = len(backends)
