@@ -221,6 +221,10 @@ def test_kv_falls_back_to_prefix_without_events():
     body = {"prompt": "same text " * 40}
     picks = {kv.choose([a, b], RouteInfo(body, None)).id for _ in range(4)}
     assert picks == {make_strategy("prefix").choose([a, b], RouteInfo(body, None)).id}
+    kv.index.engines["e1"] = EngineIndex()  # subscribed, but nothing stored yet: a
+    assert kv.choose([a, b], _info(TOKENS)) is a  # size from e0's events; e1 holds nothing
+    kv.index.engines["e1"].block_size = 2 * BS  # two sizes: no common keys, characters
+    assert {kv.choose([a, b], RouteInfo(body, None)).id for _ in range(4)} == picks
     assert isinstance(make_strategy("kv"), KVPrefix)
     assert ROUTING_ALIASES["precise_prefix"] == "kv"
 
@@ -293,8 +297,7 @@ def test_prepare_tokenizes_off_the_loop_for_choose(tiny_model):
     prompt = "shared words " * 100
     tokens = tokenizer.encode(prompt)
     a, b = _backend(0, model), _backend(1, model)
-    index = _Index({"e0": EngineIndex(), "e1": _holding(tokens)})
-    index.engines["e0"].block_size = BS
+    index = _Index({"e0": EngineIndex(), "e1": _holding(tokens)})  # e0: nothing stored yet
     index.tokenizers[model] = tokenizer
     kv = KVPrefix(index)
     info = RouteInfo({"prompt": prompt}, None)

@@ -33,8 +33,6 @@ log = logging.getLogger("sagellm.gateway")
 
 # The key chain starts from this value (any constant: keys only meet keys of this process).
 ROOT_KEY = 0
-# vLLM's default block size, used until an engine's first BlockStored says otherwise.
-DEFAULT_BLOCK_SIZE = 16
 # Prompts longer than this (characters) are cut before tokenizing: the routing needs a prefix.
 MAX_PROMPT_CHARS = 64 * 1024
 _MASK = (1 << 64) - 1
@@ -87,7 +85,8 @@ class EngineIndex:
     """The cached blocks of one engine, as learned from its events."""
 
     def __init__(self) -> None:
-        self.block_size = DEFAULT_BLOCK_SIZE
+        # Learned from the first BlockStored (16 on GPUs, 128 on vLLM's CPU build).
+        self.block_size: int | None = None
         # vLLM's block hash -> our key, and our key -> how many vLLM blocks carry it.
         self._keys_by_hash: dict[Any, int] = {}
         self._count: dict[int, int] = {}

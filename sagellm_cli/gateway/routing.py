@@ -346,18 +346,19 @@ class KVPrefix(BaseStrategy):
         in `info`): a tokenizer takes milliseconds the event loop must not spend."""
         if len(backends) < 2 or self.index is None or info.kv_keys is not None:
             return
-        index = self.index.index_for(backends[0])
-        if index is not None and self.index.tokenizers.get(backends[0].record.model):
-            await asyncio.to_thread(self._keys, backends, info, index.block_size)
+        size = _block_size([self.index.index_for(b) for b in backends])
+        if size and self.index.tokenizers.get(backends[0].record.model):
+            await asyncio.to_thread(self._keys, backends, info, size)
 
     def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
         n = len(backends)
         if n == 1:
             return backends[0]
         indexes = [self.index.index_for(b) for b in backends] if self.index else [None]
-        if any(index is None or index.block_size != indexes[0].block_size for index in indexes):
-            return self._fallback.choose(backends, info)  # no events, or blocks of two sizes
-        keys = self._keys(backends, info, indexes[0].block_size)
+        size = _block_size(indexes)
+        if not size:  # an engine without events, none stored yet, or blocks of two sizes
+            return self._fallback.choose(backends, info)
+        keys = self._keys(backends, info, size)
         if not keys:
             return self._fallback.choose(backends, info)
         total = sum(b.inflight for b in backends)
@@ -384,6 +385,15 @@ class KVPrefix(BaseStrategy):
         self.index.routed_blocks += len(keys)
         self.index.expected_hit_blocks += best_key[0]
         return best
+
+
+def _block_size(indexes: list[Any]) -> int | None:
+    """The engines' one block size (learned from their events); None if an engine has no
+    index, none has stored a block yet, or two sizes differ."""
+    if any(index is None for index in indexes):
+        return None
+    sizes = {index.block_size for index in indexes if index.block_size}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 STRATEGIES = {
