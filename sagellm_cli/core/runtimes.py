@@ -196,9 +196,9 @@ def _vllm(
 
 
 def kv_events_argv(port: int) -> list[str]:
-    """vLLM's flags to publish KV-cache events on a ZMQ PUB socket bound to `port` (all
-    addresses: the engine's host decides who may reach it). Prefix caching is on by default
-    in vLLM V1; it is named here because without it no block is ever stored."""
+    """vLLM's flags to publish KV-cache events on a ZMQ PUB socket bound to `port` on all
+    addresses (vLLM binds only wildcard endpoints; docs/known-issues.md). Prefix caching is
+    on by default in vLLM V1; it is named here because without it no block is ever stored."""
     config = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
