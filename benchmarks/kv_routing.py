@@ -111,7 +111,9 @@ def prefix_cache(url: str) -> tuple[float, float]:
     text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
     values = {"hits": 0.0, "queries": 0.0}
     for line in text.splitlines():
-        m = re.match(r"vllm:prefix_cache_(hits|queries)(?:_total)?\{[^}]*\} ([0-9.e+]+)$", line)
+        m = re.match(
+            r"vllm:(?:gpu_)?prefix_cache_(hits|queries)(?:_total)?\{[^}]*\} ([0-9.e+]+)$", line
+        )
         if m:
             values[m.group(1)] += float(m.group(2))
     return values["hits"], values["queries"]
@@ -294,22 +296,26 @@ def main() -> int:
         log(f"starting two engines of {args.model} in {home}")
         engines = start_engines(home, args)
         log("engines ready: " + ", ".join(f"{e['id']} kv:{e['kv_events_port']}" for e in engines))
-        seed = 0
-        traces = [("prefix_repetition", 0.0, args.requests)]
-        if args.hot_requests:
-            traces.append(("hot", args.hot, args.hot_requests))
-        for trace, hot, n in traces:
-            for _ in range(args.rounds):
-                for routing in args.routings.split(","):
-                    if args.deadline_s and time.monotonic() - T0 > args.deadline_s:
-                        log(f"deadline: skipping {trace}/{routing}")
-                        continue
-                    seed += 1
-                    prompts = make_trace(tokenizer, argparse.Namespace(**{**vars(args),
-                                         "requests": n}), seed, hot)  # fmt: skip
-                    row = {"trace": trace, **one_run(home, engines, routing, prompts, args)}
-                    log(json.dumps(row))
-                    results.append(row)
+        traces = {"prefix_repetition": (0.0, args.requests), "hot": (args.hot, args.hot_requests)}
+        names = [t for t in traces if traces[t][1]]
+        routings = args.routings.split(",")
+        plan = [(t, r) for t in names for _ in range(args.rounds) for r in routings]
+        if args.gpu:  # what the targets need first, in case the deadline comes
+            first = {("prefix_repetition", r) for r in ROUTINGS} | {
+                ("hot", "prefix"),
+                ("hot", "kv"),
+            }
+            plan.sort(key=lambda item: item not in first)  # a stable sort: order kept within
+        for seed, (trace, routing) in enumerate(plan, 1):
+            if args.deadline_s and time.monotonic() - T0 > args.deadline_s:
+                log(f"deadline: skipping {trace}/{routing}")
+                continue
+            hot, n = traces[trace]
+            trace_args = argparse.Namespace(**{**vars(args), "requests": n})
+            prompts = make_trace(tokenizer, trace_args, seed, hot)
+            row = {"trace": trace, **one_run(home, engines, routing, prompts, args)}
+            log(json.dumps(row))
+            results.append(row)
     finally:
         sage(home, "engine", "stop", "--all", timeout=120)
     print("\n| trace | routing | hit rate | req/s | TTFT p50 ms | TTFT p99 ms | per engine |")
