@@ -215,6 +215,7 @@ def one_run(home: Path, engines: list[dict], name: str, prompts: list[str], args
         time.sleep(1.0)  # ZMQ drops what is published before a subscriber has joined
         before = [prefix_cache(e["url"]) for e in engines]
         result = asyncio.run(run_trace(base, prompts, args))
+        time.sleep(1.0)  # the engines' last steps reach their counters
         after = [prefix_cache(e["url"]) for e in engines]
         if routing == "kv":
             with contextlib.suppress(OSError):
