@@ -16,6 +16,7 @@
 #                 bash scripts/gpu_device_run.sh gwbench             (gateway data plane: vllm bench
 #                     serve direct vs through `sage llm serve`; builds the models if missing)
 #                 bash scripts/gpu_device_run.sh model multimodel    (scheduler: cost vs LRU)
+#                 bash scripts/gpu_device_run.sh kvroute             (routing by KV events, ~5 min)
 #
 # `model` builds a random 1.2 B-parameter Qwen2 (2.4 GB, bf16) in /root/m-1b, so that sleep
 # moves real weights; each step writes $OUT/<step>.log.
@@ -152,6 +153,19 @@ while [ $# -gt 0 ]; do
         # On timeout's SIGTERM gwbench still stops its engines and gateway (its finally).
         timeout 420 python3 benchmarks/gwbench.py --tiny /root/tiny --big "$BIG" --out "$OUT" \
             ${GWBENCH_ARGS:-} 2>&1 | tee "$OUT/gwbench.log"
+        shift ;;
+    kvroute)
+        # Routing from KV events (issue 24, item 1; docs/routing.md): two replicas of $BIG
+        # (--kv-events, 2048 KV blocks each) behind `sage llm serve`, round_robin / prefix / kv
+        # on the prefix-repetition trace (96 x 512 + 64 tokens, 1536 requests, c=32), then
+        # on a hot-prefix trace (512 requests, half one prefix). <= 5 min wall: the script
+        # starts no run after 230 s, and stops its engines on any exit but SIGKILL.
+        [ -f "$BIG/config.json" ] || python3 tests/tinymodel.py "$BIG" --hidden 2048 --layers 24 \
+            2>&1 | tail -1
+        timeout -k 15 290 python3 benchmarks/kv_routing.py --gpu --model "$BIG" --deadline-s 230 \
+            --json "$OUT/kvroute.json" ${KVROUTE_ARGS:-} 2>&1 | tee "$OUT/kvroute.log"
+        rc=${PIPESTATUS[0]}
+        clean_gpu 2>&1 | tee -a "$OUT/kvroute.log"
         shift ;;
     *)
         echo "unknown step $1" >&2; exit 2 ;;

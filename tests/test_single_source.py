@@ -51,6 +51,7 @@ SAMPLES = {
     "enable_lora": True,
     "max_lora_rank": 32,
     "lora_adapters": {"sql": "/adapters/sql"},
+    "kv_events": True,
 }
 # Options whose CLI form is not `--field-name VALUE`.
 CLI_FORMS = {
@@ -62,6 +63,7 @@ CLI_FORMS = {
     "env": lambda v: [arg for k, x in v.items() for arg in ("--env", f"{k}={x}")],
     "enable_lora": lambda v: ["--enable-lora"] if v else [],
     "pin": lambda v: ["--pin"] if v else [],
+    "kv_events": lambda v: ["--kv-events"] if v else [],
     "lora_adapters": lambda v: [a for k, x in v.items() for a in ("--lora-adapter", f"{k}={x}")],
 }
 

@@ -130,6 +130,11 @@ def validate_spec(spec: EngineSpec) -> str:
     from sagellm_cli.core.ports import check_host
 
     check_host(spec.host)  # `[::1]` or an unknown name: exit 2 now, not at bind time
+    if spec.kv_events and (runtime != "vllm" or spec.kind != "llm"):
+        raise BadInput(
+            "--kv-events needs a vLLM llm engine (its KV cache publishes the events)",
+            hint="drop --kv-events for this engine",
+        )
     if spec.role not in ROLES:
         raise BadInput(f"unknown role {spec.role!r}", hint=f"use one of {', '.join(ROLES)}")
     if spec.placement not in ("pack", "spread"):
@@ -326,6 +331,7 @@ class EngineManager:
                 # Mock GPUs exist for placement tests: the process itself runs on CPU.
                 placement=None if placement is None or placement.mock else placement,
                 cpu_cores=record.cpu_cores,
+                kv_events_port=record.kv_events_port,
                 scratch_dir=launcher.scratch_dir(record.id),
                 cache_dir=paths.ensure_private_dir(paths.private_cache_dir(record.id))
                 if spec.cache == "private"
@@ -401,6 +407,10 @@ class EngineManager:
         check_label_free(live, spec.label)
         launcher = launcher_for_spec(spec)
         port = _choose_port(launcher, spec, taken, reuse.port if reuse else None)
+        # KV events (vLLM llm engines: validate_spec): a second port, for the ZMQ publisher.
+        kv_port = None
+        if spec.kv_events:
+            kv_port = launcher.allocate_port(spec.host, taken | {port})
         if reuse_id:
             state.release(reuse_id)  # a restart may take its own reservation again
         placement, cpu_cores = _place(launcher, spec, runtime, state, live, reuse)
@@ -429,6 +439,7 @@ class EngineManager:
             role=spec.role,
             node=launcher.node,
             cpu_cores=cpu_cores,
+            kv_events_port=kv_port,
             spec=spec,
         )
         if old is not None and not allowed(old.status, record.status):

@@ -167,6 +167,12 @@ class EngineSpec:
         None, "--lora-adapter", "NAME=PATH of a LoRA adapter to load (repeatable).",
         factory=dict, **_REPEATED, to_field=key_values,
     )  # fmt: skip
+    # vLLM only: publish KV-cache events over ZMQ on a port of their own, for the gateway's
+    # `kv` routing (docs/routing.md).
+    kv_events: bool = option(
+        False, "--kv-events",
+        "Publish vLLM's KV-cache events (ZMQ) for the gateway's `kv` routing.",
+    )  # fmt: skip
     extra_args: Annotated[
         list[Annotated[str, Field(max_length=MAX_ARG_CHARS)]], Field(max_length=MAX_EXTRA_ARGS)
     ] = option(
@@ -299,6 +305,8 @@ class EngineRecord:
     # models it listed then.
     base_url: str | None = None
     served_models: list[str] = field(default_factory=list)
+    # The port of the engine's KV-event publisher (`kv_events`), on `host`.
+    kv_events_port: int | None = None
     # What was asked for; a record made without one gets the spec its own fields imply.
     spec: EngineSpec | None = None
 
@@ -421,6 +429,7 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "pid": _PID_RANGE,
     "pgid": _PID_RANGE,
     "port": (1, 65535),
+    "kv_events_port": (1, 65535),
     "gpus": (0, 2**20),
     "cpu_cores": (0, 2**20),
 }

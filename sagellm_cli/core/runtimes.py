@@ -75,11 +75,13 @@ def build_launch(
     scratch_dir: Path,
     cache_dir: Path | None,
     cpu_cores: list[int] | None = None,
+    kv_events_port: int | None = None,
 ) -> LaunchSpec:
-    """The argv and env for one engine, given its port, GPU placement and CPU cores."""
+    """The argv and env for one engine, given its port, GPU placement and CPU cores (and the
+    port of its KV-event publisher, vLLM only)."""
     if runtime == SENTENCE_TRANSFORMERS:
         return _sentence_transformers(spec, port, served_model_name, placement)
-    launch = _vllm(spec, port, served_model_name, placement, scratch_dir, cache_dir)
+    launch = _vllm(spec, port, served_model_name, placement, scratch_dir, cache_dir, kv_events_port)
     if placement is None and cpu_cores:
         launch.env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpu_cores))
         launch.env["OMP_NUM_THREADS"] = str(len(cpu_cores))
@@ -125,6 +127,7 @@ def _vllm(
     placement: Placement | None,
     scratch_dir: Path,
     cache_dir: Path | None,
+    kv_events_port: int | None = None,
 ) -> LaunchSpec:
     model = model_argument(spec.model)
     argv = _server_argv("vllm.entrypoints.openai.api_server", model, served, spec, port)
@@ -186,8 +189,27 @@ def _vllm(
             argv += ["--lora-modules", *(f"{n}={p}" for n, p in spec.lora_adapters.items())]
         # `engine lora add|remove` load and unload adapters while the engine runs.
         env[LORA_RUNTIME_ENV] = "True"
+    if kv_events_port is not None:
+        argv += kv_events_argv(kv_events_port)
     argv += spec.extra_args
     return LaunchSpec(argv=argv, env=env, notes=notes)
+
+
+def kv_events_argv(port: int) -> list[str]:
+    """vLLM's flags to publish KV-cache events on a ZMQ PUB socket bound to `port` on all
+    addresses (vLLM binds only wildcard endpoints; docs/known-issues.md). Prefix caching is
+    on by default in vLLM V1; it is named here because without it no block is ever stored."""
+    config = {
+        "enable_kv_cache_events": True,
+        "publisher": "zmq",
+        "endpoint": f"tcp://*:{port}",
+        "topic": KV_EVENTS_TOPIC,
+    }
+    return ["--enable-prefix-caching", "--kv-events-config", json.dumps(config)]
+
+
+# The ZMQ topic engines publish KV events under (the gateway subscribes to it).
+KV_EVENTS_TOPIC = "kv"
 
 
 def _bytes_arg(gib: float) -> str:

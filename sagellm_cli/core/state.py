@@ -53,11 +53,12 @@ class State:
 
     def taken_ports(self, *, exclude: set[str] = frozenset()) -> set[int]:
         """Ports held by live engines (except `exclude`) and by the gateway."""
-        taken = {
-            r.port
-            for r in self.engines.values()
-            if r.is_live and r.id not in exclude and not r.is_external  # ports elsewhere
-        }
+        taken = set()
+        for r in self.engines.values():
+            if r.is_live and r.id not in exclude and not r.is_external:  # ports elsewhere
+                taken.add(r.port)
+                if r.kv_events_port:
+                    taken.add(r.kv_events_port)
         if self.gateway:
             taken.add(self.gateway.port)
         return taken

@@ -120,6 +120,9 @@ class Gateway:
             asyncio.create_task(self.health.run(), name="health"),
             asyncio.create_task(self.supervisor.run(), name="supervisor"),
         ]
+        if self.registry.kv_index is not None:
+            kv = self.registry.kv_index.run(self.registry)
+            self._tasks.append(asyncio.create_task(kv, name="kv-events"))
 
     async def shutdown(self) -> None:
         """Stop the loops and close the upstream pool."""

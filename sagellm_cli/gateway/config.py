@@ -53,7 +53,8 @@ class GatewayConfig:
         "round_robin",
         "--routing",
         "round_robin, least_loaded (load_balanced, topology_aware), random, power_of_two, "
-        "affinity, prefix (locality) or length.",
+        "affinity, prefix (locality), kv (precise_prefix: engines' KV events, docs/routing.md) "
+        "or length.",
     )
     # Per-model strategy overrides: served name (or label / model id) -> strategy.
     model_routing: dict[str, str] = _option(
@@ -121,6 +122,11 @@ class GatewayConfig:
     prefix_load_factor: float = _option(
         1.25, "--prefix-load-factor",
         "`prefix` routing: how far above the mean load a replica may go before the key moves.",
+    )  # fmt: skip
+    kv_sticky_load_factor: float = _option(
+        1.5, "--kv-sticky-load-factor",
+        "`kv` routing: how far above the mean load the replica caching a prompt's prefix may "
+        "go before the prefix spills (at most --prefix-load-factor: spill at that bound).",
     )  # fmt: skip
     length_threshold_chars: int = _option(
         2048, "--length-threshold", "`length` routing: prompts longer than this (chars) go to "

@@ -60,6 +60,46 @@ class _EngineCollector:
         yield inflight
         yield healthy
         yield failures
+        kv_index = getattr(self.registry, "kv_index", None)
+        if kv_index is not None:
+            yield from _kv_metrics(kv_index, self.registry)
+
+
+def _kv_metrics(kv_index, registry: Registry):
+    """`kv` routing's view of each engine's cache, from its KV events."""
+    blocks = GaugeMetricFamily(
+        "sagellm_gateway_kv_cached_blocks",
+        "Prompt blocks an engine has cached, as its KV events told the gateway.",
+        labels=["model", "engine"],
+    )
+    events = GaugeMetricFamily(
+        "sagellm_gateway_kv_events",
+        "KV events received from an engine since the gateway subscribed.",
+        labels=["model", "engine"],
+    )
+    for b in list(registry.backends.values()):
+        index = kv_index.index_for(b)
+        if index is not None:
+            blocks.add_metric([b.served_model_name, b.id], index.blocks)
+            events.add_metric([b.served_model_name, b.id], index.events)
+    tokenizers = GaugeMetricFamily(
+        "sagellm_gateway_kv_tokenizer_loaded",
+        "1 once `kv` routing has the model's tokenizer (until then it routes by characters).",
+        labels=["model"],
+    )
+    for model, tokenizer in list(kv_index.tokenizers.items()):
+        tokenizers.add_metric([model], 0 if tokenizer is None else 1)
+    expected = GaugeMetricFamily(
+        "sagellm_gateway_kv_routed_blocks",
+        "Prompt blocks `kv` routing placed, and those it expected cached on the chosen engine.",
+        labels=["kind"],
+    )
+    expected.add_metric(["routed"], kv_index.routed_blocks)
+    expected.add_metric(["expected_hit"], kv_index.expected_hit_blocks)
+    yield blocks
+    yield events
+    yield tokenizers
+    yield expected
 
 
 class Metrics:

@@ -292,6 +292,9 @@ class Proxy:
             except InvalidPrompt as exc:
                 await send_json(send, 400, error_body(400, str(exc), code="invalid_messages"))
                 return
+            prepare = getattr(group.strategy, "prepare", None)  # `kv`: tokenize off the loop
+            if prepare is not None:
+                await prepare(group.backends, info)
         ticket = None
         first = None
         deadline = deadline_of(body, headers)

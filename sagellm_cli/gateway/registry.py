@@ -53,6 +53,12 @@ class Registry:
         # name -> group, one dict per engine kind so a chat request never reaches an embedder.
         self.groups: dict[str, dict[str, ModelGroup]] = {"llm": {}, "embedding": {}}
         self._strategies: dict[tuple[str, str], Strategy] = {}
+        # The engines' cached blocks, for `kv` routing (followed only when it is used).
+        self.kv_index = None
+        if "kv" in (config.routing, *config.model_routing.values()):
+            from sagellm_cli.gateway.kv_events import KVEventIndex
+
+            self.kv_index = KVEventIndex()
         self._mtime = -1
         self.loaded_at = 0.0
         self.generation = 0
@@ -126,6 +132,8 @@ class Registry:
                 prefix_load_factor=config.prefix_load_factor,
                 length_threshold_chars=config.length_threshold_chars,
                 length_threshold_tokens=config.length_threshold_tokens,
+                kv_index=self.kv_index,
+                kv_sticky_load_factor=config.kv_sticky_load_factor,
             )
             self._strategies[key] = strategy
         return strategy

@@ -7,6 +7,7 @@ nothing on the common path, and keep their own small state (a counter).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from typing import Any, Protocol
@@ -26,12 +27,14 @@ def _mix(x: int) -> int:
 class RouteInfo:
     """What strategies may look at: computed lazily, at most once per request."""
 
-    __slots__ = ("body", "session", "_text")
+    __slots__ = ("body", "session", "_text", "kv_keys")
 
     def __init__(self, body: dict[str, Any] | None, session: str | None):
         self.body = body
         self.session = session
         self._text: str | None = None
+        # `kv` routing's block keys of the prompt: (block size, keys), or None.
+        self.kv_keys: tuple[int, list[int] | None] | None = None
 
     def prompt_text(self, limit: int = 1 << 30) -> str:
         """The prompt (completions) or the concatenated message contents (chat, messages,
@@ -292,8 +295,110 @@ class Length(BaseStrategy):
         return self._inner.choose(self._pool(backends, info), info)
 
 
+class KVPrefix(BaseStrategy):
+    """The replica holding the longest cached prefix of the prompt, within load bounds.
+
+    The cached blocks come from the engines' own KV events (gateway/kv_events.py); the
+    prompt is tokenized with the model's tokenizer and cut into the engines' blocks.
+
+    - Among the replicas under `prefix`'s bound, `ceil(load_factor * (total + 1) / n)` in
+      flight, the one with the most leading blocks cached wins. Equal hits: for a prefix
+      no replica holds yet, rendezvous order of its first block (concurrent requests of a
+      new prefix meet before its events arrive); for one several hold, the least loaded
+      (so a hot prefix, once copied, spreads).
+    - The best holder may go on up to the higher `sticky_load_factor` bound when it holds
+      more than half the prompt's blocks beyond that winner: a longer queue there costs
+      less than prefilling (and caching twice) the prefix elsewhere. Past it the prefix
+      spills, and the replica it spills to caches it too.
+
+    Without events or a local tokenizer for every replica, it is `prefix` (characters).
+    """
+
+    name = "kv"
+    uses_prompt = True
+
+    def __init__(
+        self,
+        index: Any = None,
+        chars: int = 256,
+        load_factor: float = 1.25,
+        sticky_load_factor: float = 1.5,
+    ) -> None:
+        self.index = index  # a gateway.kv_events.KVEventIndex, shared by the gateway's groups
+        self.load_factor = load_factor
+        self.sticky_load_factor = max(sticky_load_factor, load_factor)
+        self._fallback = Prefix(chars, load_factor)
+
+    def _keys(self, backends: list[Backend], info: RouteInfo, block_size: int) -> list[int] | None:
+        cached = info.kv_keys
+        if cached is not None and cached[0] == block_size:
+            return cached[1]
+        from sagellm_cli.gateway.kv_events import chain_keys, prompt_tokens
+
+        tokenizer = self.index.tokenizers.get(backends[0].record.model)  # loaded by its loop
+        tokens = prompt_tokens(info.body or {}, tokenizer)
+        keys = chain_keys(tokens, block_size) if tokens else None
+        info.kv_keys = (block_size, keys)
+        return keys
+
+    async def prepare(self, backends: list[Backend], info: RouteInfo) -> None:
+        """Tokenize the prompt in a worker thread before `choose` (which then finds the keys
+        in `info`): a tokenizer takes milliseconds the event loop must not spend."""
+        if len(backends) < 2 or self.index is None or info.kv_keys is not None:
+            return
+        size = _block_size([self.index.index_for(b) for b in backends])
+        if size and self.index.tokenizers.get(backends[0].record.model):
+            await asyncio.to_thread(self._keys, backends, info, size)
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+        n = len(backends)
+        if n == 1:
+            return backends[0]
+        indexes = [self.index.index_for(b) for b in backends] if self.index else [None]
+        size = _block_size(indexes)
+        if not size:  # an engine without events, none stored yet, or blocks of two sizes
+            return self._fallback.choose(backends, info)
+        keys = self._keys(backends, info, size)
+        if not keys:
+            return self._fallback.choose(backends, info)
+        total = sum(b.inflight for b in backends)
+        bound = math.ceil(self.load_factor * (total + 1) / n)
+        sticky = math.ceil(self.sticky_load_factor * (total + 1) / n)
+        first = keys[0]
+        best, best_key = None, None  # under `bound`: (hit, tie-break)
+        holder, holder_hit = None, -1  # under `sticky`: the longest hit
+        for backend, index in zip(backends, indexes, strict=True):
+            if backend.inflight + 1 > sticky:
+                continue
+            hit = index.matched(keys)
+            if hit > holder_hit:
+                holder, holder_hit = backend, hit
+            if backend.inflight + 1 > bound:
+                continue
+            tie = _mix(first ^ backend.hash_id) if hit == 0 else -backend.inflight
+            if best_key is None or (hit, tie) > best_key:
+                best, best_key = backend, (hit, tie)
+        if holder is not None and (best_key is None or holder_hit > best_key[0] + len(keys) / 2):
+            best, best_key = holder, (holder_hit, 0)
+        if best is None:  # the least loaded is always under the bound; just in case
+            best, best_key = max(backends, key=lambda b: _mix(first ^ b.hash_id)), (0, 0)
+        self.index.routed_blocks += len(keys)
+        self.index.expected_hit_blocks += best_key[0]
+        return best
+
+
+def _block_size(indexes: list[Any]) -> int | None:
+    """The engines' one block size (learned from their events); None if an engine has no
+    index, none has stored a block yet, or two sizes differ."""
+    if any(index is None for index in indexes):
+        return None
+    sizes = {index.block_size for index in indexes if index.block_size}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 STRATEGIES = {
-    cls.name: cls for cls in (RoundRobin, LeastLoaded, Random, PowerOfTwo, Affinity, Prefix, Length)
+    cls.name: cls
+    for cls in (RoundRobin, LeastLoaded, Random, PowerOfTwo, Affinity, Prefix, Length, KVPrefix)
 }
 # The seeds' names (docs/gateway.md has the table), accepted wherever a strategy is named.
 # `topology_aware` is least_loaded: topology (NVLink, NUMA) is applied when an engine's GPUs
@@ -301,6 +406,7 @@ STRATEGIES = {
 ROUTING_ALIASES = {
     "load_balanced": "least_loaded",
     "locality": "prefix",
+    "precise_prefix": "kv",
     "topology_aware": "least_loaded",
 }
 
@@ -312,8 +418,12 @@ def make_strategy(
     prefix_load_factor: float = 1.25,
     length_threshold_chars: int = 2048,
     length_threshold_tokens: int = 0,
+    kv_index: Any = None,
+    kv_sticky_load_factor: float = 1.5,
 ) -> Strategy:
-    """A fresh strategy instance (each model keeps its own counters)."""
+    """A fresh strategy instance (each model keeps its own counters); `kv` reads `kv_index`."""
+    if name == "kv":
+        return KVPrefix(kv_index, prefix_chars, prefix_load_factor, kv_sticky_load_factor)
     if name == "prefix":
         return Prefix(prefix_chars, prefix_load_factor)
     if name == "length":
