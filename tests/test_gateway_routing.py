@@ -58,6 +58,7 @@ def test_every_documented_strategy_exists():
         "affinity",
         "prefix",
         "length",
+        "pd",
     }
 
 

@@ -30,6 +30,7 @@ from sagellm_cli.core.lifecycle import EXPECTED_EXIT, PROBED, Status, allowed, t
 from sagellm_cli.core.limits import check_exec_size
 from sagellm_cli.core.records import (
     EXTERNAL,
+    NIXL,
     ROLES,
     EngineRecord,
     EngineSpec,
@@ -132,6 +133,11 @@ def validate_spec(spec: EngineSpec) -> str:
     check_host(spec.host)  # `[::1]` or an unknown name: exit 2 now, not at bind time
     if spec.role not in ROLES:
         raise BadInput(f"unknown role {spec.role!r}", hint=f"use one of {', '.join(ROLES)}")
+    if spec.kv_connector is not None and (spec.kind != "llm" or runtime != VLLM):
+        raise BadInput(
+            f"--kv-connector needs an llm engine on vLLM (this is {spec.kind} on {runtime})",
+            hint="drop --kv-connector",
+        )
     if spec.placement not in ("pack", "spread"):
         raise BadInput(f"unknown placement {spec.placement!r}", hint="use pack or spread")
     if spec.lora and (spec.kind != "llm" or runtime != VLLM):
@@ -326,6 +332,7 @@ class EngineManager:
                 # Mock GPUs exist for placement tests: the process itself runs on CPU.
                 placement=None if placement is None or placement.mock else placement,
                 cpu_cores=record.cpu_cores,
+                kv_port=record.kv_port,
                 scratch_dir=launcher.scratch_dir(record.id),
                 cache_dir=paths.ensure_private_dir(paths.private_cache_dir(record.id))
                 if spec.cache == "private"
@@ -401,6 +408,9 @@ class EngineManager:
         check_label_free(live, spec.label)
         launcher = launcher_for_spec(spec)
         port = _choose_port(launcher, spec, taken, reuse.port if reuse else None)
+        kv_port = None
+        if spec.kv_connector == NIXL and spec.runtime != EXTERNAL:
+            kv_port = launcher.allocate_port(spec.host, taken | {port})
         if reuse_id:
             state.release(reuse_id)  # a restart may take its own reservation again
         placement, cpu_cores = _place(launcher, spec, runtime, state, live, reuse)
@@ -427,6 +437,7 @@ class EngineManager:
             log_path=str(paths.logs_dir() / f"{engine_id}.log"),
             preset=spec.preset,
             role=spec.role,
+            kv_port=kv_port,
             node=launcher.node,
             cpu_cores=cpu_cores,
             spec=spec,

@@ -75,11 +75,13 @@ def build_launch(
     scratch_dir: Path,
     cache_dir: Path | None,
     cpu_cores: list[int] | None = None,
+    kv_port: int | None = None,
 ) -> LaunchSpec:
-    """The argv and env for one engine, given its port, GPU placement and CPU cores."""
+    """The argv and env for one engine, given its port, GPU placement and CPU cores
+    (and, for NixlConnector, its side-channel port)."""
     if runtime == SENTENCE_TRANSFORMERS:
         return _sentence_transformers(spec, port, served_model_name, placement)
-    launch = _vllm(spec, port, served_model_name, placement, scratch_dir, cache_dir)
+    launch = _vllm(spec, port, served_model_name, placement, scratch_dir, cache_dir, kv_port)
     if placement is None and cpu_cores:
         launch.env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpu_cores))
         launch.env["OMP_NUM_THREADS"] = str(len(cpu_cores))
@@ -125,6 +127,7 @@ def _vllm(
     placement: Placement | None,
     scratch_dir: Path,
     cache_dir: Path | None,
+    kv_port: int | None = None,
 ) -> LaunchSpec:
     model = model_argument(spec.model)
     argv = _server_argv("vllm.entrypoints.openai.api_server", model, served, spec, port)
@@ -186,8 +189,40 @@ def _vllm(
             argv += ["--lora-modules", *(f"{n}={p}" for n, p in spec.lora_adapters.items())]
         # `engine lora add|remove` load and unload adapters while the engine runs.
         env[LORA_RUNTIME_ENV] = "True"
+    if spec.kv_connector:
+        kv_argv, kv_env = kv_transfer_args(spec, served, placement is not None, kv_port)
+        argv += kv_argv
+        env.update(kv_env)
     argv += spec.extra_args
     return LaunchSpec(argv=argv, env=env, notes=notes)
+
+
+# The connector's `kv_role` by engine role. NixlConnector's engines are all `kv_both`
+# (vLLM's own P/D examples): which side sends is said per request by kv_transfer_params.
+_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "general": "kv_both"}
+
+
+def kv_transfer_args(
+    spec: EngineSpec, served: str, on_gpu: bool, kv_port: int | None
+) -> tuple[list[str], dict[str, str]]:
+    """`--kv-transfer-config` (and env) for an engine with a KV connector (docs/routing.md)."""
+    from sagellm_cli.core import paths
+    from sagellm_cli.core.records import NIXL
+
+    config: dict[str, object] = {"kv_connector": spec.kv_connector}
+    env: dict[str, str] = {}
+    if spec.kv_connector == NIXL:
+        config["kv_role"] = "kv_both"
+        # vLLM's CPU build registers CPU tensors only; on a GPU, device-to-device.
+        config["kv_buffer_device"] = "cuda" if on_gpu else "cpu"
+        if kv_port is not None:
+            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(kv_port)
+            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = spec.host
+    else:  # ExampleConnector: KV through files both engines of the model read and write
+        config["kv_role"] = _KV_ROLE[spec.role]
+        store = paths.state_dir() / "kv-store" / served.replace("/", "--")
+        config["kv_connector_extra_config"] = {"shared_storage_path": str(store)}
+    return ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))], env
 
 
 def _bytes_arg(gib: float) -> str:

@@ -58,6 +58,11 @@ class State:
             for r in self.engines.values()
             if r.is_live and r.id not in exclude and not r.is_external  # ports elsewhere
         }
+        taken |= {
+            r.kv_port
+            for r in self.engines.values()
+            if r.kv_port and r.is_live and r.id not in exclude and not r.is_external
+        }
         if self.gateway:
             taken.add(self.gateway.port)
         return taken

@@ -20,6 +20,7 @@ from sagellm_cli.core import protocol
 from sagellm_cli.gateway.auth import TokenCheck
 from sagellm_cli.gateway.endpoints import PATH_FOR_KIND, Endpoint
 from sagellm_cli.gateway.errors import error_body, send_json
+from sagellm_cli.gateway.pd import run_prefill
 from sagellm_cli.gateway.policies import engine_cost
 from sagellm_cli.gateway.request import (
     BODY_COST_BUDGET,
@@ -324,6 +325,8 @@ class Proxy:
     async def _forward(self, req: ProxyRequest) -> None:
         """Send `req` to an engine; retry once elsewhere if it fails before any byte is sent."""
         send, group, body, info = req.send, req.group, req.body, req.info
+        if group.strategy.disaggregated and not await run_prefill(self, req, _dumps, _loads):
+            return  # the prefill engine failed or refused the request: answered
         first = req.first
         model = group.name
         tried: Backend | None = None

@@ -19,7 +19,7 @@ from sagellm_cli.core.errors import BadInput, SageError
 from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.presets.loader import LoadedPreset
 from sagellm_cli.core.presets.schema import EngineConfig, PresetConfig
-from sagellm_cli.core.records import EXTERNAL, EngineRecord, EngineSpec, option_fields
+from sagellm_cli.core.records import EXTERNAL, NIXL, EngineRecord, EngineSpec, option_fields
 from sagellm_cli.core.state import State
 
 if TYPE_CHECKING:
@@ -460,6 +460,10 @@ def _place(
             else:
                 port = ports.allocate_port(spec.host, taken | freed_ports)
             taken.add(port)
+            kv_port = None  # NixlConnector's side channel, as spawn allocates it
+            if spec.kv_connector == NIXL:
+                kv_port = ports.allocate_port(spec.host, taken | freed_ports)
+                taken.add(kv_port)
             placement = None
             if spec.wants_gpu() is not False:
                 if inventory is None:
@@ -484,6 +488,7 @@ def _place(
             port=port,
             served_model_name=spec.served_model_name or spec.model,
             placement=placement,
+            kv_port=kv_port,
             scratch_dir=scratch,
             cache_dir=paths.private_cache_dir(ENGINE_ID_PLACEHOLDER)
             if spec.cache == "private"
