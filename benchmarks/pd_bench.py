@@ -100,11 +100,17 @@ def start_engines(home: Path, args, setup: str) -> dict[str, dict]:
         for label, extra in plans.items()
     }  # fmt: skip
     records = {}
-    for label, proc in procs.items():
-        out, err = proc.communicate(timeout=450)
-        if proc.returncode != 0:
-            raise RuntimeError(f"engine {label} failed to start: {err.strip()[-800:]}")
-        records[label] = json.loads(out)
+    try:
+        for label, proc in procs.items():
+            out, err = proc.communicate(timeout=450)
+            if proc.returncode != 0:
+                raise RuntimeError(f"engine {label} failed to start: {err.strip()[-800:]}")
+            records[label] = json.loads(out)
+    finally:  # a deadline or an error: no `engine start` may go on after `stop --all`
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(30)
     return records
 
 
@@ -235,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_small:
         args.max_model_len, args.long_in, args.long_out = 1024, 512, 32
         args.short_in, args.short_out, args.long_n, args.mix_n = 64, 16, 6, 12
-        args.long_rate, args.mix_rate, args.cap, args.mix_long = 0.5, 1.0, 4, 0.25
+        args.long_rate, args.mix_rate, args.mix_long = 0.5, 1.0, 0.25
+        args.cap = 4 if args.cap == p.get_default("cap") else args.cap
     from sagellm_cli.bench.workload import TokenCounter
 
     counter = TokenCounter.for_model(args.model)

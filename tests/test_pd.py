@@ -260,3 +260,52 @@ def test_real_kv_transfer_between_cpu_engines(tmp_path, tiny_model):
         assert _metric(dec, "vllm:nixl_xfer_time_seconds_count") >= 2
     finally:
         stop_all_engines(home)
+
+
+# -- the seeds' PDSeparationConfig drives it (fakes as the instances) --------------------
+
+
+def test_seed_pd_config_with_a_connector_runs_the_pd_path(home):
+    from sagellm_cli import (
+        ControlPlaneManager,
+        ExecutionInstance,
+        ExecutionInstanceType,
+        PDSeparationConfig,
+        RequestMetadata,
+    )
+    from sagellm_cli.core.errors import BadInput
+    from sagellm_cli.seed.manager import stop_all
+
+    with pytest.raises(BadInput, match="kv_connector must be one of"):
+        PDSeparationConfig(kv_connector="Nope")
+    with FakeUpstream(kv_params=KV) as pre, FakeUpstream() as dec:
+        manager = ControlPlaneManager(
+            enable_pd_separation=True, pd_config=PDSeparationConfig(kv_connector="NixlConnector")
+        )
+        try:
+            assert manager.routing_strategy == "pd"
+            records = {
+                name: manager.register_instance(
+                    ExecutionInstance(instance_id=name, host="127.0.0.1", port=fake.port,
+                                      model_name="fake", instance_type=kind)
+                )
+                for name, fake, kind in (("p1", pre, ExecutionInstanceType.PREFILLING),
+                                         ("d1", dec, ExecutionInstanceType.DECODING))
+            }  # fmt: skip
+            assert {r.spec.kv_connector for r in records.values()} == {"NixlConnector"}
+
+            async def run():
+                rid = await manager.submit_request(RequestMetadata(prompt="hi", max_tokens=4))
+                result = await manager.wait_for_result(rid, 60)
+                await manager.stop()
+                return result
+
+            result = asyncio.run(run())
+            assert result.engine == records["d1"].id
+            assert [b["max_tokens"] for b in pre.bodies] == [1]
+            assert dec.bodies[0]["kv_transfer_params"] == KV and dec.bodies[0]["max_tokens"] == 4
+        finally:
+            stop_all()
+    # Without a connector the seeds' PD separation stays length routing.
+    plain = ControlPlaneManager(enable_pd_separation=True)
+    assert plain.routing_strategy == "length"
