@@ -191,6 +191,8 @@ def connector_figures(records: dict[str, dict]) -> dict:
         "decode_prompt_tokens_computed": metric(
             dec, "vllm:prompt_tokens_by_source_total", "local_compute"
         ),
+        # vLLM 0.24 may lack the two counters above; this one is older.
+        "decode_external_prefix_cache_hits": metric(dec, "vllm:external_prefix_cache_hits_total"),
         "nixl_transfers": metric(dec, "vllm:nixl_xfer_time_seconds_count"),
         "nixl_transfer_s": metric(dec, "vllm:nixl_xfer_time_seconds_sum"),
         "prefill_requests_max_tokens_1": metric(
