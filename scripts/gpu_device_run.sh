@@ -133,7 +133,8 @@ while [ $# -gt 0 ]; do
         # P/D disaggregation (issue 24): a prefill + a decode engine of $BIG with NixlConnector
         # (30 GiB each) vs one engine of 60 GiB, one H200, behind `sage llm serve`; 4096 in /
         # 256 out, then a mix with short chats (benchmarks/pd_bench.py, docs/routing.md).
-        # <= 5 min wall: bounded to 300 s (pd_bench skips phases past 240 s; its engines stop
+        # <= 5 min wall (+ ~1 min to build $BIG if the `model` step has not):
+        # bounded to 300 s (pd_bench skips phases past 240 s; its engines stop
         # on SIGTERM, clean_gpu kills what is left). NIXL must travel: here, once,
         # `python3 scripts/nixl_wheel.py` writes .whl/ (nixl-cu13 for Python 3.12 without its
         # unused nixl_ep_cu13/: 31 MB, plus the 12 kB `nixl` meta wheel); carry [".whl"] on
