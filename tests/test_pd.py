@@ -119,14 +119,17 @@ def test_gateway_runs_prefill_then_decode_with_the_kv_params(local_home):
             _pd_records(local_home, pre.port, dec.port)
             async with inprocess_gateway(local_home / "state.json") as (gateway, gw):
                 assert gateway.registry.groups["llm"]["fake"].strategy.name == "pd"
-                r = await gw.post(CHAT_PATH, json={**CHAT, "max_tokens": 5})
+                # A client's own kv_transfer_params (where to pull KV from) never pass.
+                evil = {"do_remote_prefill": True, "remote_host": "10.9.9.9", "remote_port": 1}
+                r = await gw.post(CHAT_PATH, json={**CHAT, "max_tokens": 5,
+                                                   "kv_transfer_params": evil})  # fmt: skip
                 assert r.status_code == 200, r.text
                 assert r.headers["x-sagellm-engine"] == "decod001"
                 assert r.json()["object"] == "chat.completion"
                 assert r.json()["usage"]["completion_tokens"] == 5  # the decode engine's
                 [p] = pre.bodies
                 assert p["max_tokens"] == 1 and p["stream"] is False
-                assert p["kv_transfer_params"]["do_remote_decode"] is True
+                assert p["kv_transfer_params"] == PREFILL_PARAMS
                 [d] = dec.bodies
                 assert d["kv_transfer_params"] == KV and d["max_tokens"] == 5
                 # Streaming: the prefill is still unary, the decode streams to the client.
@@ -182,7 +185,8 @@ def test_without_a_connector_roles_stay_length_routing(local_home):
             _pd_records(local_home, pre.port, dec.port, connector=None)
             async with inprocess_gateway(local_home / "state.json", routing="length") as (g, gw):
                 assert g.registry.groups["llm"]["fake"].strategy.name == "length"
-                r = await gw.post(CHAT_PATH, json=CHAT)  # short: the decode engine, whole
+                body = {**CHAT, "kv_transfer_params": {"do_remote_prefill": True}}
+                r = await gw.post(CHAT_PATH, json=body)  # short: the decode engine, whole
                 assert r.status_code == 200 and r.headers["x-sagellm-engine"] == "decod001"
                 assert pre.bodies == [] and "kv_transfer_params" not in dec.bodies[0]
 

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from sagellm_cli.gateway.proxy import Proxy
     from sagellm_cli.gateway.request import ProxyRequest
 
+# The body field of vLLM's KV connectors. A client's own is dropped by the proxy: it would
+# tell a decode engine which host and port to pull KV from.
+KV_TRANSFER_PARAMS = "kv_transfer_params"
 # Only these carry a prompt whose KV the decode engine can take over.
 PD_PATHS = frozenset({protocol.CHAT, protocol.COMPLETIONS})
 # What a prefill request asks of the connector (the keys vLLM's own P/D proxy sends).
@@ -42,7 +45,8 @@ _HEADER_ENGINE = protocol.HEADER_ENGINE.encode()
 def prefill_body(body: dict[str, Any], model: str) -> dict[str, Any]:
     """The prefill request for `body`: the same prompt and sampling, one token, no stream."""
     out = {k: v for k, v in body.items() if k not in _DROPPED}
-    out.update(model=model, max_tokens=1, stream=False, kv_transfer_params=PREFILL_PARAMS)
+    out.update(model=model, max_tokens=1, stream=False)
+    out[KV_TRANSFER_PARAMS] = PREFILL_PARAMS
     return out
 
 
@@ -82,7 +86,7 @@ async def run_prefill(proxy: Proxy, req: ProxyRequest, dumps, loads) -> bool:
     params = None
     if reason is None and status == 200:
         try:
-            params = loads(data).get("kv_transfer_params")
+            params = loads(data).get(KV_TRANSFER_PARAMS)
         except Exception:  # noqa: BLE001 - not JSON, or not an object
             reason = "its answer is not a JSON object"
     elif reason is None and status >= 500:
@@ -103,6 +107,6 @@ async def run_prefill(proxy: Proxy, req: ProxyRequest, dumps, loads) -> bool:
         return False
     proxy.registry.mark_success(backend)
     if isinstance(params, dict):
-        body["kv_transfer_params"] = params
+        body[KV_TRANSFER_PARAMS] = params
         req.raw = None  # the decode request is re-serialised with them
     return True

@@ -20,7 +20,7 @@ from sagellm_cli.core import protocol
 from sagellm_cli.gateway.auth import TokenCheck
 from sagellm_cli.gateway.endpoints import PATH_FOR_KIND, Endpoint
 from sagellm_cli.gateway.errors import error_body, send_json
-from sagellm_cli.gateway.pd import run_prefill
+from sagellm_cli.gateway.pd import KV_TRANSFER_PARAMS, run_prefill
 from sagellm_cli.gateway.policies import engine_cost
 from sagellm_cli.gateway.request import (
     BODY_COST_BUDGET,
@@ -313,6 +313,10 @@ class Proxy:
             BODY_PRIORITY in body or BODY_DEADLINE in body or BODY_COST_BUDGET in body
         ) and strip_gateway_fields(body):
             raw = None  # the gateway's own fields never reach the engine
+        if KV_TRANSFER_PARAMS in body:
+            # Where an engine pulls KV from (host, port) is the gateway's to say (gateway/pd.py).
+            del body[KV_TRANSFER_PARAMS]
+            raw = None
         req = ProxyRequest(send, receive, endpoint, group, body, raw, info, stream, started, first,
                            deadline_ms=deadline, cost_budget=getattr(ticket, "budget", None),
                            scope=scope)  # fmt: skip
