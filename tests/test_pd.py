@@ -91,6 +91,25 @@ def test_bad_connector_is_refused_in_one_line(home):
     assert proc.returncode == 2 and "--kv-connector needs an llm engine" in proc.stderr
 
 
+def test_the_pd_preset_plans_both_engines_on_cpu_with_their_own_side_channels(home, monkeypatch):
+    """No GPU: the built-in's `use_gpu: true` falls back to the CPU, KV in host memory."""
+    from conftest import invoke
+
+    monkeypatch.setenv("SAGELLM_DISABLE_NVML", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    result = invoke("llm", "preset", "apply", "-n", "qwen-pd-one-gpu", "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    engines = {e["label"]: e for e in json.loads(result.stdout)["engines"]}
+    assert set(engines) == {"pd-prefill", "pd-decode"}
+    ports = set()
+    for engine in engines.values():
+        assert engine["gpus"] == [] and engine["blocker"] is None
+        assert _kv_config(engine["command"])["kv_buffer_device"] == "cpu"
+        ports.add(engine["env"]["VLLM_NIXL_SIDE_CHANNEL_PORT"])
+    assert len(ports) == 2 and not ports & {str(e["port"]) for e in engines.values()}
+
+
 def test_prefill_body_asks_for_one_token_and_a_remote_decode():
     body = {**CHAT, "max_completion_tokens": 64, "stream": True, "min_tokens": 4,
             "stream_options": {"include_usage": True}, "temperature": 0}  # fmt: skip

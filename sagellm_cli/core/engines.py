@@ -408,8 +408,8 @@ class EngineManager:
         check_label_free(live, spec.label)
         launcher = launcher_for_spec(spec)
         port = _choose_port(launcher, spec, taken, reuse.port if reuse else None)
-        kv_port = None
-        if spec.kv_connector == NIXL and spec.runtime != EXTERNAL:
+        kv_port = None  # NIXL's side channel; on a Ray node vLLM's default (known-issues.md)
+        if spec.kv_connector == NIXL and launcher.on_this_machine:
             kv_port = launcher.allocate_port(spec.host, taken | {port})
         if reuse_id:
             state.release(reuse_id)  # a restart may take its own reservation again
