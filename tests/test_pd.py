@@ -68,18 +68,6 @@ def test_nixl_engines_get_the_transfer_config_and_a_side_channel(tmp_path):
     assert "--kv-transfer-config" not in _launch(EngineSpec(model="org/m"), tmp_path).argv
 
 
-def test_example_connector_roles_and_shared_store(tmp_path, monkeypatch):
-    monkeypatch.setenv("SAGELLM_HOME", str(tmp_path / "home"))
-    roles = {}
-    for role in ("prefill", "decode"):
-        spec = EngineSpec(model="org/m", role=role, kv_connector="ExampleConnector")
-        config = _kv_config(_launch(spec, tmp_path).argv)
-        roles[role] = config["kv_role"]
-        path = config["kv_connector_extra_config"]["shared_storage_path"]
-        assert path == str(tmp_path / "home" / "kv-store" / "org--m")
-    assert roles == {"prefill": "kv_producer", "decode": "kv_consumer"}
-
-
 def test_bad_connector_is_refused_in_one_line(home):
     proc = sage("llm", "engine", "start", "org/m", "--kv-connector", "Nope", "--no-wait",
                 home=home, timeout=120)  # fmt: skip

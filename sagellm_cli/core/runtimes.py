@@ -190,38 +190,31 @@ def _vllm(
         # `engine lora add|remove` load and unload adapters while the engine runs.
         env[LORA_RUNTIME_ENV] = "True"
     if spec.kv_connector:
-        kv_argv, kv_env = kv_transfer_args(spec, served, placement is not None, kv_port)
+        kv_argv, kv_env = kv_transfer_args(spec, placement is not None, kv_port)
         argv += kv_argv
         env.update(kv_env)
     argv += spec.extra_args
     return LaunchSpec(argv=argv, env=env, notes=notes)
 
 
-# The connector's `kv_role` by engine role. NixlConnector's engines are all `kv_both`
-# (vLLM's own P/D examples): which side sends is said per request by kv_transfer_params.
-_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "general": "kv_both"}
-
-
 def kv_transfer_args(
-    spec: EngineSpec, served: str, on_gpu: bool, kv_port: int | None
+    spec: EngineSpec, on_gpu: bool, kv_port: int | None
 ) -> tuple[list[str], dict[str, str]]:
-    """`--kv-transfer-config` (and env) for an engine with a KV connector (docs/routing.md)."""
-    from sagellm_cli.core import paths
-    from sagellm_cli.core.records import NIXL
+    """`--kv-transfer-config` (and env) for an engine with a KV connector (docs/routing.md).
 
-    config: dict[str, object] = {"kv_connector": spec.kv_connector}
+    `kv_both` on both sides, as vLLM's own P/D examples configure NIXL (0.32 would take
+    kv_producer/kv_consumer too): which side sends is said per request.
+    """
+    config = {
+        "kv_connector": spec.kv_connector,
+        "kv_role": "kv_both",
+        # vLLM's CPU build registers host tensors; on a GPU, device to device.
+        "kv_buffer_device": "cuda" if on_gpu else "cpu",
+    }
     env: dict[str, str] = {}
-    if spec.kv_connector == NIXL:
-        config["kv_role"] = "kv_both"
-        # vLLM's CPU build registers CPU tensors only; on a GPU, device-to-device.
-        config["kv_buffer_device"] = "cuda" if on_gpu else "cpu"
-        if kv_port is not None:
-            env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(kv_port)
-            env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = spec.host
-    else:  # ExampleConnector: KV through files both engines of the model read and write
-        config["kv_role"] = _KV_ROLE[spec.role]
-        store = paths.state_dir() / "kv-store" / served.replace("/", "--")
-        config["kv_connector_extra_config"] = {"shared_storage_path": str(store)}
+    if kv_port is not None:
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(kv_port)
+        env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = spec.host
     return ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))], env
 
 
