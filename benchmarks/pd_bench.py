@@ -223,13 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-out", type=int, default=256)
     p.add_argument("--short-in", type=int, default=256)
     p.add_argument("--short-out", type=int, default=128)
-    p.add_argument("--long-n", type=int, default=48, help="requests of the long workload")
-    p.add_argument("--mix-n", type=int, default=96, help="requests of the mix")
+    p.add_argument("--long-n", type=int, default=32, help="requests of the long workload")
+    p.add_argument("--mix-n", type=int, default=64, help="requests of the mix")
     p.add_argument("--mix-long", type=float, default=0.25, help="fraction of long in the mix")
     p.add_argument("--long-rate", type=float, default=4.0, help="long: arrivals per second")
     p.add_argument("--mix-rate", type=float, default=8.0, help="mix: arrivals per second")
     p.add_argument("--cap", type=int, default=32, help="requests in flight at most")
-    p.add_argument("--setups", default="single,pd")
+    p.add_argument("--setups", default="pd,single")
     p.add_argument(
         "--cpu-small",
         action="store_true",

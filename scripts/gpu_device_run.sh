@@ -134,7 +134,7 @@ while [ $# -gt 0 ]; do
         # (30 GiB each) vs one engine of 60 GiB, one H200, behind `sage llm serve`; 4096 in /
         # 256 out, then a mix with short chats (benchmarks/pd_bench.py, docs/routing.md).
         # <= 5 min wall (+ ~1 min to build $BIG if the `model` step has not):
-        # bounded to 300 s (pd_bench skips phases past 240 s; its engines stop
+        # bounded to 300 s (pd_bench skips phases past 250 s; its engines stop
         # on SIGTERM, clean_gpu kills what is left). NIXL must travel: here, once,
         # `python3 scripts/nixl_wheel.py` writes .whl/ (nixl-cu13 for Python 3.12 without its
         # unused nixl_ep_cu13/: 31 MB, plus the 12 kB `nixl` meta wheel); carry [".whl"] on
@@ -145,7 +145,7 @@ while [ $# -gt 0 ]; do
             || echo "pdbench: no nixl in this Python (see the comment above): pd will fail" \
             | tee "$OUT/pdbench.log"
         timeout -k 20 300 python3 benchmarks/pd_bench.py --model "$BIG" --gpu --gpu-memory-gb 60 \
-            --deadline-s 240 --out "$OUT" ${PDBENCH_ARGS:-} 2>&1 | tee -a "$OUT/pdbench.log"
+            --deadline-s 250 --out "$OUT" ${PDBENCH_ARGS:-} 2>&1 | tee -a "$OUT/pdbench.log"
         rc=${PIPESTATUS[0]}
         clean_gpu 2>&1 | tee -a "$OUT/pdbench.log"
         shift ;;
