@@ -165,8 +165,11 @@ def run_workload(url: str, counter, entries, rate: float, cap: int) -> dict:
     from sagellm_cli.bench.metrics import summarize_group
     from sagellm_cli.bench.workload import Workload, WorkloadConfig
 
+    # A random model past its trained positions emits special tokens, which vLLM renders as
+    # "" by default: such chunks would carry no text, and so no TTFT or ITL.
     load = LoadConfig(url=url, model=SERVED, endpoint="completions", request_rate=rate,
-                      concurrency=cap, num_requests=len(entries), timeout_s=300)  # fmt: skip
+                      concurrency=cap, num_requests=len(entries), timeout_s=300,
+                      extra_body={"skip_special_tokens": False})  # fmt: skip
     result = BenchRunner(load, Workload(WorkloadConfig(dataset=entries), counter)).run()
     records = [r for r in result.records if not r.warmup]
     cut = max(r.input_tokens or 0 for r in records) // 2
