@@ -38,7 +38,9 @@ def _nixl_available() -> bool:
     return importlib.util.find_spec("nixl") is not None
 
 
-needs_nixl = pytest.mark.skipif(not _nixl_available(), reason="nixl (pip: nixl nixl-cu13) absent")
+needs_nixl = pytest.mark.skipif(
+    not _nixl_available(), reason="nixl absent (pip install --no-deps nixl nixl-cu13)"
+)
 
 
 # -- the engine side ---------------------------------------------------------------
