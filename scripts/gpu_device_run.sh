@@ -17,6 +17,8 @@
 #                     serve direct vs through `sage llm serve`; builds the models if missing)
 #                 bash scripts/gpu_device_run.sh model multimodel    (scheduler: cost vs LRU)
 #                 bash scripts/gpu_device_run.sh kvroute             (routing by KV events, ~5 min)
+#                 bash scripts/gpu_device_run.sh pdbench             (P/D with NixlConnector vs one
+#                     engine, <= 5 min; needs .whl/ from scripts/nixl_wheel.py at `install`)
 #
 # `model` builds a random 1.2 B-parameter Qwen2 (2.4 GB, bf16) in /root/m-1b, so that sleep
 # moves real weights; each step writes $OUT/<step>.log.
@@ -166,6 +168,26 @@ while [ $# -gt 0 ]; do
             --json "$OUT/kvroute.json" ${KVROUTE_ARGS:-} 2>&1 | tee "$OUT/kvroute.log"
         rc=${PIPESTATUS[0]}
         clean_gpu 2>&1 | tee -a "$OUT/kvroute.log"
+        shift ;;
+    pdbench)
+        # P/D disaggregation (issue 24): a prefill + a decode engine of $BIG with NixlConnector
+        # (30 GiB each) vs one engine of 60 GiB, one H200, behind `sage llm serve`; 4096 in /
+        # 256 out, then a mix with short chats (benchmarks/pd_bench.py, docs/routing.md).
+        # <= 5 min wall (+ ~1 min to build $BIG if the `model` step has not):
+        # bounded to 300 s (pd_bench skips phases past 250 s; its engines stop
+        # on SIGTERM, clean_gpu kills what is left). NIXL must travel: here, once,
+        # `python3 scripts/nixl_wheel.py` writes .whl/ (nixl-cu13 for Python 3.12 without its
+        # unused nixl_ep_cu13/: 31 MB, plus the 12 kB `nixl` meta wheel); carry [".whl"] on
+        # the call that runs `install`, which pip-installs .whl/*.whl into /tmp/site.
+        [ -f "$BIG/config.json" ] || python3 tests/tinymodel.py "$BIG" --hidden 2048 --layers 24 \
+            2>&1 | tail -1
+        python3 -c 'import nixl._api' 2>/dev/null \
+            || echo "pdbench: no nixl in this Python (see the comment above): pd will fail" \
+            | tee "$OUT/pdbench.log"
+        timeout -k 20 300 python3 benchmarks/pd_bench.py --model "$BIG" --gpu --gpu-memory-gb 60 \
+            --deadline-s 250 --out "$OUT" ${PDBENCH_ARGS:-} 2>&1 | tee -a "$OUT/pdbench.log"
+        rc=${PIPESTATUS[0]}
+        clean_gpu 2>&1 | tee -a "$OUT/pdbench.log"
         shift ;;
     *)
         echo "unknown step $1" >&2; exit 2 ;;

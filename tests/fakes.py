@@ -18,6 +18,8 @@ What it answers (every option can be changed while it runs, in-process):
 - `break_after`: the connection drops after N SSE chunks (a stream broken mid-way);
 - `role_delta`: a chat stream opens with a role-only delta, as vLLM does;
 - `usage`: a stream ends with a usage chunk when stream_options.include_usage;
+- `kv_params`: a unary answer to a P/D prefill request (`kv_transfer_params` with
+  `do_remote_decode`) carries these `kv_transfer_params`, as a vLLM prefill engine's does;
 - `held`: each request waits until the test calls `release(tag)`, where the tag is
   the first message's content (or the prompt); `echo` answers with the tag.
 
@@ -128,6 +130,7 @@ class FakeUpstream:
     held: bool = False
     echo: bool = False
     record: bool = True
+    kv_params: dict | None = None
     host: str = "127.0.0.1"
     port: int = 0
     seen: list[dict] = field(default_factory=list)  # {"path", "headers", "body"} per request
@@ -239,7 +242,13 @@ class FakeUpstream:
             if delay:
                 await asyncio.sleep(delay)
             text = tag if self.echo else None
-            return web.Response(body=_unary(chat, model, n, text), content_type="application/json")
+            data = _unary(chat, model, n, text)
+            if self.kv_params is not None and (body.get("kv_transfer_params") or {}).get(
+                "do_remote_decode"
+            ):  # a P/D prefill request: say where the KV is, as vLLM's connector does
+                data = json.dumps({**json.loads(data), "kv_transfer_params": self.kv_params})
+                data = data.encode()
+            return web.Response(body=data, content_type="application/json")
 
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)

@@ -59,6 +59,7 @@ def test_every_documented_strategy_exists():
         "prefix",
         "length",
         "kv",
+        "pd",
     }
 
 

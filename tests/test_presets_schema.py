@@ -347,7 +347,9 @@ def test_removed_engines_need_yes(home, tmp_path, tiny_model):
         sleeper.wait()
 
 
-@pytest.mark.parametrize("name", ["local-demo", "qwen-lite", "qwen-mini-with-embeddings"])
+@pytest.mark.parametrize(
+    "name", ["local-demo", "qwen-lite", "qwen-mini-with-embeddings", "qwen-pd-one-gpu"]
+)
 def test_every_builtin_preset_plans_offline_on_a_mock_gpu(home, monkeypatch, name):
     """The headline commands plan on any GPU box, even before a model is downloaded."""
     monkeypatch.setenv("SAGELLM_MOCK_GPUS", "1x80")

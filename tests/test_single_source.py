@@ -39,6 +39,7 @@ SAMPLES = {
     "extra_args": ["--seed", "1"],
     "env": {"OMP_NUM_THREADS": "1"},
     "role": "decode",
+    "kv_connector": "NixlConnector",
     "cost_per_1k_tokens": 0.25,
     "max_inflight": 4,
     "cache": "private",

@@ -30,6 +30,7 @@ from sagellm_cli.core.lifecycle import EXPECTED_EXIT, PROBED, Status, allowed, t
 from sagellm_cli.core.limits import check_exec_size
 from sagellm_cli.core.records import (
     EXTERNAL,
+    NIXL,
     ROLES,
     EngineRecord,
     EngineSpec,
@@ -137,6 +138,11 @@ def validate_spec(spec: EngineSpec) -> str:
         )
     if spec.role not in ROLES:
         raise BadInput(f"unknown role {spec.role!r}", hint=f"use one of {', '.join(ROLES)}")
+    if spec.kv_connector is not None and (spec.kind != "llm" or runtime != VLLM):
+        raise BadInput(
+            f"--kv-connector needs an llm engine on vLLM (this is {spec.kind} on {runtime})",
+            hint="drop --kv-connector",
+        )
     if spec.placement not in ("pack", "spread"):
         raise BadInput(f"unknown placement {spec.placement!r}", hint="use pack or spread")
     if spec.lora and (spec.kind != "llm" or runtime != VLLM):
@@ -332,6 +338,7 @@ class EngineManager:
                 placement=None if placement is None or placement.mock else placement,
                 cpu_cores=record.cpu_cores,
                 kv_events_port=record.kv_events_port,
+                nixl_port=record.nixl_port,
                 scratch_dir=launcher.scratch_dir(record.id),
                 cache_dir=paths.ensure_private_dir(paths.private_cache_dir(record.id))
                 if spec.cache == "private"
@@ -408,9 +415,12 @@ class EngineManager:
         launcher = launcher_for_spec(spec)
         port = _choose_port(launcher, spec, taken, reuse.port if reuse else None)
         # KV events (vLLM llm engines: validate_spec): a second port, for the ZMQ publisher.
-        kv_port = None
+        events_port = None
         if spec.kv_events:
-            kv_port = launcher.allocate_port(spec.host, taken | {port})
+            events_port = launcher.allocate_port(spec.host, taken | {port})
+        nixl_port = None  # NIXL's side channel; on a Ray node vLLM's default (known-issues.md)
+        if spec.kv_connector == NIXL and launcher.on_this_machine:
+            nixl_port = launcher.allocate_port(spec.host, taken | {port, events_port or port})
         if reuse_id:
             state.release(reuse_id)  # a restart may take its own reservation again
         placement, cpu_cores = _place(launcher, spec, runtime, state, live, reuse)
@@ -437,9 +447,10 @@ class EngineManager:
             log_path=str(paths.logs_dir() / f"{engine_id}.log"),
             preset=spec.preset,
             role=spec.role,
+            nixl_port=nixl_port,
             node=launcher.node,
             cpu_cores=cpu_cores,
-            kv_events_port=kv_port,
+            kv_events_port=events_port,
             spec=spec,
         )
         if old is not None and not allowed(old.status, record.status):

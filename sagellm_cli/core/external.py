@@ -80,6 +80,8 @@ class Registration:
     max_inflight: int | None = None
     cost_per_1k_tokens: float | None = None
     check: bool = True
+    # The engine's vLLM KV connector (P/D disaggregation, docs/routing.md), as it runs it.
+    kv_connector: str | None = None
 
 
 def parse_registration(data: Any) -> Registration:
@@ -161,7 +163,7 @@ def register(
         {
             "model": model, "kind": reg.kind, "runtime": EXTERNAL, "label": reg.label,
             "role": reg.role, "max_inflight": reg.max_inflight,
-            "cost_per_1k_tokens": reg.cost_per_1k_tokens,
+            "cost_per_1k_tokens": reg.cost_per_1k_tokens, "kv_connector": reg.kv_connector,
         },
         what="registration",
     )  # fmt: skip

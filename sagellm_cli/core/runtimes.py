@@ -76,12 +76,15 @@ def build_launch(
     cache_dir: Path | None,
     cpu_cores: list[int] | None = None,
     kv_events_port: int | None = None,
+    nixl_port: int | None = None,
 ) -> LaunchSpec:
-    """The argv and env for one engine, given its port, GPU placement and CPU cores (and the
-    port of its KV-event publisher, vLLM only)."""
+    """The argv and env for one engine, given its port, GPU placement and CPU cores (and,
+    vLLM only, the port of its KV-event publisher and NixlConnector's side-channel port)."""
     if runtime == SENTENCE_TRANSFORMERS:
         return _sentence_transformers(spec, port, served_model_name, placement)
-    launch = _vllm(spec, port, served_model_name, placement, scratch_dir, cache_dir, kv_events_port)
+    launch = _vllm(
+        spec, port, served_model_name, placement, scratch_dir, cache_dir, kv_events_port, nixl_port
+    )
     if placement is None and cpu_cores:
         launch.env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpu_cores))
         launch.env["OMP_NUM_THREADS"] = str(len(cpu_cores))
@@ -128,6 +131,7 @@ def _vllm(
     scratch_dir: Path,
     cache_dir: Path | None,
     kv_events_port: int | None = None,
+    nixl_port: int | None = None,
 ) -> LaunchSpec:
     model = model_argument(spec.model)
     argv = _server_argv("vllm.entrypoints.openai.api_server", model, served, spec, port)
@@ -191,6 +195,10 @@ def _vllm(
         env[LORA_RUNTIME_ENV] = "True"
     if kv_events_port is not None:
         argv += kv_events_argv(kv_events_port)
+    if spec.kv_connector:
+        kv_argv, kv_env = kv_transfer_args(spec, placement is not None, nixl_port)
+        argv += kv_argv
+        env.update(kv_env)
     argv += spec.extra_args
     return LaunchSpec(argv=argv, env=env, notes=notes)
 
@@ -210,6 +218,27 @@ def kv_events_argv(port: int) -> list[str]:
 
 # The ZMQ topic engines publish KV events under (the gateway subscribes to it).
 KV_EVENTS_TOPIC = "kv"
+
+
+def kv_transfer_args(
+    spec: EngineSpec, on_gpu: bool, nixl_port: int | None
+) -> tuple[list[str], dict[str, str]]:
+    """`--kv-transfer-config` (and env) for an engine with a KV connector (docs/routing.md).
+
+    `kv_both` on both sides, as vLLM's own P/D examples configure NIXL (0.32 would take
+    kv_producer/kv_consumer too): which side sends is said per request.
+    """
+    config = {
+        "kv_connector": spec.kv_connector,
+        "kv_role": "kv_both",
+        # vLLM's CPU build registers host tensors; on a GPU, device to device.
+        "kv_buffer_device": "cuda" if on_gpu else "cpu",
+    }
+    env: dict[str, str] = {}
+    if nixl_port is not None:
+        env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(nixl_port)
+        env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = spec.host
+    return ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))], env
 
 
 def _bytes_arg(gib: float) -> str:

@@ -56,9 +56,7 @@ class State:
         taken = set()
         for r in self.engines.values():
             if r.is_live and r.id not in exclude and not r.is_external:  # ports elsewhere
-                taken.add(r.port)
-                if r.kv_events_port:
-                    taken.add(r.kv_events_port)
+                taken.update(p for p in (r.port, r.kv_events_port, r.nixl_port) if p)
         if self.gateway:
             taken.add(self.gateway.port)
         return taken

@@ -53,8 +53,8 @@ class GatewayConfig:
         "round_robin",
         "--routing",
         "round_robin, least_loaded (load_balanced, topology_aware), random, power_of_two, "
-        "affinity, prefix (locality), kv (precise_prefix: engines' KV events, docs/routing.md) "
-        "or length.",
+        "affinity, prefix (locality), kv (precise_prefix: engines' KV events, docs/routing.md), "
+        "length or pd (prefill/decode engines with a KV connector get pd whatever this says).",
     )
     # Per-model strategy overrides: served name (or label / model id) -> strategy.
     model_routing: dict[str, str] = _option(

@@ -20,6 +20,7 @@ from sagellm_cli.core import protocol
 from sagellm_cli.gateway.auth import TokenCheck
 from sagellm_cli.gateway.endpoints import PATH_FOR_KIND, Endpoint
 from sagellm_cli.gateway.errors import error_body, send_json
+from sagellm_cli.gateway.pd import KV_TRANSFER_PARAMS, run_prefill
 from sagellm_cli.gateway.policies import engine_cost
 from sagellm_cli.gateway.request import (
     BODY_COST_BUDGET,
@@ -315,6 +316,10 @@ class Proxy:
             BODY_PRIORITY in body or BODY_DEADLINE in body or BODY_COST_BUDGET in body
         ) and strip_gateway_fields(body):
             raw = None  # the gateway's own fields never reach the engine
+        if KV_TRANSFER_PARAMS in body:
+            # Where an engine pulls KV from (host, port) is the gateway's to say (gateway/pd.py).
+            del body[KV_TRANSFER_PARAMS]
+            raw = None
         req = ProxyRequest(send, receive, endpoint, group, body, raw, info, stream, started, first,
                            deadline_ms=deadline, cost_budget=getattr(ticket, "budget", None),
                            scope=scope)  # fmt: skip
@@ -327,6 +332,8 @@ class Proxy:
     async def _forward(self, req: ProxyRequest) -> None:
         """Send `req` to an engine; retry once elsewhere if it fails before any byte is sent."""
         send, group, body, info = req.send, req.group, req.body, req.info
+        if group.strategy.disaggregated and not await run_prefill(self, req, _dumps, _loads):
+            return  # the prefill engine failed or refused the request: answered
         first = req.first
         model = group.name
         tried: Backend | None = None

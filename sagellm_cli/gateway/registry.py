@@ -18,7 +18,7 @@ from sagellm_cli.core.lifecycle import LIVE, SERVING, Status
 from sagellm_cli.core.state import State, StateStore
 from sagellm_cli.gateway.backend import Backend
 from sagellm_cli.gateway.loops import every
-from sagellm_cli.gateway.routing import Strategy, make_strategy
+from sagellm_cli.gateway.routing import Strategy, is_disaggregated, make_strategy
 
 if TYPE_CHECKING:
     from sagellm_cli.gateway.config import GatewayConfig
@@ -52,7 +52,7 @@ class Registry:
         self.backends: dict[str, Backend] = {}
         # name -> group, one dict per engine kind so a chat request never reaches an embedder.
         self.groups: dict[str, dict[str, ModelGroup]] = {"llm": {}, "embedding": {}}
-        self._strategies: dict[tuple[str, str], Strategy] = {}
+        self._strategies: dict[tuple[str, ...], Strategy] = {}
         # The engines' cached blocks, for `kv` routing (followed only when it is used).
         self.kv_index = None
         if "kv" in (config.routing, *config.model_routing.values()):
@@ -115,19 +115,21 @@ class Registry:
                     group.backends.append(backend)
         for by_name in groups.values():
             for group in by_name.values():
+                if group.adapter is None and is_disaggregated(group.backends):
+                    group.strategy = self._strategy_for(group.kind, group.name, "pd")
                 group.refresh_healthy()
         self.groups = groups
         self.loaded_at = time.time()
         self.generation += 1
 
-    def _strategy_for(self, kind: str, name: str) -> Strategy:
+    def _strategy_for(self, kind: str, name: str, routing: str | None = None) -> Strategy:
         # Strategy objects (and their counters) outlive re-reads of the state file.
-        key = (kind, name)
+        key = (kind, name) if routing is None else (kind, name, routing)
         strategy = self._strategies.get(key)
         if strategy is None:
             config = self.config
             strategy = make_strategy(
-                config.model_routing.get(name, config.routing),
+                routing or config.model_routing.get(name, config.routing),
                 prefix_chars=config.prefix_chars,
                 prefix_load_factor=config.prefix_load_factor,
                 length_threshold_chars=config.length_threshold_chars,

@@ -105,6 +105,8 @@ class Strategy(Protocol):
     # True if `eligible` may differ between requests (the scheduler then lets a waiter
     # whose engines have room pass one whose engines are full).
     eligible_varies: bool
+    # True for `pd`: the proxy runs the prefill step on `prefill_backend` first.
+    disaggregated: bool
 
     def eligible(self, backends: list[Backend], info: RouteInfo) -> list[Backend]:
         """The replicas of `backends` the request may wait for (the scheduler's admission)."""
@@ -117,6 +119,7 @@ class BaseStrategy:
     """What most strategies share: every replica is eligible for every request."""
 
     eligible_varies = False
+    disaggregated = False
 
     def eligible(self, backends: list[Backend], info: RouteInfo) -> list[Backend]:
         """All of `backends` (the same list, not a copy)."""
@@ -396,10 +399,55 @@ def _block_size(indexes: list[Any]) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
+def has_connector(backend: Backend) -> bool:
+    """True if the engine was started with a vLLM KV connector (`kv_connector`)."""
+    spec = backend.record.spec
+    return spec is not None and spec.kv_connector is not None
+
+
+def is_disaggregated(backends: list[Backend]) -> bool:
+    """True for a group with a prefill and a decode engine that both have a KV connector:
+    the registry gives it `pd` routing whatever `--routing` says (docs/routing.md)."""
+    roles = {b.role for b in backends if has_connector(b)}
+    return "prefill" in roles and "decode" in roles
+
+
+class Disaggregated(BaseStrategy):
+    """Prefill/decode disaggregation: the proxy sends the prompt to a `prefill` engine
+    (max_tokens 1, `kv_transfer_params` asking it to keep the KV for a remote decode),
+    then the request with the returned `kv_transfer_params` to a `decode` engine, which
+    loads the KV through the connector instead of computing it (gateway/pd.py).
+
+    `choose` and `eligible` are about the decode side (the scheduler's slot, the retry);
+    `prefill_backend` picks the prefill side. Within each: least loaded.
+    """
+
+    name = "pd"
+    uses_prompt = False
+    disaggregated = True
+
+    def __init__(self) -> None:
+        self._decode = LeastLoaded()
+        self._prefill = LeastLoaded()
+
+    def eligible(self, backends: list[Backend], info: RouteInfo) -> list[Backend]:
+        """The decode engines (all engines, if the group has none left)."""
+        return [b for b in backends if b.role != "prefill"] or backends
+
+    def choose(self, backends: list[Backend], info: RouteInfo) -> Backend:
+        return self._decode.choose(self.eligible(backends, info), info)
+
+    def prefill_backend(self, backends: list[Backend]) -> Backend | None:
+        """A healthy prefill engine with a connector; None if there is none."""
+        pool = [b for b in backends if b.role == "prefill" and b.healthy and has_connector(b)]
+        return self._prefill.choose(pool, None) if pool else None  # type: ignore[arg-type]
+
+
 STRATEGIES = {
     cls.name: cls
-    for cls in (RoundRobin, LeastLoaded, Random, PowerOfTwo, Affinity, Prefix, Length, KVPrefix)
-}
+    for cls in (RoundRobin, LeastLoaded, Random, PowerOfTwo, Affinity, Prefix, Length,
+                KVPrefix, Disaggregated)
+}  # fmt: skip
 # The seeds' names (docs/gateway.md has the table), accepted wherever a strategy is named.
 # `topology_aware` is least_loaded: topology (NVLink, NUMA) is applied when an engine's GPUs
 # are placed (core/gpu/placement.py); between running replicas there is none left to weigh.

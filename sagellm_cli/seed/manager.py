@@ -125,7 +125,7 @@ class ControlPlaneManager(ControlPlane):
     """`ControlPlane` under seed 001/002's name and signatures (docs/library.md has the
     table). `start()` runs the gateway in this process with `scheduling_policy` and
     `routing_strategy` (seed names accepted; PD separation is `length` routing with
-    the token threshold); `register_instance(ExecutionInstance)` records an external
+    the token threshold, or with `pd_config.kv_connector` the `pd` routing of real P/D); `register_instance(ExecutionInstance)` records an external
     engine; `await submit_request(RequestMetadata)` returns the request id, and
     `get_request_status` / `wait_for_result` give its outcome. `stop()` stops the gateway
     and unregisters the instances this manager registered (engines keep running)."""
@@ -156,7 +156,9 @@ class ControlPlaneManager(ControlPlane):
         self.pd_config = pd_config or PDSeparationConfig(enabled=enable_pd_separation)
         self.enable_pd_separation = bool(enable_pd_separation and self.pd_config.enabled)
         self.routing_strategy = routing_strategy
-        if self.enable_pd_separation:  # whole-request routing by prompt tokens
+        if self.enable_pd_separation and self.pd_config.kv_connector:  # prefill, KV, decode
+            self.routing_strategy = "pd"
+        elif self.enable_pd_separation:  # whole-request routing by prompt tokens
             self.routing_strategy = "length"
             threshold = self.pd_config.prefilling_threshold_input_tokens
             gateway_options.setdefault("length_threshold_tokens", threshold)
@@ -177,9 +179,12 @@ class ControlPlaneManager(ControlPlane):
         in /v1/models (any model when `model_name` is empty and it serves one)."""
         if not isinstance(instance, ExecutionInstance):
             return super().register_instance(instance, model, kind, **options)
+        role = instance.instance_type.role
+        if self.routing_strategy == "pd" and role != "general":  # the instance runs it
+            options.setdefault("kv_connector", self.pd_config.kv_connector)
         record = super().register_instance(
             instance.url, instance.model_name or None, instance.kind,
-            label=instance.instance_id, role=instance.instance_type.role,
+            label=instance.instance_id, role=role,
             max_inflight=instance.max_inflight, **options,
         )  # fmt: skip
         self.instances[instance.instance_id] = instance

@@ -95,20 +95,32 @@ class ParallelismConfig:
 
 @dataclass
 class PDSeparationConfig:
-    """Seed 001/002's PD separation: prompts over `prefilling_threshold_input_tokens`
-    tokens go to PREFILLING instances, the others to DECODING ones (the gateway's
-    `length` routing, whole requests; `routing_policy` "threshold" and "adaptive" both
-    mean this threshold here)."""
+    """Seed 001/002's PD separation. Without `kv_connector`: prompts over
+    `prefilling_threshold_input_tokens` tokens go to PREFILLING instances, the others to
+    DECODING ones (the gateway's `length` routing, whole requests; `routing_policy`
+    "threshold" and "adaptive" both mean this threshold here). With `kv_connector`
+    ("NixlConnector": the instances run vLLM with it): real P/D disaggregation, every
+    request prefilled on a PREFILLING instance and decoded on a DECODING one with the
+    KV transferred (the gateway's `pd` routing, docs/routing.md); the threshold is unused."""
 
     enabled: bool = True
     routing_policy: str = "adaptive"
     prefilling_threshold_input_tokens: int = 800
+    kv_connector: str | None = None
 
     def __post_init__(self) -> None:
         threshold = self.prefilling_threshold_input_tokens
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
             raise BadInput(
                 f"prefilling_threshold_input_tokens must be a positive integer, not {threshold!r}"
+            )
+        from sagellm_cli.core.records import KV_CONNECTORS
+
+        if self.kv_connector is not None and self.kv_connector not in KV_CONNECTORS:
+            raise BadInput(
+                f"kv_connector must be one of {', '.join(KV_CONNECTORS)}, "
+                f"not {self.kv_connector!r}",
+                hint="or None for length routing",
             )
 
 

@@ -19,7 +19,7 @@ from sagellm_cli.core.errors import BadInput, SageError
 from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.presets.loader import LoadedPreset
 from sagellm_cli.core.presets.schema import EngineConfig, PresetConfig
-from sagellm_cli.core.records import EXTERNAL, EngineRecord, EngineSpec, option_fields
+from sagellm_cli.core.records import EXTERNAL, NIXL, EngineRecord, EngineSpec, option_fields
 from sagellm_cli.core.state import State
 
 if TYPE_CHECKING:
@@ -460,6 +460,15 @@ def _place(
             else:
                 port = ports.allocate_port(spec.host, taken | freed_ports)
             taken.add(port)
+            # The KV-event publisher's port and NixlConnector's side channel, as spawn
+            # allocates them.
+            events_port = nixl_port = None
+            if spec.kv_events:
+                events_port = ports.allocate_port(spec.host, taken | freed_ports)
+                taken.add(events_port)
+            if spec.kv_connector == NIXL:
+                nixl_port = ports.allocate_port(spec.host, taken | freed_ports)
+                taken.add(nixl_port)
             placement = None
             if spec.wants_gpu() is not False:
                 if inventory is None:
@@ -484,6 +493,8 @@ def _place(
             port=port,
             served_model_name=spec.served_model_name or spec.model,
             placement=placement,
+            kv_events_port=events_port,
+            nixl_port=nixl_port,
             scratch_dir=scratch,
             cache_dir=paths.private_cache_dir(ENGINE_ID_PLACEHOLDER)
             if spec.cache == "private"
