@@ -8,8 +8,8 @@ import pytest
 
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.gpu import Placement
-from sagellm_cli.core.records import EngineSpec
-from sagellm_cli.core.runtimes import build_launch, resolve_runtime
+from sagellm_cli.core.records import EngineSpec, resolve_runtime
+from sagellm_cli.core.runtimes import build_launch
 
 
 def _build(spec, placement=None, runtime=None, tmp_path=None):

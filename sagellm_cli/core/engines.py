@@ -32,8 +32,10 @@ from sagellm_cli.core.records import (
     EXTERNAL,
     NIXL,
     ROLES,
+    VLLM,
     EngineRecord,
     EngineSpec,
+    resolve_runtime,
 )
 from sagellm_cli.core.state import State, StateStore
 
@@ -101,8 +103,6 @@ class Reuse:
 def validate_spec(spec: EngineSpec) -> str:
     """Check a spec before anything is reserved; return its runtime."""
     import math
-
-    from sagellm_cli.core.runtimes import VLLM, resolve_runtime  # spawn path only: keep `list` fast
 
     if not spec.model or not spec.model.strip():
         raise BadInput("MODEL is empty", hint="give a model path or a Hugging Face id")
@@ -946,7 +946,6 @@ def _shares_gpu(a: EngineRecord, gpus: list[int]) -> bool:
 def _profiles(runtime: str, argv: list[str]) -> bool:
     """True if the engine sizes its KV cache from free-memory readings (vLLM without
     --kv-cache-memory-bytes): a neighbour that loads meanwhile corrupts them."""
-    from sagellm_cli.core.runtimes import VLLM
 
     sized = any(a == KV_BYTES_FLAG or a.startswith(KV_BYTES_FLAG + "=") for a in argv)
     return runtime == VLLM and not sized

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from sagellm_cli.core import options
 from sagellm_cli.core.credentials import redact_argv, redact_env
 from sagellm_cli.core.durations import parse_duration, restart_policy
+from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.lifecycle import LIVE, NO_PROCESS, Status
 from sagellm_cli.core.limits import (  # used in EngineSpec's (string) annotations
     MAX_ARG_CHARS,
@@ -40,8 +41,26 @@ KV_CONNECTORS: tuple[str, ...] = (NIXL,)
 RESTART_POLICIES: tuple[str, ...] = ("no", "on-failure", "always")
 # The runtime of engines something else runs, registered by URL (core/external.py).
 EXTERNAL = "external"
+# The runtimes sagellm starts, and which serves which engine kind (core/runtimes.py).
+VLLM = "vllm"
+SENTENCE_TRANSFORMERS = "sentence-transformers"
+RUNTIMES_BY_KIND = {"llm": (VLLM,), "embedding": (SENTENCE_TRANSFORMERS, VLLM)}
+DEFAULT_RUNTIME = {"llm": VLLM, "embedding": SENTENCE_TRANSFORMERS}
 # Preset engines differ from `engine start` in one default: they come back after a crash.
 PRESET_DEFAULTS: dict[str, Any] = {"restart": "on-failure"}
+
+
+def resolve_runtime(kind: str, runtime: str | None) -> str:
+    """The runtime for an engine kind, checking that the pair makes sense."""
+    if kind not in RUNTIMES_BY_KIND:
+        raise BadInput(f"unknown engine kind {kind!r}", hint="use --engine-kind llm or embedding")
+    chosen = runtime or DEFAULT_RUNTIME[kind]
+    if chosen not in RUNTIMES_BY_KIND[kind]:
+        allowed = ", ".join(RUNTIMES_BY_KIND[kind])
+        raise BadInput(
+            f"runtime {chosen!r} can't serve {kind} engines", hint=f"use --runtime {allowed}"
+        )
+    return chosen
 
 
 # Engine and label names: letters, digits, `.`, `_` and `-`, starting with a letter or digit.

@@ -11,15 +11,12 @@ from sagellm_cli.core import cpu_dtype
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.model_cache import model_argument
 from sagellm_cli.core.paths import engine_python
+from sagellm_cli.core.records import SENTENCE_TRANSFORMERS
 
 if TYPE_CHECKING:
     from sagellm_cli.core.gpu import Placement
     from sagellm_cli.core.records import EngineSpec
 
-VLLM = "vllm"
-SENTENCE_TRANSFORMERS = "sentence-transformers"
-RUNTIMES_BY_KIND = {"llm": (VLLM,), "embedding": (SENTENCE_TRANSFORMERS, VLLM)}
-DEFAULT_RUNTIME = {"llm": VLLM, "embedding": SENTENCE_TRANSFORMERS}
 
 # vLLM serves /v1/load_lora_adapter and /v1/unload_lora_adapter only with this set.
 LORA_RUNTIME_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
@@ -38,19 +35,6 @@ class LaunchSpec:
     env: dict[str, str] = field(default_factory=dict)
     # Choices made for the user, said in the engine log and the plan (e.g. a CPU dtype).
     notes: list[str] = field(default_factory=list)
-
-
-def resolve_runtime(kind: str, runtime: str | None) -> str:
-    """The runtime for an engine kind, checking that the pair makes sense."""
-    if kind not in RUNTIMES_BY_KIND:
-        raise BadInput(f"unknown engine kind {kind!r}", hint="use --engine-kind llm or embedding")
-    chosen = runtime or DEFAULT_RUNTIME[kind]
-    if chosen not in RUNTIMES_BY_KIND[kind]:
-        allowed = ", ".join(RUNTIMES_BY_KIND[kind])
-        raise BadInput(
-            f"runtime {chosen!r} can't serve {kind} engines", hint=f"use --runtime {allowed}"
-        )
-    return chosen
 
 
 def local_max_position(model: str) -> int | None:

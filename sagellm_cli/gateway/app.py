@@ -121,7 +121,7 @@ class Gateway:
             asyncio.create_task(self.supervisor.run(), name="supervisor"),
         ]
         if self.registry.kv_index is not None:
-            kv = self.registry.kv_index.run(self.registry)
+            kv = self.registry.kv_index.run(self.registry.backends.values)
             self._tasks.append(asyncio.create_task(kv, name="kv-events"))
 
     async def shutdown(self) -> None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sagellm_cli.core import protocol
-from sagellm_cli.core.records import EXTERNAL
-from sagellm_cli.core.runtimes import VLLM
+from sagellm_cli.core.records import EXTERNAL, VLLM
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,14 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sagellm_cli.core.runtimes import KV_EVENTS_TOPIC
 
 if TYPE_CHECKING:
     from sagellm_cli.gateway.backend import Backend
-    from sagellm_cli.gateway.registry import Registry
 
 log = logging.getLogger("sagellm.gateway")
 
@@ -274,15 +273,15 @@ class KVEventIndex:
         finally:
             sock.close(linger=0)
 
-    async def run(self, registry: Registry, interval: float = 1.0) -> None:
-        """Keep the subscribers in step with the registry until cancelled."""
+    async def run(self, backends: Callable[[], Iterable[Backend]], interval: float = 1.0) -> None:
+        """Keep the subscribers in step with the registry's `backends()` until cancelled."""
         from sagellm_cli.core.tokens import local_tokenizer
         from sagellm_cli.gateway.loops import every
 
         async def step() -> None:
-            backends = list(registry.backends.values())
-            self.sync(backends)
-            for model in {b.record.model for b in backends if b.id in self.engines}:
+            current = list(backends())
+            self.sync(current)
+            for model in {b.record.model for b in current if b.id in self.engines}:
                 if model not in self.tokenizers:
                     self.tokenizers[model] = await asyncio.to_thread(local_tokenizer, model)
 

@@ -12,15 +12,28 @@ usage included, is the decode engine's.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sagellm_cli.core import protocol
 from sagellm_cli.gateway.errors import error_body, send_json
 from sagellm_cli.gateway.upstream import UpstreamConnectError
 
 if TYPE_CHECKING:
-    from sagellm_cli.gateway.proxy import Proxy
+    from sagellm_cli.gateway.metrics import Metrics
+    from sagellm_cli.gateway.registry import Registry
     from sagellm_cli.gateway.request import ProxyRequest
+    from sagellm_cli.gateway.stats import GatewayStats
+    from sagellm_cli.gateway.upstream import Upstream
+
+
+class ProxyParts(Protocol):
+    """What the prefill step uses of gateway/proxy.py's Proxy (which calls it)."""
+
+    upstream: Upstream
+    metrics: Metrics
+    registry: Registry
+    stats: GatewayStats
+
 
 # The body field of vLLM's KV connectors. A client's own is dropped by the proxy: it would
 # tell a decode engine which host and port to pull KV from.
@@ -50,7 +63,7 @@ def prefill_body(body: dict[str, Any], model: str) -> dict[str, Any]:
     return out
 
 
-async def run_prefill(proxy: Proxy, req: ProxyRequest, dumps, loads) -> bool:
+async def run_prefill(proxy: ProxyParts, req: ProxyRequest, dumps, loads) -> bool:
     """Run the prefill step for `req` and put its `kv_transfer_params` into `req.body`.
 
     True: go on to the decode engine (also when no prefill engine is healthy: the decode

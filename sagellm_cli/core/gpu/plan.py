@@ -24,7 +24,7 @@ from sagellm_cli.core.gpu.kv_budget import (
     derive_kv_budget,
     start_mode,
 )
-from sagellm_cli.core.records import EngineSpec, GpuReservation
+from sagellm_cli.core.records import EngineSpec, GpuReservation, resolve_runtime
 from sagellm_cli.core.state import State
 
 
@@ -151,8 +151,6 @@ def plan_gpu(
 def kv_budget_for(spec: EngineSpec, gib_per_gpu: float, gpu_count: int) -> KvBudget:
     """The KV budget under the current start mode: derived only in `concurrent` mode (in
     the others vLLM profiles, unless the spec gives --kv-cache-gb)."""
-    from sagellm_cli.core.runtimes import resolve_runtime
-
     runtime = resolve_runtime(spec.kind, spec.runtime)
     budget = derive_kv_budget(spec, runtime, gib_per_gpu, gpu_count)
     mode = start_mode()
