@@ -460,6 +460,7 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "pgid": _PID_RANGE,
     "port": (1, 65535),
     "kv_events_port": (1, 65535),
+    "nixl_port": (1, 65535),
     "gpus": (0, 2**20),
     "cpu_cores": (0, 2**20),
 }
