@@ -56,6 +56,12 @@ def _interrupt_on_sigterm(signum, frame):
 
 signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
 
+# A run started in the background by a non-interactive shell (`cmd &`, nohup, a CI runner)
+# inherits SIGINT ignored, and so would every `sage` that a test interrupts the way Ctrl-C
+# does (their SIGINT would do nothing): give the suite Python's default handling back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def pytest_configure(config):
     _sigterm["config"] = config
