@@ -204,7 +204,12 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
 
 def sage(*args: str, home: Path, timeout: float = 300, check: bool = False, env=None):
     """Run `sage ...` as a real subprocess under `home`."""
-    full_env = {**os.environ, "SAGELLM_HOME": str(home), **(env or {})}
+    full_env = {**os.environ, "SAGELLM_HOME": str(home)}
+    # Piped, the CLI prints tables 240 wide unless COLUMNS says otherwise; the runner's own
+    # terminal size (xdist's workers get COLUMNS=80) must not reflow what the tests read.
+    full_env.pop("COLUMNS", None)
+    full_env.pop("LINES", None)
+    full_env.update(env or {})
     proc = subprocess.run(
         [sys.executable, "-m", "sagellm_cli", *args],
         env=full_env,
