@@ -7,6 +7,7 @@ when a test fails half-way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,13 +26,69 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("SAGELLM_DISABLE_NVML", "1")
 
 
+_sigterm = {"seen": False, "config": None}
+
+
 def _interrupt_on_sigterm(signum, frame):
     """SIGTERM (CI's time limit, `kill`) ends the run like Ctrl-C: pytest then tears every
-    fixture down, which stops the engines and clusters the tests started."""
+    fixture down, which stops the engines and clusters the tests started.
+
+    Under pytest-xdist the controller runs no test: it passes the signal on to its workers
+    (its only children), each of which ends as interrupted after its own teardown, and xdist
+    then ends the run. Only the first SIGTERM interrupts: a second one (a group-wide kill
+    reaches the workers twice) must not break a teardown that is stopping engines."""
+    if _sigterm["seen"]:
+        return
+    _sigterm["seen"] = True
+    config = _sigterm["config"]
+    # xdist's controller: its "dsession" plugin is registered there and only there.
+    if config is not None and config.pluginmanager.has_plugin("dsession"):
+        import psutil
+
+        workers = psutil.Process().children()
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                worker.send_signal(signal.SIGTERM)
+        if workers:
+            return
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
+# A run started in the background by a non-interactive shell (`cmd &`, nohup, a CI runner)
+# inherits SIGINT ignored, and so would every `sage` that a test interrupts the way Ctrl-C
+# does (their SIGINT would do nothing): give the suite Python's default handling back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_configure(config):
+    _sigterm["config"] = config
+
+
+# Seconds per module, measured serially (docs/testing.md): the slowest run first, so that
+# under pytest-xdist (`--dist loadfile`, one module per worker at a time) no worker is
+# left with a long module at the end while the other idles. Not listed: cheap, run after.
+MODULE_SECONDS = {
+    "test_supervisor.py": 543,
+    "test_presets_apply.py": 291,
+    "test_gateway_endpoints.py": 206,
+    "test_seed_samples.py": 188,
+    "test_engine_lifecycle.py": 165,
+    "test_gateway_engines.py": 142,
+    "test_cluster.py": 140,
+    "test_security.py": 111,
+    "test_library.py": 55,
+    "test_hardening.py": 45,
+    "test_external.py": 32,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules by cost, slowest first; each module's tests keep their own order."""
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, 0))
+
 
 MODEL_CACHE = Path(os.environ.get("SAGELLM_TEST_MODELS", ROOT / ".tinymodels"))
 
@@ -147,7 +204,12 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
 
 def sage(*args: str, home: Path, timeout: float = 300, check: bool = False, env=None):
     """Run `sage ...` as a real subprocess under `home`."""
-    full_env = {**os.environ, "SAGELLM_HOME": str(home), **(env or {})}
+    full_env = {**os.environ, "SAGELLM_HOME": str(home)}
+    # Piped, the CLI prints tables 240 wide unless COLUMNS says otherwise; the runner's own
+    # terminal size (xdist's workers get COLUMNS=80) must not reflow what the tests read.
+    full_env.pop("COLUMNS", None)
+    full_env.pop("LINES", None)
+    full_env.update(env or {})
     proc = subprocess.run(
         [sys.executable, "-m", "sagellm_cli", *args],
         env=full_env,

@@ -184,6 +184,15 @@ def test_the_management_api_refuses_cluster_engines_unless_allowed(monkeypatch):
 # --------------------------------------------------------------------------- one engine
 
 
+@needs_ray
+def test_the_cluster_leaves_the_suites_sigterm_handler_in_place(cluster):
+    """With the cluster's nodes up, SIGTERM still ends this run through tests/conftest.py
+    (fixtures torn down, the cluster shut down), not through Ray's sys.exit."""
+    from conftest import _interrupt_on_sigterm
+
+    assert signal.getsignal(signal.SIGTERM) is _interrupt_on_sigterm
+
+
 @pytest.mark.engines
 @needs_st
 @needs_ray

@@ -25,8 +25,9 @@ from sagellm_cli.core.records import EngineRecord, EngineSpec
 from sagellm_cli.core.supervision import backoff_s, schedule_restart
 
 MINILM = "all-MiniLM-L6-v2"
-# Fast rounds so that each test waits seconds, not minutes.
-FAST = ("--supervise-interval", "0.3", "--health-interval", "0.5")
+# Fast rounds so that each test waits seconds, not minutes; a /health slower than the
+# default 1 s on a loaded box must not turn an engine unhealthy (no test here is about it).
+FAST = ("--supervise-interval", "0.3", "--health-interval", "0.5", "--health-timeout", "5")
 
 
 # --------------------------------------------------------------------------- policies
