@@ -344,7 +344,7 @@ CANDIDATE_GATEWAYS = [
 def _upstream_factory(client: str) -> Callable:
     """The upstream class for a client name: the gateway's own (native), else a candidate."""
     if client == "native":
-        from sagellm_cli.gateway.native import NativeUpstream
+        from sagellm_cli.gateway.http.native import NativeUpstream
 
         return NativeUpstream
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -356,17 +356,17 @@ def _upstream_factory(client: str) -> Callable:
 def serve_gateway(client: str, server: str, port: int) -> None:
     """Serve the gateway app (SAGELLM_HOME's engines) with this upstream client and server.
 
-    uvicorn: `gateway.server.serve`, exactly what `sage llm serve` runs in the foreground.
+    uvicorn: `gateway.http.server.serve`, exactly what `sage llm serve` runs in the foreground.
     granian: the same ASGI app (lifespan included) under granian's embedded server.
     """
-    from sagellm_cli.gateway import app as app_module
     from sagellm_cli.gateway.config import GatewayConfig
+    from sagellm_cli.gateway.http import app as app_module
 
     factory = _upstream_factory(client)
     config = GatewayConfig(host="127.0.0.1", port=port)
     app_module.NativeUpstream = lambda connect_timeout: factory(connect_timeout)
     if server == "uvicorn":
-        from sagellm_cli.gateway.server import serve
+        from sagellm_cli.gateway.http.server import serve
 
         serve(config)
         return

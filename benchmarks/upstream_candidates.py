@@ -1,6 +1,6 @@
 """Upstream clients measured against the gateway's own (benchmarks/gateway_overhead.py).
 
-Each class has the interface of `sagellm_cli.gateway.upstream.Upstream` and keeps the
+Each class has the interface of `sagellm_cli.gateway.http.upstream.Upstream` and keeps the
 proxy's contract: an error before the response headers is an `UpstreamConnectError`,
 `close()` of an unfinished response drops the connection (the engine aborts). They live
 here, not in the gateway, because they lost the comparison; they are kept so that the
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from sagellm_cli.gateway.upstream import UpstreamConnectError
+from sagellm_cli.gateway.http.upstream import UpstreamConnectError
 
 # -- aiohttp on its fast paths -----------------------------------------------------------
 

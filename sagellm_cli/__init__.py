@@ -18,7 +18,7 @@ _LAZY = {
     "UnifiedInferenceClient": "sagellm_cli.client",
     "AsyncUnifiedInferenceClient": "sagellm_cli.client",
     "GatewayError": "sagellm_cli.client",
-    "GatewayMetrics": "sagellm_cli.gateway.stats",
+    "GatewayMetrics": "sagellm_cli.gateway.telemetry.stats",
     "SageError": "sagellm_cli.core.errors",
     "BadInput": "sagellm_cli.core.errors",
     "NotFound": "sagellm_cli.core.errors",

@@ -333,7 +333,7 @@ class UnifiedInferenceClient(_Base):
     ) -> UnifiedInferenceClient:
         """A client for `base_url`, else for the gateway recorded in the state file
         (NotFound when none runs)."""
-        from sagellm_cli.core.monitor import gateway_url
+        from sagellm_cli.core.engines.monitor import gateway_url
 
         return cls(base_url or gateway_url(), api_key=api_key, timeout=timeout)
 
@@ -443,7 +443,7 @@ class AsyncUnifiedInferenceClient(_Base):
         cls, base_url: str | None = None, api_key: str | None = None, timeout: float = 600.0
     ) -> AsyncUnifiedInferenceClient:
         """A client for `base_url`, else for the gateway recorded in the state file."""
-        from sagellm_cli.core.monitor import gateway_url
+        from sagellm_cli.core.engines.monitor import gateway_url
 
         return cls(base_url or gateway_url(), api_key=api_key, timeout=timeout)
 

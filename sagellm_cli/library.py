@@ -10,8 +10,8 @@
     cp.stop_engine(engine.id)
 
 Every method is the CLI's code path, not a second implementation: engines through
-`core.engines.EngineManager`, presets through `core.presets`, GPUs through `core.gpu`,
-the gateway through `gateway.app` (in a thread, `gateway.embedded`) or `gateway.daemon`.
+`core.engines.manager.EngineManager`, presets through `core.presets`, GPUs through `core.gpu`,
+the gateway through `gateway.http.app` (in a thread, `gateway.embedded`) or `gateway.daemon`.
 Errors are the project's typed exceptions (`BadInput`, `NotFound`, `ResourceUnavailable`,
 `OperationFailed`, all `SageError`s with `.message`, `.hint`, `.exit_code`); nothing prints.
 docs/library.md is the guide.
@@ -38,12 +38,12 @@ from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
 
 if TYPE_CHECKING:
     from sagellm_cli.client import UnifiedInferenceClient
-    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.engines.manager import EngineManager
     from sagellm_cli.core.gpu import GpuSnapshot
     from sagellm_cli.core.presets import ApplyResult, PresetPlan
     from sagellm_cli.core.records import EngineRecord
     from sagellm_cli.gateway.embedded import ThreadedGateway
-    from sagellm_cli.gateway.stats import GatewayMetrics
+    from sagellm_cli.gateway.telemetry.stats import GatewayMetrics
 
 # Open ControlPlanes that set $SAGELLM_HOME (the core reads it everywhere, per process).
 _HOME_LOCK = threading.Lock()
@@ -70,7 +70,7 @@ def _use_home(plane: ControlPlane, home: str | os.PathLike[str] | None) -> None:
 
 
 def _timeout(value: float, name: str = "timeout") -> float:
-    from sagellm_cli.core.checks import check_seconds
+    from sagellm_cli.core.inputs.checks import check_seconds
 
     return check_seconds(value, name)
 
@@ -113,15 +113,15 @@ class GatewayHandle:
             return False
         if self._thread is not None:
             return self._thread.running
-        from sagellm_cli.core.monitor import recorded_gateway
+        from sagellm_cli.core.engines.monitor import recorded_gateway
 
         record = recorded_gateway()
         return record is not None and record.pid == self.pid
 
     def metrics(self, window: float = 60.0) -> GatewayMetrics:
         """Aggregates of the last `window` seconds (`GET /v1/management/metrics`)."""
-        from sagellm_cli.core.monitor import fetch_metrics
-        from sagellm_cli.gateway.stats import GatewayMetrics
+        from sagellm_cli.core.engines.monitor import fetch_metrics
+        from sagellm_cli.gateway.telemetry.stats import GatewayMetrics
 
         return GatewayMetrics.from_dict(fetch_metrics(self.url, self.admin_token, window))
 
@@ -139,7 +139,7 @@ class GatewayHandle:
         if self._thread is not None:
             self._thread.stop()
             return
-        from sagellm_cli.core.monitor import recorded_gateway
+        from sagellm_cli.core.engines.monitor import recorded_gateway
         from sagellm_cli.gateway import daemon
 
         record = recorded_gateway()
@@ -231,7 +231,7 @@ class ControlPlane:
         """`home` is the state directory ($SAGELLM_HOME; default as for the CLI). It is set
         for the whole process, because the core reads it everywhere."""
         from sagellm_cli.core import paths
-        from sagellm_cli.core.engines import EngineManager
+        from sagellm_cli.core.engines.manager import EngineManager
 
         _use_home(self, home)
         self.home = paths.state_dir()
@@ -259,7 +259,7 @@ class ControlPlane:
         (`sagellm_cli.core.records.option_fields()`: served_model_name, label, gpus, env,
         ...); an unknown one is BadInput naming it and listing them. A failed load raises
         OperationFailed with the log tail in `.details`."""
-        from sagellm_cli.core.spec_schema import parse_engine_options
+        from sagellm_cli.core.inputs.spec_schema import parse_engine_options
 
         _timeout(timeout)
         options = {"model": os.fspath(model), "kind": kind, **spec}
@@ -287,7 +287,7 @@ class ControlPlane:
 
     def logs(self, id_or_label: str, lines: int = 50) -> list[str]:
         """The last `lines` lines of an engine's log."""
-        from sagellm_cli.core import logs
+        from sagellm_cli.core.engines import logs
 
         if isinstance(lines, bool) or not isinstance(lines, int) or lines < 0:
             raise BadInput(f"lines must be an integer >= 0, not {lines!r}")
@@ -301,7 +301,7 @@ class ControlPlane:
         team's vLLM, SGLang, llama.cpp): `sage llm engine register`. Options: `label`,
         `role`, `max_inflight`, `cost_per_1k_tokens`, `check` (default True: URL/v1/models
         must list `model`). `stop_engine` only unregisters it."""
-        from sagellm_cli.core.external import parse_registration, register
+        from sagellm_cli.core.engines.external import parse_registration, register
 
         registration = parse_registration({"url": url, "model": model, "kind": kind, **options})
         return register(self.manager, registration)
@@ -409,7 +409,7 @@ class ControlPlane:
 
     @staticmethod
     def _serve_daemon(config: Any, timeout: float) -> GatewayHandle:
-        from sagellm_cli.core.ports import allocate_port
+        from sagellm_cli.core.launchers.ports import allocate_port
         from sagellm_cli.gateway import daemon
 
         if config.port == 0:  # the child must know its port before it binds
@@ -422,7 +422,7 @@ class ControlPlane:
     def _gateway_url(self) -> str:
         if self.gateway is not None and self.gateway.running:
             return self.gateway.url
-        from sagellm_cli.core.monitor import gateway_url
+        from sagellm_cli.core.engines.monitor import gateway_url
 
         try:
             return gateway_url(self.manager.store)
@@ -435,8 +435,8 @@ class ControlPlane:
         <= 600): per model, per engine and in total. The gateway is the one `serve`
         started, else the one recorded in the state file."""
         from sagellm_cli.core.credentials import read_admin_token
-        from sagellm_cli.core.monitor import fetch_metrics
-        from sagellm_cli.gateway.stats import GatewayMetrics
+        from sagellm_cli.core.engines.monitor import fetch_metrics
+        from sagellm_cli.gateway.telemetry.stats import GatewayMetrics
 
         if self.gateway is not None and self.gateway.running:
             return self.gateway.metrics(window)

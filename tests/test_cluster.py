@@ -111,7 +111,7 @@ def _records(home: Path) -> dict[str, dict]:
 
 
 def _node_name(node) -> str:
-    from sagellm_cli.core.ray_launcher import node_name
+    from sagellm_cli.core.launchers.ray import node_name
 
     return node_name(node.node_id)
 
@@ -170,7 +170,7 @@ def test_without_ray_the_cluster_options_say_how_to_install_it(tmp_path):
 
 
 def test_the_management_api_refuses_cluster_engines_unless_allowed(monkeypatch):
-    from sagellm_cli.gateway.management import Forbidden, spec_from_body
+    from sagellm_cli.gateway.control.management import Forbidden, spec_from_body
 
     body = {"model": "m", "kind": "embedding", "cluster": "head:6379"}
     with pytest.raises(Forbidden, match="Ray cluster"):
@@ -345,8 +345,8 @@ GPU_SCRIPT = """
 import json, os, sys, time
 from pathlib import Path
 from sagellm_cli.core.errors import ResourceUnavailable
-from sagellm_cli.core.launcher import launcher_for
-from sagellm_cli.core.ray_launcher import RayLauncher, pg_name
+from sagellm_cli.core.launchers.base import launcher_for
+from sagellm_cli.core.launchers.ray import RayLauncher, pg_name
 from sagellm_cli.core.records import EngineRecord, EngineSpec
 from ray.util import get_placement_group
 

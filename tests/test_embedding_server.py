@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from sagellm_cli.core.embedding_models import (
+from sagellm_cli.core.models.embedding import (
     is_available_offline,
     packaged_minilm_path,
     resolve_embedding_model,

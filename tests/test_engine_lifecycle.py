@@ -20,7 +20,7 @@ import pytest
 from conftest import needs_st, needs_vllm, sage, sage_json
 from test_gateway_support import add_engine_record, running_gateway
 
-from sagellm_cli.core import process
+from sagellm_cli.core.launchers import process
 from sagellm_cli.core.paths import scratch_dir
 from sagellm_cli.core.state import StateStore
 
@@ -234,7 +234,7 @@ def test_stop_is_idempotent_and_unknown_is_3(home):
 def _stand_in_engine(home, engine_id: str, code: str, **fields):
     """A real process group recorded as a ready engine, for lifecycle paths that need no
     model: `code` runs under the local launcher exactly as an engine would."""
-    from sagellm_cli.core.launcher import launcher_for
+    from sagellm_cli.core.launchers.base import launcher_for
 
     handle = launcher_for("local").spawn(engine_id, [sys.executable, "-c", code],
                                          dict(os.environ), home / f"{engine_id}.log")  # fmt: skip
@@ -291,7 +291,7 @@ def test_kill_9_of_the_api_server_reaps_its_engine_core_without_any_command(home
 def test_reconcile_stops_a_dead_engines_helpers_before_releasing_its_gpus(home, monkeypatch):
     """The same promise on the CLI's path, with a stand-in process tree (a parent and a
     helper child in one group) so that it runs without vLLM: the next reconcile reaps."""
-    from sagellm_cli.core.launcher import launcher_for
+    from sagellm_cli.core.launchers.base import launcher_for
     from sagellm_cli.core.records import GpuReservation
 
     monkeypatch.setenv("SAGELLM_MOCK_GPUS", "1x80")

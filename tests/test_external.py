@@ -19,8 +19,8 @@ import pytest
 from conftest import needs_st, sage, sage_json, wait_for
 from test_gateway_support import _kill, free_port, running_gateway
 
+from sagellm_cli.core.engines.external import Registration, normalise_url, register
 from sagellm_cli.core.errors import BadInput
-from sagellm_cli.core.external import Registration, normalise_url, register
 
 MINILM = "all-MiniLM-L6-v2"
 
@@ -138,7 +138,7 @@ def test_stop_unregisters_without_signalling_and_the_api_registers_too(home, tmp
 
 
 def test_register_in_code_checks_the_model(home):
-    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.engines.manager import EngineManager
 
     record = register(
         EngineManager(), Registration("http://10.1.2.3:8000", "m", "llm", check=False)

@@ -26,7 +26,7 @@ import pytest
 from conftest import needs_st, needs_vllm, stop_all_engines
 from test_gateway_support import running_gateway
 
-from sagellm_cli.gateway.routing import STRATEGIES
+from sagellm_cli.gateway.routing.strategies import STRATEGIES
 
 pytestmark = [pytest.mark.engines, needs_vllm]
 
@@ -282,6 +282,13 @@ def test_strategy_distributions(gw_home, replicas):
                 shorts = _distribution(gw.url, 4)
                 assert set(longs) == {ids["r1"]}, "long prompts go to role prefill"
                 assert set(shorts) == {ids["r2"]}, "short prompts go to role decode"
+            elif strategy == "pd":
+                # No KV connector on these replicas: no prefill step, and every request
+                # goes to the decode engine, which computes the prompt itself.
+                answers = _distribution(
+                    gw.url, 6, messages=[{"role": "user", "content": "x " * 60}]
+                )
+                assert set(answers) == {ids["r2"]}, "pd without a connector: decode only"
             else:
                 pytest.fail(f"no distribution check for strategy {strategy!r}")
 

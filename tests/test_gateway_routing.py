@@ -7,10 +7,10 @@ import time
 
 from sagellm_cli.core.records import EngineRecord
 from sagellm_cli.core.state import State
-from sagellm_cli.gateway.backend import Backend
 from sagellm_cli.gateway.config import GatewayConfig
-from sagellm_cli.gateway.registry import Registry
-from sagellm_cli.gateway.routing import (
+from sagellm_cli.gateway.routing.backend import Backend
+from sagellm_cli.gateway.routing.registry import Registry
+from sagellm_cli.gateway.routing.strategies import (
     STRATEGIES,
     Affinity,
     LeastLoaded,

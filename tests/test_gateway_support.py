@@ -114,8 +114,8 @@ async def inprocess_gateway(state_path: Path, **config):
     through `httpx.ASGITransport` at http://127.0.0.1 (the gateway refuses other hosts).
     """
     from sagellm_cli.core.state import StateStore
-    from sagellm_cli.gateway.app import Gateway as App
     from sagellm_cli.gateway.config import GatewayConfig
+    from sagellm_cli.gateway.http.app import Gateway as App
 
     config.setdefault("admin_token", "t")
     cfg = GatewayConfig(**config)

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from sagellm_cli.core import logs
-from sagellm_cli.core.engines import _loading_before, _must_queue, pinned_env
+from sagellm_cli.core.engines import logs
+from sagellm_cli.core.engines.manager import _loading_before, _must_queue, pinned_env
 from sagellm_cli.core.errors import BadInput, OperationFailed
 from sagellm_cli.core.gpu import Placement
 from sagellm_cli.core.gpu import kv_budget as kvb
 from sagellm_cli.core.gpu.overuse import find_overuse, from_ledger, tolerance_gib
 from sagellm_cli.core.gpu.plan import gpu_snapshot, kv_budget_for
+from sagellm_cli.core.launchers.runtimes import build_launch
 from sagellm_cli.core.records import EngineRecord, EngineSpec, GpuReservation
-from sagellm_cli.core.runtimes import build_launch
 from sagellm_cli.core.state import State, StateStore
 
 GIB = 1024**3
@@ -220,7 +220,7 @@ def test_over_use_is_judged_against_max_5_percent_or_half_a_gib():
 
 
 def test_ready_engine_over_its_reservation_is_marked_and_the_apply_fails(home, monkeypatch):
-    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.engines.manager import EngineManager
     from sagellm_cli.core.gpu import overuse
     from sagellm_cli.core.presets.apply import _Apply
 
@@ -261,6 +261,6 @@ def test_restarts_see_the_first_starts_compile_cache_environment():
         "TORCHINDUCTOR_CACHE_DIR": "/i",
         "XDG_CACHE_HOME": "/x",
     }
-    from sagellm_cli.core.engines import _CARRIED
+    from sagellm_cli.core.engines.manager import _CARRIED
 
     assert "launch_env" in _CARRIED  # a restart under the same id keeps the first start's

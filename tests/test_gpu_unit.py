@@ -665,7 +665,7 @@ def test_engine_start_that_cannot_fit_exits_4_before_spawning(tmp_path):
 def test_serial_mode_loads_one_engine_at_a_time_per_gpu(home, monkeypatch):
     """SAGELLM_GPU_START_MODE=serial: a second engine on the same GPU is queued until the
     first is no longer loading; other GPUs and mock GPUs load in parallel."""
-    from sagellm_cli.core.engines import _loading_before, _must_queue
+    from sagellm_cli.core.engines.manager import _loading_before, _must_queue
     from sagellm_cli.core.records import EngineRecord
 
     def rec(i, status, gpus, created):

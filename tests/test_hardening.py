@@ -189,7 +189,7 @@ def test_engine_start_rejects_bad_hosts(home, busy_port, host, says):
 
 
 def test_hosts_that_are_accepted():
-    from sagellm_cli.core.ports import check_host
+    from sagellm_cli.core.launchers.ports import check_host
 
     for host in ("127.0.0.1", "0.0.0.0", "localhost"):
         check_host(host)
@@ -225,7 +225,7 @@ def test_engine_start_rejects_non_finite_sizes(home, busy_port, option, value):
 
 
 def test_validate_spec_rejects_non_finite_sizes():
-    from sagellm_cli.core.engines import validate_spec
+    from sagellm_cli.core.engines.manager import validate_spec
     from sagellm_cli.core.records import EngineSpec
 
     for value in (math.nan, math.inf, -1.0):

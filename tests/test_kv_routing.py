@@ -14,17 +14,22 @@ import time
 import msgspec
 import pytest
 
+from sagellm_cli.core.launchers.runtimes import KV_EVENTS_TOPIC, kv_events_argv
 from sagellm_cli.core.records import EngineRecord
-from sagellm_cli.core.runtimes import KV_EVENTS_TOPIC, kv_events_argv
-from sagellm_cli.gateway.backend import Backend
-from sagellm_cli.gateway.kv_events import (
+from sagellm_cli.gateway.routing.backend import Backend
+from sagellm_cli.gateway.routing.kv_events import (
     EngineIndex,
     KVEventIndex,
     chain_keys,
     decode_batch,
     prompt_tokens,
 )
-from sagellm_cli.gateway.routing import ROUTING_ALIASES, KVPrefix, RouteInfo, make_strategy
+from sagellm_cli.gateway.routing.strategies import (
+    ROUTING_ALIASES,
+    KVPrefix,
+    RouteInfo,
+    make_strategy,
+)
 
 BS = 4
 
@@ -230,7 +235,7 @@ def test_kv_falls_back_to_prefix_without_events():
 
 
 def test_prompt_tokens_uses_the_local_tokenizer(tiny_model):
-    from sagellm_cli.core.tokens import local_tokenizer
+    from sagellm_cli.core.models.tokens import local_tokenizer
 
     tokenizer = local_tokenizer(str(tiny_model))
     ids = prompt_tokens({"prompt": "hello world"}, tokenizer)
@@ -290,7 +295,7 @@ def test_subscriber_reads_a_real_publisher():
 
 
 def test_prepare_tokenizes_off_the_loop_for_choose(tiny_model):
-    from sagellm_cli.core.tokens import local_tokenizer
+    from sagellm_cli.core.models.tokens import local_tokenizer
 
     model = str(tiny_model)
     tokenizer = local_tokenizer(model)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from sagellm_cli.core.external_launcher import ExternalLauncher
-from sagellm_cli.core.launcher import LocalLauncher, launcher_for, node_kind
+from sagellm_cli.core.launchers.base import LocalLauncher, launcher_for, node_kind
+from sagellm_cli.core.launchers.external import ExternalLauncher
 from sagellm_cli.core.records import EngineRecord, EngineSpec
 
 
@@ -53,7 +53,7 @@ def test_a_local_run_is_named_pid_at_host(local_home):
 
 
 def test_a_backend_tells_a_new_run_from_the_old_one_by_instance():
-    from sagellm_cli.gateway.backend import Backend
+    from sagellm_cli.gateway.routing.backend import Backend
 
     def record(instance: str) -> EngineRecord:
         return EngineRecord(id="e1", kind="llm", runtime="vllm", model="m",

@@ -42,7 +42,7 @@ def lib_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("library") / "sagellm"
     saved = os.environ.get("SAGELLM_HOME")
     yield home
-    from sagellm_cli.core.monitor import recorded_gateway
+    from sagellm_cli.core.engines.monitor import recorded_gateway
     from sagellm_cli.gateway import daemon
 
     os.environ["SAGELLM_HOME"] = str(home)

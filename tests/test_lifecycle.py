@@ -12,7 +12,7 @@ import logging
 import pytest
 
 from sagellm_cli.cli.common import STATUS_COLORS
-from sagellm_cli.core.engines import EngineManager
+from sagellm_cli.core.engines.manager import EngineManager
 from sagellm_cli.core.errors import StateCorrupted
 from sagellm_cli.core.lifecycle import (
     INITIAL,

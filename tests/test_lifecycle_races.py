@@ -29,9 +29,9 @@ from conftest import sage, wait_for
 from fakes import SleepyEngine
 from test_gateway_support import add_engine_record, free_port, inprocess_gateway, running_gateway
 
-from sagellm_cli.core.engines import EngineManager, Reuse
+from sagellm_cli.core.engines.manager import EngineManager, Reuse
 from sagellm_cli.core.errors import OperationFailed
-from sagellm_cli.core.launcher import launcher_for
+from sagellm_cli.core.launchers.base import launcher_for
 from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.records import EngineSpec, GatewayRecord, GpuReservation
 from sagellm_cli.core.state import StateStore

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sagellm_cli.core import logs
+from sagellm_cli.core.engines import logs
 
 LOG = """\
 [sagellm] 2026-11-30 00:07:38 starting engine e1: python -m vllm.entrypoints.openai.api_server

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import invoke
 
-from sagellm_cli.core import model_cache
 from sagellm_cli.core.errors import BadInput, NotFound, OperationFailed
+from sagellm_cli.core.models import cache as model_cache
 
 
 def fake_entry(home: Path, key: str, *, meta: dict | None = None, complete: bool = True) -> Path:
@@ -78,7 +78,7 @@ def test_incomplete_cache_entry_is_not_used(home, hf_cache):
 
 
 def test_resolve_packaged_minilm(home, hf_cache):
-    from sagellm_cli.core.embedding_models import packaged_minilm_path
+    from sagellm_cli.core.models.embedding import packaged_minilm_path
 
     packaged = packaged_minilm_path()
     if packaged is None:
@@ -318,7 +318,7 @@ def test_cli_process_never_imports_torch(home):
     """Listing and resolving models must stay light: no torch/transformers in the CLI."""
     code = (
         "import sys\n"
-        "from sagellm_cli.core import model_cache\n"
+        "from sagellm_cli.core.models import cache as model_cache\n"
         "model_cache.list_cached(); model_cache.resolve_model('acme/x')\n"
         "bad = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
         "print(','.join(bad))\n"

@@ -22,9 +22,9 @@ from fakes import FakeUpstream
 from test_gateway_support import add_engine_record, free_port, inprocess_gateway, running_gateway
 
 from sagellm_cli.core.gpu import Placement
+from sagellm_cli.core.launchers.runtimes import build_launch
 from sagellm_cli.core.records import EngineSpec
-from sagellm_cli.core.runtimes import build_launch
-from sagellm_cli.gateway.pd import PREFILL_PARAMS, prefill_body
+from sagellm_cli.gateway.http.pd import PREFILL_PARAMS, prefill_body
 
 CHAT_PATH = "/v1/chat/completions"
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "a long prompt"}]}

@@ -1,15 +1,15 @@
-"""The PD threshold in tokens: `core.tokens.count_tokens` and `length` routing with it."""
+"""The PD threshold in tokens: `core.models.tokens.count_tokens` and `length` routing with it."""
 
 from __future__ import annotations
 
 import pytest
 
+from sagellm_cli.core.models.tokens import count_tokens, estimate_tokens
 from sagellm_cli.core.records import EngineRecord
-from sagellm_cli.core.tokens import count_tokens, estimate_tokens
-from sagellm_cli.gateway.backend import Backend
 from sagellm_cli.gateway.config import GatewayConfig
-from sagellm_cli.gateway.registry import Registry
-from sagellm_cli.gateway.routing import Length, RouteInfo
+from sagellm_cli.gateway.routing.backend import Backend
+from sagellm_cli.gateway.routing.registry import Registry
+from sagellm_cli.gateway.routing.strategies import Length, RouteInfo
 
 
 def _backend(i: int, role: str, model: str) -> Backend:

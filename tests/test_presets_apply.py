@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import needs_st, needs_vllm, sage, sage_json
 
-from sagellm_cli.core.process import group_members
+from sagellm_cli.core.launchers.process import group_members
 
 pytestmark = [pytest.mark.engines, needs_vllm, needs_st]
 

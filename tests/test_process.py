@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from sagellm_cli.core import process
+from sagellm_cli.core.launchers import process
 
 # A parent that forks a child which ignores SIGTERM: the group stop must still leave nothing.
 TREE = """

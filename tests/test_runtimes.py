@@ -8,8 +8,8 @@ import pytest
 
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.gpu import Placement
+from sagellm_cli.core.launchers.runtimes import build_launch
 from sagellm_cli.core.records import EngineSpec, resolve_runtime
-from sagellm_cli.core.runtimes import build_launch
 
 
 def _build(spec, placement=None, runtime=None, tmp_path=None):
@@ -100,7 +100,7 @@ def test_lora_flags_env_and_recorded_adapters(tmp_path):
 
 
 def test_lora_needs_an_llm_on_vllm():
-    from sagellm_cli.core.engines import validate_spec
+    from sagellm_cli.core.engines.manager import validate_spec
 
     spec = EngineSpec(model="m", kind="embedding", enable_lora=True)
     with pytest.raises(BadInput, match="LoRA"):
@@ -114,7 +114,7 @@ def test_bad_runtime_pairs(kind, runtime):
 
 
 def test_cpu_engines_get_disjoint_cores(monkeypatch):
-    from sagellm_cli.core.cpu_placement import pick_cores
+    from sagellm_cli.core.launchers.cpu_placement import pick_cores
 
     monkeypatch.delenv("SAGELLM_CPU_CORES_PER_ENGINE", raising=False)
     cores = [0, 1, 2, 3]
@@ -169,7 +169,7 @@ AMX = AVX512_BF16 | {"amx_tile", "amx_bf16"}
     ],
 )
 def test_cpu_dtype_rules(tmp_path, dtype, flags, amx_ok, expected):
-    from sagellm_cli.core import cpu_dtype
+    from sagellm_cli.core.launchers import cpu_dtype
 
     choice = cpu_dtype.choose(_checkpoint(tmp_path, dtype), [], flags=flags, amx_ok=amx_ok)
     assert choice.dtype == expected
@@ -192,7 +192,7 @@ def test_cpu_llm_is_started_in_the_checkpoints_float32_and_says_so(tmp_path):
 def test_amx_permission_is_asked_of_this_kernel():
     """The probe really asks the kernel: it agrees with the CPU flags on a host without
     AMX (refused), and never raises."""
-    from sagellm_cli.core import cpu_dtype
+    from sagellm_cli.core.launchers import cpu_dtype
 
     granted = cpu_dtype.amx_granted()
     if "amx_tile" not in cpu_dtype.cpu_flags():

@@ -1,4 +1,4 @@
-"""The model scheduler (issue 20, item 2): its pure decisions (core/scheduler.py) and, with
+"""The model scheduler (issue 20, item 2): its pure decisions (core/engines/scheduler.py) and, with
 fake engines that honour vLLM's sleep mode (tests/fakes.py SleepyEngine), what the
 gateway does with them: a request queued behind a busy neighbour waits and gets 200; a
 model that can never fit gets a 503 at once naming who holds the memory."""
@@ -13,8 +13,7 @@ from fakes import SleepyEngine
 from test_gateway_support import inprocess_gateway
 from test_lifecycle_races import GATEWAY, _until, stand_in
 
-from sagellm_cli.core.lifecycle import Status
-from sagellm_cli.core.scheduler import (
+from sagellm_cli.core.engines.scheduler import (
     BURST_GAP_S,
     MIN_RESIDENCY_S,
     PATIENCE_S,
@@ -26,6 +25,7 @@ from sagellm_cli.core.scheduler import (
     preflight,
     sleep_level,
 )
+from sagellm_cli.core.lifecycle import Status
 
 
 def loaded(id: str, **fields) -> Loaded:

@@ -25,12 +25,12 @@ from test_gateway_support import inprocess_gateway
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.records import EngineRecord, EngineSpec
 from sagellm_cli.core.state import State, StateStore
+from sagellm_cli.gateway.admission.policies import adaptive_choice, order_key
+from sagellm_cli.gateway.admission.scheduling import AdmissionScheduler, Rejected
 from sagellm_cli.gateway.config import GatewayConfig
-from sagellm_cli.gateway.policies import adaptive_choice, order_key
-from sagellm_cli.gateway.registry import Registry
-from sagellm_cli.gateway.request import strip_gateway_fields
-from sagellm_cli.gateway.routing import RouteInfo
-from sagellm_cli.gateway.scheduling import AdmissionScheduler, Rejected
+from sagellm_cli.gateway.http.request import strip_gateway_fields
+from sagellm_cli.gateway.routing.registry import Registry
+from sagellm_cli.gateway.routing.strategies import RouteInfo
 
 
 class Clock:

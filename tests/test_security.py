@@ -253,8 +253,8 @@ def test_management_body_limit(home):
 def test_last_resort_handler_gives_an_openai_500_with_a_logged_id(home, caplog):
     import asyncio
 
-    from sagellm_cli.gateway.app import Gateway
     from sagellm_cli.gateway.config import GatewayConfig
+    from sagellm_cli.gateway.http.app import Gateway
 
     gateway = Gateway(GatewayConfig(port=1, admin_token="t"), StateStore(home / "state.json"))
 

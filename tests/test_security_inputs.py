@@ -17,10 +17,10 @@ import pytest
 from conftest import sage
 from test_gateway_support import running_gateway
 
-from sagellm_cli.core import limits
 from sagellm_cli.core.credentials import SAFE_ENV_KEYS, env_allowed_remotely, read_admin_token
-from sagellm_cli.core.engine_args import API_ENGINE_FLAGS, refused_api_arg
 from sagellm_cli.core.errors import BadInput
+from sagellm_cli.core.inputs import limits
+from sagellm_cli.core.inputs.engine_args import API_ENGINE_FLAGS, refused_api_arg
 
 ENGINES = "/management/engines"
 MB = 1024 * 1024
@@ -128,7 +128,7 @@ def test_the_gateway_refuses_each_family_and_records_nothing(home, evil_config):
 
 
 def test_the_opt_in_still_allows_everything(evil_config):
-    from sagellm_cli.gateway.management import Forbidden, spec_from_body
+    from sagellm_cli.gateway.control.management import Forbidden, spec_from_body
 
     body = {"model": "m", "extra_args": ["--config", evil_config], "env": {"HF_ENDPOINT": "x"}}
     with pytest.raises(Forbidden, match="--config"):
@@ -175,8 +175,8 @@ def test_a_planted_token_or_open_state_dir_is_refused(
 
 def test_the_in_process_gateway_refuses_to_start_on_an_open_state_dir(home):
     from sagellm_cli.core.state import StateStore
-    from sagellm_cli.gateway.app import Gateway
     from sagellm_cli.gateway.config import GatewayConfig
+    from sagellm_cli.gateway.http.app import Gateway
 
     home.mkdir()
     os.chmod(home, 0o777)

@@ -1,4 +1,4 @@
-"""Transport limits of `sage llm serve` (gateway/transport.py, gateway/server.py).
+"""Transport limits of `sage llm serve` (gateway/http/transport.py, gateway/http/server.py).
 
 Against a real gateway subprocess started under a 1,024 soft open-file limit (where
 1,100 idle connections used to lock everyone out), with the default limits: 2,048
@@ -29,7 +29,7 @@ from test_gateway_support import (
 )
 
 from sagellm_cli.gateway.config import GatewayConfig
-from sagellm_cli.gateway.server import FD_RESERVE, NOFILE_TARGET
+from sagellm_cli.gateway.http.server import FD_RESERVE, NOFILE_TARGET
 
 DEFAULTS = GatewayConfig()
 MAX_HEAD = DEFAULTS.max_header_bytes
@@ -339,7 +339,7 @@ def test_a_slow_reader_keeps_its_response_but_a_stalled_one_is_closed():
     client still reading a response at its own pace, only one that stopped reading."""
     import uvicorn
 
-    from sagellm_cli.gateway import transport
+    from sagellm_cli.gateway.http import transport
 
     body = b"x" * (8 << 20)
 

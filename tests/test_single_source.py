@@ -77,7 +77,7 @@ def test_every_option_has_a_sample_that_differs_from_its_default():
 
 
 def test_engine_start_reaches_every_spec_field(home, monkeypatch):
-    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.engines.manager import EngineManager
 
     captured: list[EngineSpec] = []
 
@@ -116,7 +116,7 @@ def _start_command():
 def test_every_user_settable_spec_field_is_an_engine_start_option():
     """The options are built from EngineSpec: each field's flags, help and default are
     the ones on the field, and none is spelled a second time in cli/engine.py."""
-    from sagellm_cli.core.options import cli_fields
+    from sagellm_cli.core.inputs.options import cli_fields
 
     params = {p.name: p for p in _start_command().params}
     internal = {f.name for f in dataclasses.fields(EngineSpec) if f.metadata.get("internal")}
@@ -144,7 +144,7 @@ def test_engine_start_keeps_its_flags_and_short_flags():
 
 def test_the_library_takes_every_spec_field_by_name(home, monkeypatch):
     from sagellm_cli import ControlPlane
-    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.engines.manager import EngineManager
     from sagellm_cli.core.errors import BadInput
 
     captured: list[EngineSpec] = []
@@ -202,7 +202,7 @@ def test_a_preset_entry_maps_onto_the_spec(home, tmp_path):
 
 
 def test_the_management_api_validates_every_spec_field():
-    from sagellm_cli.core.spec_schema import parse_engine_options
+    from sagellm_cli.core.inputs.spec_schema import parse_engine_options
 
     spec = parse_engine_options(dict(SAMPLES))
     for name in option_fields():

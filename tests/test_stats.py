@@ -1,4 +1,4 @@
-"""Aggregate metrics (gateway/stats.py), the cost budget and `sage llm top`, without engines.
+"""Aggregate metrics (gateway/telemetry/stats.py), the cost budget and `sage llm top`, without engines.
 
 The recorder is checked with a hand-driven clock; the metrics route, the cost budget and
 the client's headers with the gateway in-process in front of fake upstreams
@@ -21,8 +21,8 @@ from test_gateway_support import ADMIN, inprocess_gateway
 from sagellm_cli.core.errors import BadInput
 from sagellm_cli.core.records import EngineRecord, EngineSpec
 from sagellm_cli.core.state import StateStore
-from sagellm_cli.gateway.request import cost_budget, deadline_of, strip_gateway_fields
-from sagellm_cli.gateway.stats import (
+from sagellm_cli.gateway.http.request import cost_budget, deadline_of, strip_gateway_fields
+from sagellm_cli.gateway.telemetry.stats import (
     HORIZON_S,
     SAMPLES,
     GatewayMetrics,

@@ -20,9 +20,9 @@ import pytest
 from conftest import invoke, needs_st, needs_vllm, sage, sage_json, wait_for
 from test_gateway_support import running_gateway
 
-from sagellm_cli.core.durations import format_duration, parse_duration
+from sagellm_cli.core.engines.supervision import backoff_s, schedule_restart
+from sagellm_cli.core.inputs.durations import format_duration, parse_duration
 from sagellm_cli.core.records import EngineRecord, EngineSpec
-from sagellm_cli.core.supervision import backoff_s, schedule_restart
 
 MINILM = "all-MiniLM-L6-v2"
 # Fast rounds so that each test waits seconds, not minutes; a /health slower than the

@@ -1,4 +1,4 @@
-"""The gateway's upstream client (gateway/native.py) against scripted HTTP/1.1 servers.
+"""The gateway's upstream client (gateway/http/native.py) against scripted HTTP/1.1 servers.
 
 Each server here is a few lines of asyncio that answers in one exact way (a stale
 keep-alive close, a 1xx before the answer, ...): protocol edge cases that no engine
@@ -11,8 +11,8 @@ import asyncio
 
 import pytest
 
-from sagellm_cli.gateway.native import NativeUpstream, UnsupportedURL
-from sagellm_cli.gateway.upstream import UpstreamConnectError
+from sagellm_cli.gateway.http.native import NativeUpstream, UnsupportedURL
+from sagellm_cli.gateway.http.upstream import UpstreamConnectError
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -51,8 +51,8 @@ def _run(coro):
 
 def test_the_gateway_uses_the_native_client(tmp_path):
     from sagellm_cli.core.state import StateStore
-    from sagellm_cli.gateway.app import Gateway
     from sagellm_cli.gateway.config import GatewayConfig
+    from sagellm_cli.gateway.http.app import Gateway
 
     config = GatewayConfig(admin_token="t", connect_timeout_s=2.5)
     gateway = Gateway(config, StateStore(tmp_path / "state.json"))

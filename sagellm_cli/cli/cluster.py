@@ -43,7 +43,7 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Nodes (alive or lost), free/total CPUs and GPUs, and our engines on each node."""
-    from sagellm_cli.core.cluster import cluster_status
+    from sagellm_cli.core.launchers.ray_cluster import cluster_status
 
     data = cluster_status(cluster)
     if json_out:
@@ -82,7 +82,7 @@ def status(
 
 def show_gpus(cluster: str | None, json_out: bool) -> None:
     """`sage llm gpu --cluster`: each live node's GPUs (NVML read on that node)."""
-    from sagellm_cli.core.cluster import cluster_gpus
+    from sagellm_cli.core.launchers.ray_cluster import cluster_gpus
 
     data = cluster_gpus(cluster)
     if json_out:

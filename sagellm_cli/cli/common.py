@@ -88,7 +88,7 @@ def stderr_is_terminal() -> bool:
 
 def check_timeout(seconds: float, option: str = "--timeout") -> float:
     """Return `seconds` if it is a finite number >= 0; else exit 2 naming `option`."""
-    from sagellm_cli.core.checks import check_seconds  # shared with the library
+    from sagellm_cli.core.inputs.checks import check_seconds  # shared with the library
 
     return check_seconds(seconds, option)
 

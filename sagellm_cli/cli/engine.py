@@ -27,7 +27,7 @@ app = typer.Typer(help="Start, stop and inspect engines.", no_args_is_help=True)
 
 
 def _manager():
-    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.engines.manager import EngineManager
 
     return EngineManager()
 
@@ -70,7 +70,7 @@ _START_OPTIONS: Params = [
 
 def start(**values) -> None:
     """Start an engine and wait until it serves requests."""
-    from sagellm_cli.core.options import to_fields
+    from sagellm_cli.core.inputs.options import to_fields
 
     wait, timeout, json_out = values.pop("wait"), values.pop("timeout"), values.pop("json_out")
     check_timeout(timeout)
@@ -122,7 +122,7 @@ def hold(
     json_out: bool = typer.Option(False, "--json", help="Print the record as JSON."),
 ) -> None:
     """Lease an engine for a batch job: the gateway never unloads it until the lease ends."""
-    from sagellm_cli.core.options import duration as parse_duration
+    from sagellm_cli.core.inputs.options import duration as parse_duration
 
     record = _manager().hold(ref, parse_duration(duration, "--for"))
     if json_out:
@@ -151,7 +151,7 @@ def register_external(
 ) -> None:
     """Register an engine something else runs (Kubernetes, another vLLM, SGLang, llama.cpp):
     the gateway routes to it and health-checks it; `engine stop` only unregisters it."""
-    from sagellm_cli.core.external import Registration, register
+    from sagellm_cli.core.engines.external import Registration, register
 
     record = register(
         _manager(),
@@ -248,7 +248,7 @@ def list_engines(
         info("no engines" + ("" if all_engines else " running (use --all to include stopped)"))
     else:
         _render_table(records)
-        from sagellm_cli.core.supervision import unsupervised
+        from sagellm_cli.core.engines.supervision import unsupervised
 
         unapplied = unsupervised(state)
         if unapplied:
@@ -304,7 +304,7 @@ def logs_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print {id, log_path, lines} as JSON."),
 ) -> None:
     """Print an engine's log (stdout and stderr of its processes)."""
-    from sagellm_cli.core import logs
+    from sagellm_cli.core.engines import logs
 
     manager = _manager()
     record = manager.get(ref, probe_health=False)
@@ -371,7 +371,7 @@ def lora_add(
     json_out: bool = typer.Option(False, "--json", help="Print the engine record as JSON."),
 ) -> None:
     """Load an adapter into the engine and record it (a restart loads it again)."""
-    from sagellm_cli.core.lora import add_adapter
+    from sagellm_cli.core.engines.lora import add_adapter
 
     record = add_adapter(_manager(), ref, name, path)
     if json_out:
@@ -387,7 +387,7 @@ def lora_remove(
     json_out: bool = typer.Option(False, "--json", help="Print the engine record as JSON."),
 ) -> None:
     """Unload an adapter from the engine and forget it."""
-    from sagellm_cli.core.lora import remove_adapter
+    from sagellm_cli.core.engines.lora import remove_adapter
 
     record = remove_adapter(_manager(), ref, name)
     if json_out:
@@ -402,7 +402,7 @@ def lora_list(
     json_out: bool = typer.Option(False, "--json", help="Print [{name, path, loaded}]."),
 ) -> None:
     """The engine's adapters, and whether the engine has each loaded now."""
-    from sagellm_cli.core.lora import list_adapters
+    from sagellm_cli.core.engines.lora import list_adapters
 
     record, adapters = list_adapters(_manager(), ref)
     if json_out:

@@ -40,7 +40,7 @@ app = typer.Typer(
 
 
 def _read_state():
-    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.engines.manager import EngineManager
 
     # Reconciled, so a dead engine's reservation is not shown as held; nothing is written.
     return EngineManager().snapshot()

@@ -65,7 +65,7 @@ def _with_spinner(title: str, work, *, quiet: bool):
 @app.command("list")
 def list_models(json_out: bool = typer.Option(False, "--json")) -> None:
     """List the models in the local cache."""
-    from sagellm_cli.core import model_cache
+    from sagellm_cli.core.models import cache as model_cache
     from sagellm_cli.core.paths import models_dir
 
     models = model_cache.list_cached()
@@ -91,7 +91,7 @@ def resolve(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show where a model name loads from and what is passed to the runtime."""
-    from sagellm_cli.core import model_cache
+    from sagellm_cli.core.models import cache as model_cache
 
     resolved = model_cache.resolve_model(name)
     data = resolved.to_dict()
@@ -111,7 +111,7 @@ def import_gguf(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Convert a GGUF checkpoint into a served-ready folder in the cache (bf16 safetensors)."""
-    from sagellm_cli.core import model_cache
+    from sagellm_cli.core.models import cache as model_cache
 
     model = _with_spinner(
         f"converting {name}",
@@ -124,7 +124,7 @@ def import_gguf(
 @app.command("prepare-demo")
 def prepare_demo(json_out: bool = typer.Option(False, "--json")) -> None:
     """Put the offline demo model (Gemma 3 270M base) into the cache; a no-op when it's there."""
-    from sagellm_cli.core import model_cache
+    from sagellm_cli.core.models import cache as model_cache
 
     model, created = _with_spinner(
         f"preparing {model_cache.DEMO_MODEL_NAME} (about 2 minutes, 3.5 GB RAM)",
@@ -141,7 +141,7 @@ def pull(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Download a model from the Hugging Face hub into the cache (needs the network)."""
-    from sagellm_cli.core import model_cache
+    from sagellm_cli.core.models import cache as model_cache
 
     if not json_out:
         info(f"downloading {hub_id} ...")
@@ -155,7 +155,7 @@ def rm(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Delete a model from the cache."""
-    from sagellm_cli.core import model_cache
+    from sagellm_cli.core.models import cache as model_cache
 
     model = model_cache.remove(name)
     if json_out:

@@ -1,4 +1,4 @@
-"""Typer parameters built from a dataclass's option fields (core/options.py).
+"""Typer parameters built from a dataclass's option fields (core/inputs/options.py).
 
 `sage llm serve` (GatewayConfig) and `sage llm engine start` (EngineSpec) build their
 options this way, so an option's flags, help, type and default are written once, on
@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from sagellm_cli.core.options import cli_fields
+from sagellm_cli.core.inputs.options import cli_fields
 
 KW = inspect.Parameter.KEYWORD_ONLY
 # (parameter name, annotation, typer.Option/Argument): a command's own options.

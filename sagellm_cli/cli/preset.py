@@ -31,7 +31,7 @@ FILE_OPT = typer.Option(None, "--file", "-f", help="A preset YAML file.")
 
 
 def _manager():
-    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.engines.manager import EngineManager
 
     return EngineManager()
 

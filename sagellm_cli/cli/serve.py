@@ -35,7 +35,7 @@ _COMMAND_OPTIONS: Params = [
 
 def _config(values: dict[str, Any]):
     """The GatewayConfig the options describe."""
-    from sagellm_cli.core.options import to_fields
+    from sagellm_cli.core.inputs.options import to_fields
     from sagellm_cli.core.paths import trusted_state_dir
     from sagellm_cli.gateway.config import GatewayConfig
 
@@ -122,8 +122,8 @@ def _with_metrics(doc: dict) -> dict:
     """A running gateway's status plus its last-minute aggregates (`metrics`; null and
     `metrics_error` when they can't be read). `{"running": false}` stays as it was."""
     from sagellm_cli.core.credentials import read_admin_token
+    from sagellm_cli.core.engines.monitor import fetch_metrics
     from sagellm_cli.core.errors import SageError
-    from sagellm_cli.core.monitor import fetch_metrics
 
     if doc.get("running"):
         doc["metrics"] = None

@@ -1,6 +1,6 @@
 """`sage llm top`: engines, GPUs and the gateway's live figures, refreshed every second.
 
-The data is `core.monitor.top_document` (engines, GPUs, and the gateway's
+The data is `core.engines.monitor.top_document` (engines, GPUs, and the gateway's
 `/v1/management/metrics`); this module only parses options and renders it.
 """
 
@@ -36,8 +36,8 @@ def top(
     ),
 ) -> None:
     """Live view of engines, GPUs and the gateway's per-model and per-engine figures."""
-    from sagellm_cli.core.engines import EngineManager
-    from sagellm_cli.core.monitor import top_document
+    from sagellm_cli.core.engines.manager import EngineManager
+    from sagellm_cli.core.engines.monitor import top_document
 
     check_timeout(interval, "--interval")
     if interval == 0:

@@ -90,7 +90,7 @@ SAFE_ENV_KEYS = frozenset(
 # What sagellm itself sets for an engine: shown in output although the API can't set it.
 SAGELLM_SET_ENV = frozenset({
     "TMPDIR", "VLLM_CACHE_ROOT", "PYTHONUNBUFFERED", "SAGELLM_ENGINE_ID",
-    "VLLM_NIXL_SIDE_CHANNEL_PORT", "VLLM_NIXL_SIDE_CHANNEL_HOST",  # core/runtimes.py (P/D)
+    "VLLM_NIXL_SIDE_CHANNEL_PORT", "VLLM_NIXL_SIDE_CHANNEL_HOST",  # core/launchers/runtimes.py (P/D)
 })  # fmt: skip
 _SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.I)
 

@@ -2,7 +2,7 @@
 
 Every status an engine record can have is a `Status`; every change of it goes through
 `transition()`, which the state writers (`EngineManager` and the restart policy in
-core/supervision.py, always under the state lock) call. A change the table does not
+core/engines/supervision.py, always under the state lock) call. A change the table does not
 allow is refused: logged, and nothing is written. So a late answer (a `/sleep` that
 returns after `engine stop`) can never turn a stopped engine back into a live one.
 

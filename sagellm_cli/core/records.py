@@ -11,12 +11,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from sagellm_cli.core import options
 from sagellm_cli.core.credentials import redact_argv, redact_env
-from sagellm_cli.core.durations import parse_duration, restart_policy
 from sagellm_cli.core.errors import BadInput
-from sagellm_cli.core.lifecycle import LIVE, NO_PROCESS, Status
-from sagellm_cli.core.limits import (  # used in EngineSpec's (string) annotations
+from sagellm_cli.core.inputs import options
+from sagellm_cli.core.inputs.durations import parse_duration, restart_policy
+from sagellm_cli.core.inputs.limits import (  # used in EngineSpec's (string) annotations
     MAX_ARG_CHARS,
     MAX_ENV_VALUE_CHARS,
     MAX_ENV_VARS,
@@ -26,7 +25,8 @@ from sagellm_cli.core.limits import (  # used in EngineSpec's (string) annotatio
     MAX_MODEL_CHARS,
     MAX_NAME_CHARS,
 )
-from sagellm_cli.core.options import as_list, duration, index_list, key_values, option
+from sagellm_cli.core.inputs.options import as_list, duration, index_list, key_values, option
+from sagellm_cli.core.lifecycle import LIVE, NO_PROCESS, Status
 
 if TYPE_CHECKING:  # the annotations below are strings; pydantic resolves them on demand
     from pydantic import BeforeValidator, Field
@@ -39,9 +39,9 @@ ROLES: tuple[str, ...] = ("general", "prefill", "decode")
 NIXL = "NixlConnector"
 KV_CONNECTORS: tuple[str, ...] = (NIXL,)
 RESTART_POLICIES: tuple[str, ...] = ("no", "on-failure", "always")
-# The runtime of engines something else runs, registered by URL (core/external.py).
+# The runtime of engines something else runs, registered by URL (core/engines/external.py).
 EXTERNAL = "external"
-# The runtimes sagellm starts, and which serves which engine kind (core/runtimes.py).
+# The runtimes sagellm starts, and which serves which engine kind (core/launchers/runtimes.py).
 VLLM = "vllm"
 SENTENCE_TRANSFORMERS = "sentence-transformers"
 RUNTIMES_BY_KIND = {"llm": (VLLM,), "embedding": (SENTENCE_TRANSFORMERS, VLLM)}
@@ -78,16 +78,16 @@ class EngineSpec:
 
     This is the one definition of an engine's options. The annotations are pydantic
     constraints, kept as strings (read without pydantic where only types are needed, so
-    `engine list` stays cheap); `core/spec_schema.py` turns them into the strict model that validates
+    `engine list` stays cheap); `core/inputs/spec_schema.py` turns them into the strict model that validates
     presets, the management API and `engine start` alike. Each field's `option()` is its
-    `engine start` option (core/options.py); the field order is the `--help` order.
+    `engine start` option (core/inputs/options.py); the field order is the `--help` order.
     """
 
     model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL_CHARS)] = option(
         help="Model path or Hugging Face id.", argument=True
     )
     kind: Literal["llm", "embedding"] = option("llm", "--engine-kind -k", "llm or embedding.")
-    # `external`: a server something else runs, registered by URL (core/external.py).
+    # `external`: a server something else runs, registered by URL (core/engines/external.py).
     runtime: Literal["vllm", "sentence-transformers", "external"] | None = option(
         None, help="vllm (llm, embedding) or sentence-transformers (embedding, default)."
     )

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from sagellm_cli.core.engines.scheduler import POLICIES as EVICTION_POLICIES
 from sagellm_cli.core.errors import BadInput
-from sagellm_cli.core.options import CliOption, as_list, option
-from sagellm_cli.core.scheduler import POLICIES as EVICTION_POLICIES
-from sagellm_cli.gateway.policies import POLICIES, POLICY_ALIASES
-from sagellm_cli.gateway.routing import ROUTING_ALIASES, STRATEGIES
+from sagellm_cli.core.inputs.options import CliOption, as_list, option
+from sagellm_cli.gateway.admission.policies import POLICIES, POLICY_ALIASES
+from sagellm_cli.gateway.routing.strategies import ROUTING_ALIASES, STRATEGIES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8889
 MIB = 1024 * 1024
 
 
-# Each field's `sage llm serve` option (core/options.py; cli/serve.py builds them).
+# Each field's `sage llm serve` option (core/inputs/options.py; cli/serve.py builds them).
 _option = option
 
 
@@ -75,7 +75,7 @@ class GatewayConfig:
         8 * MIB, "--max-body-mb", "Largest request body accepted, in MiB (every route).",
         cli_type=float, cli_default=8.0, to_field=_mib_to_bytes,
     )  # fmt: skip
-    # Connection limits (gateway/transport.py). Past max_connections a new connection evicts
+    # Connection limits (gateway/http/transport.py). Past max_connections a new connection evicts
     # those waiting longest on a slow or idle client (503 only when none is); lowered at
     # start to what the open-file limit allows.
     max_connections: int = _option(
@@ -157,7 +157,7 @@ class GatewayConfig:
         False, "--slo-reject/--no-slo-reject",
         "Reject (429) requests whose X-SLO-Deadline-Ms can no longer be met.",
     )  # fmt: skip
-    # The supervisor (gateway/supervisor.py, docs/supervisor.md).
+    # The supervisor (gateway/control/supervisor.py, docs/supervisor.md).
     wake_timeout_s: float = _option(
         600.0, "--wake-timeout",
         "Seconds a request waits for an unloaded or sleeping engine to load; then 503.",

@@ -20,12 +20,14 @@ from typing import Any
 
 import psutil
 
-from sagellm_cli.core import logs, paths, process
+from sagellm_cli.core import paths
 from sagellm_cli.core.credentials import ADMIN_TOKEN_ENV, API_KEY_ENV
+from sagellm_cli.core.engines import logs
+from sagellm_cli.core.engines.supervision import gateway_alive
 from sagellm_cli.core.errors import BadInput, OperationFailed, ResourceUnavailable
+from sagellm_cli.core.launchers import process
 from sagellm_cli.core.records import GatewayRecord
 from sagellm_cli.core.state import StateStore
-from sagellm_cli.core.supervision import gateway_alive
 from sagellm_cli.gateway.config import GatewayConfig
 
 SECRET_FIELDS = ("api_key", "admin_token")
@@ -128,7 +130,7 @@ def run(config: GatewayConfig, announce: Callable[[bool], None] | None = None) -
 
     `announce(recorded)` runs once the socket listens.
     """
-    from sagellm_cli.gateway import server
+    from sagellm_cli.gateway.http import server
 
     def started() -> None:
         recorded = record_self(config)
@@ -139,7 +141,7 @@ def run(config: GatewayConfig, announce: Callable[[bool], None] | None = None) -
 
 
 def _health_ok(url: str) -> bool:
-    from sagellm_cli.core import probe
+    from sagellm_cli.core.engines import probe
 
     return probe.health_ok(url)
 
@@ -148,7 +150,7 @@ def start_background(config: GatewayConfig, timeout: float = 60.0) -> GatewayRec
     """Spawn a detached gateway (for a validated config) and wait until it answers /health."""
     store = StateStore()
     ensure_not_running(store)
-    from sagellm_cli.gateway.server import bind_socket
+    from sagellm_cli.gateway.http.server import bind_socket
 
     bind_socket(config.host, config.port).close()  # exit 4 now, not in the child's log
     config_file = write_config(config)

@@ -15,8 +15,8 @@ from sagellm_cli.core.errors import OperationFailed
 
 if TYPE_CHECKING:
     from sagellm_cli.core.state import StateStore
-    from sagellm_cli.gateway.app import Gateway
     from sagellm_cli.gateway.config import GatewayConfig
+    from sagellm_cli.gateway.http.app import Gateway
 
 
 class ThreadedGateway:
@@ -43,8 +43,8 @@ class ThreadedGateway:
 
     def start(self, timeout: float = 30.0) -> ThreadedGateway:
         """Bind (port 0 picks a free port), validate, start serving; return once it listens."""
-        from sagellm_cli.gateway import server
-        from sagellm_cli.gateway.app import create_app
+        from sagellm_cli.gateway.http import server
+        from sagellm_cli.gateway.http.app import create_app
 
         sock = server.bind_socket(self.config.host, self.config.port)
         try:

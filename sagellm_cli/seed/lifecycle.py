@@ -2,7 +2,7 @@
 
 Both take an optional `ControlPlane` (default: a new one on $SAGELLM_HOME) and call its
 methods: the GPU inventory and ledger (`core.gpu`), the memory estimate
-(`core.gpu.estimate`), and engine processes (`core.engines.EngineManager`).
+(`core.gpu.estimate`), and engine processes (`core.engines.manager.EngineManager`).
 """
 
 from __future__ import annotations

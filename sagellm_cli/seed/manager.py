@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import os
 
     from sagellm_cli.core.records import EngineRecord
-    from sagellm_cli.gateway.stats import GatewayMetrics
+    from sagellm_cli.gateway.telemetry.stats import GatewayMetrics
     from sagellm_cli.library import GatewayHandle
 
 # Managers whose gateway runs, so that a test (or atexit code) can stop them all.

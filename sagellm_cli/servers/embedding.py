@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sagellm_cli.core import protocol
-from sagellm_cli.core.embedding_models import is_available_offline, resolve_embedding_model
-from sagellm_cli.core.ports import bind_socket
+from sagellm_cli.core.launchers.ports import bind_socket
+from sagellm_cli.core.models.embedding import is_available_offline, resolve_embedding_model
 
 log = logging.getLogger("sagellm.embedding")
 

@@ -111,7 +111,7 @@ class MemoryEstimate:
 
 def hf_cache_snapshot(repo_id: str) -> Path | None:
     """The newest snapshot folder of `repo_id` in the Hugging Face cache, if any."""
-    from sagellm_cli.core.embedding_models import hf_hub_cache_dir
+    from sagellm_cli.core.models.embedding import hf_hub_cache_dir
 
     snapshots = hf_hub_cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots"
     try:
@@ -131,7 +131,7 @@ def find_model_dir(model: str, kind: str = "llm") -> Path | None:
     if expanded.is_dir():
         return expanded
     if kind == "embedding":
-        from sagellm_cli.core.embedding_models import resolve_embedding_model
+        from sagellm_cli.core.models.embedding import resolve_embedding_model
 
         resolved = Path(resolve_embedding_model(model)).expanduser()
         if resolved.is_dir():

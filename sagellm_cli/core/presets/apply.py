@@ -15,14 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sagellm_cli.core.engines import Reuse
+from sagellm_cli.core.engines.manager import Reuse
 from sagellm_cli.core.errors import BadInput, ExitCode, OperationFailed, SageError
 from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.presets.plan import KEEP, REPLACE, RESTART, PresetPlan
 from sagellm_cli.core.records import AppliedPreset, EngineRecord
 
 if TYPE_CHECKING:
-    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.engines.manager import EngineManager
 
 STOP_TIMEOUT_S = 30.0
 
@@ -385,7 +385,7 @@ def down(preset: str, manager: EngineManager) -> list[EngineRecord]:
 
 def _register(manager: EngineManager, item) -> EngineRecord:
     """An external engine of the preset (`url:`): registered, after its /v1/models check."""
-    from sagellm_cli.core.external import Registration, register
+    from sagellm_cli.core.engines.external import Registration, register
 
     spec = item.spec
     registration = Registration(

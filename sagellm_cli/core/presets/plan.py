@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from sagellm_cli.core import paths, ports
+from sagellm_cli.core import paths
 from sagellm_cli.core.credentials import redact_argv, redact_env
 from sagellm_cli.core.errors import BadInput, SageError
+from sagellm_cli.core.launchers import ports
 from sagellm_cli.core.lifecycle import Status
 from sagellm_cli.core.presets.loader import LoadedPreset
 from sagellm_cli.core.presets.schema import EngineConfig, PresetConfig
@@ -23,7 +24,7 @@ from sagellm_cli.core.records import EXTERNAL, NIXL, EngineRecord, EngineSpec, o
 from sagellm_cli.core.state import State
 
 if TYPE_CHECKING:
-    from sagellm_cli.core.engines import EngineManager
+    from sagellm_cli.core.engines.manager import EngineManager
     from sagellm_cli.core.gpu import Inventory, Placement
 
 # Actions an apply takes per engine.
@@ -57,17 +58,17 @@ def _looks_like_path(model: str) -> bool:
 def resolve_model(model: str, kind: str) -> ModelInfo:
     """Resolve `model` for `kind`: sagellm's model cache, a path, packaged MiniLM, the HF cache.
 
-    Uses `sagellm_cli.core.model_cache` when present; otherwise a built-in fallback that
+    Uses `sagellm_cli.core.models.cache` when present; otherwise a built-in fallback that
     knows the same places.
     """
-    from sagellm_cli.core.embedding_models import resolve_embedding_model
     from sagellm_cli.core.gpu.estimate import find_model_dir
+    from sagellm_cli.core.models.embedding import resolve_embedding_model
 
     if _looks_like_path(model):
         path = Path(model).expanduser()
         return ModelInfo(model, model, str(path), "local-path", path.exists())
     try:
-        from sagellm_cli.core import model_cache  # `sage llm model`'s cache
+        from sagellm_cli.core.models import cache as model_cache  # `sage llm model`'s cache
     except ImportError:  # pragma: no cover - older trees without the model cache
         model_cache = None
     if model_cache is not None:
@@ -299,7 +300,7 @@ def _decide_actions(
 
     Also returns the preset's live engines by label (those missing from the file go).
     """
-    from sagellm_cli.core.engines import validate_spec
+    from sagellm_cli.core.engines.manager import validate_spec
 
     name = config.name
     ours = [r for r in state.engines.values() if r.preset == name]
@@ -366,7 +367,7 @@ def _decide_actions(
 
 def _plan_external(cfg: EngineConfig, preset: str, live, dead, others) -> PlannedEngine:
     """An engine given by `url:`: kept while its record points at the same server."""
-    from sagellm_cli.core.external import normalise_url
+    from sagellm_cli.core.engines.external import normalise_url
 
     label = cfg.engine_label(preset, 1)
     try:
@@ -435,8 +436,8 @@ def _place(
     An engine that can't be placed gets a blocker and the others are still planned.
     """
     from sagellm_cli.core.gpu import engine_pid_map, read_inventory
-    from sagellm_cli.core.ray_launcher import cluster_address
-    from sagellm_cli.core.runtimes import build_launch
+    from sagellm_cli.core.launchers.ray import cluster_address
+    from sagellm_cli.core.launchers.runtimes import build_launch
 
     for engine_id in going:
         state.release(engine_id)

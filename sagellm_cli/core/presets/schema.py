@@ -23,10 +23,10 @@ from pydantic import (
 )
 
 from sagellm_cli.core.errors import BadInput
-from sagellm_cli.core.limits import MAX_PRESET_EXPANDED_BYTES, MAX_PRESET_FILE_BYTES
+from sagellm_cli.core.inputs.limits import MAX_PRESET_EXPANDED_BYTES, MAX_PRESET_FILE_BYTES
+from sagellm_cli.core.inputs.spec_schema import STRICT, engine_options_model, error_message
+from sagellm_cli.core.inputs.spec_schema import key_path as spec_key
 from sagellm_cli.core.records import NAME_PATTERN
-from sagellm_cli.core.spec_schema import STRICT, engine_options_model, error_message
-from sagellm_cli.core.spec_schema import key_path as spec_key
 
 MAX_REPLICAS = 64
 

@@ -1,0 +1,1 @@
+"""Which engine a request goes to: the engine table, backends, routing strategies and health checks."""

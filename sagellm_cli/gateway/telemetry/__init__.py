@@ -1,0 +1,1 @@
+"""What the gateway counts: Prometheus metrics and sliding-window stats."""
