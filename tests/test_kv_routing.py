@@ -14,6 +14,7 @@ import time
 import msgspec
 import pytest
 
+from sagellm_cli.core.launchers.ports import allocate_port
 from sagellm_cli.core.launchers.runtimes import KV_EVENTS_TOPIC, kv_events_argv
 from sagellm_cli.core.records import EngineRecord
 from sagellm_cli.gateway.routing.backend import Backend
@@ -252,30 +253,46 @@ def test_prompt_tokens_uses_the_local_tokenizer(tiny_model):
     assert prompt_tokens({"prompt": [1, 2, 3]}, None) == [1, 2, 3]
 
 
-def test_kv_events_argv_is_vllms_config():
-    argv = kv_events_argv(5599)
+@pytest.mark.parametrize(
+    ("on_this_machine", "endpoint"), [(True, "tcp://127.0.0.1:5599"), (False, "tcp://*:5599")]
+)
+def test_kv_events_argv_is_vllms_config(on_this_machine, endpoint):
+    argv = kv_events_argv(5599, on_this_machine)
     config = msgspec.json.decode(argv[argv.index("--kv-events-config") + 1])
     assert config == {
         "enable_kv_cache_events": True, "publisher": "zmq",
-        "endpoint": "tcp://*:5599", "topic": KV_EVENTS_TOPIC,
+        "endpoint": endpoint, "topic": KV_EVENTS_TOPIC,
     }  # fmt: skip
     kv_config = pytest.importorskip("vllm.config.kv_events")
     kv_config.KVEventsConfig(**config)  # the installed vLLM accepts every field
+    # A local engine's publisher connects (to the gateway on loopback); a node's binds.
+    publisher = pytest.importorskip("vllm.distributed.kv_events").ZmqEventPublisher
+    assert publisher._is_bind_endpoint(endpoint) is (not on_this_machine)
 
 
-def test_subscriber_reads_a_real_publisher():
+@pytest.mark.parametrize("node", ["local", "ray:10.0.0.2"])
+def test_subscriber_reads_a_real_publisher(node):
+    """A local engine's publisher connects to the gateway's socket bound on loopback; an
+    engine on another node binds its own, which the gateway connects to."""
     zmq = pytest.importorskip("zmq")
     kv = _vllm_events()
 
     async def scenario():
         context = zmq.Context.instance()
         pub = context.socket(zmq.PUB)
-        port = pub.bind_to_random_port("tcp://127.0.0.1")
         backend = _backend(0)
-        backend.record.kv_events_port = port
+        backend.record.node = node
         events = KVEventIndex()
         try:
-            events.sync([backend])
+            if node == "local":
+                port = allocate_port("127.0.0.1", set())
+                backend.record.kv_events_port = port
+                events.sync([backend])
+                pub.connect(f"tcp://127.0.0.1:{port}")
+            else:
+                port = pub.bind_to_random_port("tcp://127.0.0.1")
+                backend.record.kv_events_port = port
+                events.sync([backend])
             index = events.index_for(backend)
             assert index is not None
             payload = _payload_vllm(kv, _stored_vllm(kv, [1, 2, 3], None, TOKENS))

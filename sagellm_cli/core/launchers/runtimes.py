@@ -178,7 +178,9 @@ def _vllm(
         # `engine lora add|remove` load and unload adapters while the engine runs.
         env[LORA_RUNTIME_ENV] = "True"
     if kv_events_port is not None:
-        argv += kv_events_argv(kv_events_port)
+        from sagellm_cli.core.launchers.ray import cluster_address  # an env lookup, no ray
+
+        argv += kv_events_argv(kv_events_port, on_this_machine=not cluster_address(spec))
     if spec.kv_connector:
         kv_argv, kv_env = kv_transfer_args(spec, placement is not None, nixl_port)
         argv += kv_argv
@@ -187,14 +189,21 @@ def _vllm(
     return LaunchSpec(argv=argv, env=env, notes=notes)
 
 
-def kv_events_argv(port: int) -> list[str]:
-    """vLLM's flags to publish KV-cache events on a ZMQ PUB socket bound to `port` on all
-    addresses (vLLM binds only wildcard endpoints; docs/known-issues.md). Prefix caching is
-    on by default in vLLM V1; it is named here because without it no block is ever stored."""
+def kv_events_endpoint(port: int, on_this_machine: bool) -> str:
+    """Where an engine's KV-event publisher goes (vLLM binds wildcard endpoints and connects
+    to the others). On this machine the engine connects to the gateway's SUB socket on
+    loopback, so prompts' token ids never leave the host; an engine on a Ray node binds
+    every address of its node for the gateway to connect to (docs/known-issues.md)."""
+    return f"tcp://127.0.0.1:{port}" if on_this_machine else f"tcp://*:{port}"
+
+
+def kv_events_argv(port: int, on_this_machine: bool = True) -> list[str]:
+    """vLLM's flags to publish KV-cache events over ZMQ (`kv_events_endpoint`). Prefix
+    caching is on by default in vLLM V1; it is named because without it no block is stored."""
     config = {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
-        "endpoint": f"tcp://*:{port}",
+        "endpoint": kv_events_endpoint(port, on_this_machine),
         "topic": KV_EVENTS_TOPIC,
     }
     return ["--enable-prefix-caching", "--kv-events-config", json.dumps(config)]

@@ -23,7 +23,8 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sagellm_cli.core.launchers.runtimes import KV_EVENTS_TOPIC
+from sagellm_cli.core.launchers.base import LOCAL
+from sagellm_cli.core.launchers.runtimes import KV_EVENTS_TOPIC, kv_events_endpoint
 
 if TYPE_CHECKING:
     from sagellm_cli.gateway.routing.backend import Backend
@@ -210,12 +211,19 @@ class KVEventIndex:
     def sync(self, backends: Iterable[Backend]) -> None:
         """Start a subscriber for each new publishing engine and stop those of engines that
         are gone or run as a new process (whose cache starts empty)."""
-        wanted: dict[str, tuple[tuple[str | None, str], Backend]] = {}
+        wanted: dict[str, tuple[tuple[str | None, str, bool], Backend]] = {}
         for backend in backends:
             record = backend.record
             if record.kv_events_port and not record.is_external:
-                url = subscriber_url(record.host, record.kv_events_port)
-                wanted[backend.id] = ((record.instance, url), backend)
+                # The engine's publisher connects to us on loopback when it runs on this
+                # machine, else it binds on its node (core/launchers/runtimes.py).
+                local = record.node == LOCAL
+                url = (
+                    kv_events_endpoint(record.kv_events_port, on_this_machine=True)
+                    if local
+                    else subscriber_url(record.host, record.kv_events_port)
+                )
+                wanted[backend.id] = ((record.instance, url, local), backend)
         for engine_id, (ident, task) in list(self._tasks.items()):
             if engine_id not in wanted or wanted[engine_id][0] != ident:
                 task.cancel()
@@ -227,7 +235,8 @@ class KVEventIndex:
             if engine_id not in self._tasks:
                 index = EngineIndex()
                 self.engines[engine_id] = index
-                task = asyncio.create_task(self._subscribe(ident[1], index), name="kv-events")
+                subscribe = self._subscribe(ident[1], index, bind=ident[2])
+                task = asyncio.create_task(subscribe, name="kv-events")
                 task.add_done_callback(_log_end)
                 self._tasks[engine_id] = (ident, task)
 
@@ -244,7 +253,9 @@ class KVEventIndex:
             return False
         return True
 
-    async def _subscribe(self, url: str, index: EngineIndex) -> None:
+    async def _subscribe(self, url: str, index: EngineIndex, bind: bool = False) -> None:
+        """Receive one engine's event batches into `index`: bound on `url` (the engine's
+        publisher connects to it) or connected to the engine's bound publisher."""
         import zmq
         import zmq.asyncio
 
@@ -255,8 +266,11 @@ class KVEventIndex:
                 sock.setsockopt(zmq.IPV6, 1)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SUBSCRIBE, KV_EVENTS_TOPIC.encode())
-            sock.connect(url)
-            log.info("kv routing: subscribed to %s", url)
+            if bind:
+                sock.bind(url)
+            else:
+                sock.connect(url)
+            log.info("kv routing: subscribed on %s", url)
             last_seq: int | None = None
             while True:
                 frames = await sock.recv_multipart()
