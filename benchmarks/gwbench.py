@@ -29,21 +29,9 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+from harness import T0, log, sage
 
 ROOT = Path(__file__).resolve().parent.parent
-T0 = time.monotonic()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
-
-
-def sage(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SAGELLM_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "sagellm_cli", "llm", *args],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
 
 
 def start_engine(home: Path, model: str, name: str, label: str, port: int, gb: float) -> bool:

@@ -29,7 +29,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,32 +37,11 @@ import urllib.request
 from pathlib import Path
 
 import httpx
+from harness import T0, free_port, log, sage
 
 ROOT = Path(__file__).resolve().parent.parent
-T0 = time.monotonic()
 NAME = "m"
 ROUTINGS = ("round_robin", "prefix", "kv")
-
-
-def log(msg: str) -> None:
-    """A timestamped progress line."""
-    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
-
-
-def sage(home: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    """`sage llm ARGS` against `home`."""
-    env = {**os.environ, "SAGELLM_HOME": str(home)}
-    return subprocess.run(
-        [sys.executable, "-m", "sagellm_cli", "llm", *args],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-
-
-def free_port() -> int:
-    """A port free right now on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_engines(home: Path, args) -> list[dict]:

@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import metric
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 MODELS = ("planner", "tool-a", "tool-b")
@@ -182,11 +184,6 @@ def sage(home: Path, *args: str, timeout: float = 300) -> str:
     if out.returncode != 0:
         raise RuntimeError(f"sage {' '.join(args)}: {out.stderr.strip()[-600:]}")
     return out.stdout
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{"))  # fmt: skip
 
 
 def statuses(home: Path) -> dict[str, str]:

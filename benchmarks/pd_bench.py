@@ -34,7 +34,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,40 +41,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+from harness import T0, free_port, log, metric, sage
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-T0 = time.monotonic()
 SERVED = "pdbench"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
-
-
-def sage(home: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SAGELLM_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "sagellm_cli", "llm", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, timeout: float = 5) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return resp.read().decode()
-
-
-def metric(text: str, name: str, label: str = "") -> float:
-    """The sum of the samples of `name` whose labels contain `label`."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and line[len(name)] in "{ " and label in line:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def start_engines(home: Path, args, setup: str) -> dict[str, dict]:
