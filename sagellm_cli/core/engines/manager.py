@@ -415,13 +415,15 @@ class EngineManager:
         check_label_free(live, spec.label)
         launcher = launcher_for_spec(spec)
         port = _choose_port(launcher, spec, taken, reuse.port if reuse else None)
+        taken = taken | {port}
         # KV events (vLLM llm engines: validate_spec): a second port, for the ZMQ publisher.
         events_port = None
         if spec.kv_events:
-            events_port = launcher.allocate_port(spec.host, taken | {port})
+            events_port = launcher.allocate_port(spec.host, taken)
+            taken.add(events_port)
         nixl_port = None  # NIXL's side channel; on a Ray node vLLM's default (known-issues.md)
         if spec.kv_connector == NIXL and launcher.on_this_machine:
-            nixl_port = launcher.allocate_port(spec.host, taken | {port, events_port or port})
+            nixl_port = launcher.allocate_port(spec.host, taken)
         if reuse_id:
             state.release(reuse_id)  # a restart may take its own reservation again
         placement, cpu_cores = _place(launcher, spec, runtime, state, live, reuse)
