@@ -195,11 +195,14 @@ def statuses(home: Path) -> dict[str, str]:
 def wait_statuses(home: Path, wanted: dict[str, str], timeout: float) -> None:
     """Wait until every label's status is one of its wanted ones (comma-separated)."""
     deadline = time.monotonic() + timeout
-    while any(statuses(home).get(k) not in v.split(",") for k, v in wanted.items()):
-        if "failed" in statuses(home).values():
-            raise RuntimeError(f"an engine failed: {statuses(home)}")
+    while True:
+        now = statuses(home)  # one `engine list` per look
+        if all(now.get(k) in v.split(",") for k, v in wanted.items()):
+            return
+        if "failed" in now.values():
+            raise RuntimeError(f"an engine failed: {now}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"engines stayed {statuses(home)}, wanted {wanted}")
+            raise RuntimeError(f"engines stayed {now}, wanted {wanted}")
         time.sleep(0.5)
 
 
