@@ -204,17 +204,21 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
         time.sleep(interval)
 
 
-def sage(*args: str, home: Path, timeout: float = 300, check: bool = False, env=None):
-    """Run `sage ...` as a real subprocess under `home`."""
+def _sage_env(home: Path, env=None) -> dict[str, str]:
     full_env = {**os.environ, "SAGELLM_HOME": str(home)}
     # Piped, the CLI prints tables 240 wide unless COLUMNS says otherwise; the runner's own
     # terminal size (xdist's workers get COLUMNS=80) must not reflow what the tests read.
     full_env.pop("COLUMNS", None)
     full_env.pop("LINES", None)
     full_env.update(env or {})
+    return full_env
+
+
+def sage(*args: str, home: Path, timeout: float = 300, check: bool = False, env=None):
+    """Run `sage ...` as a real subprocess under `home`."""
     proc = subprocess.run(
         [sys.executable, "-m", "sagellm_cli", *args],
-        env=full_env,
+        env=_sage_env(home, env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -228,3 +232,22 @@ def sage_json(*args: str, home: Path, timeout: float = 300, env=None):
     """Run `sage ... --json` and decode stdout."""
     proc = sage(*args, "--json", home=home, timeout=timeout, check=True, env=env)
     return json.loads(proc.stdout)
+
+
+def start_engines_at_once(home: Path, model, engines: dict[str, list[str]], timeout=500):
+    """`sage llm engine start MODEL --label LABEL ARGS --json` for every label at once (the
+    engines load side by side); their records by label. Fails naming the first that failed."""
+    procs = {
+        label: subprocess.Popen(
+            [sys.executable, "-m", "sagellm_cli", "llm", "engine", "start", str(model),
+             "--label", label, *args, "--json"],
+            env=_sage_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for label, args in engines.items()
+    }  # fmt: skip
+    records = {}
+    for label, proc in procs.items():
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"engine {label} failed to start:\n{err}"
+        records[label] = json.loads(out)
+    return records

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import psutil
 import pytest
-from conftest import needs_st, needs_vllm, stop_all_engines
+from conftest import needs_st, needs_vllm, start_engines_at_once, stop_all_engines
 from test_gateway_support import running_gateway
 
 from sagellm_cli.gateway.routing.strategies import STRATEGIES
@@ -50,21 +47,13 @@ def gateway(gw_home):
 @pytest.fixture(scope="module")
 def replicas(gw_home, gateway, tiny_model):
     """Two replicas started in parallel; returns {label: record} and when they were ready."""
-    env = {**os.environ, "SAGELLM_HOME": str(gw_home)}
-    procs = {
-        label: subprocess.Popen(
-            [sys.executable, "-m", "sagellm_cli", "llm", "engine", "start", str(tiny_model),
-             "--served-model-name", "tiny", "--label", label, "--role", role,
-             "--max-model-len", "512", "--kv-cache-gb", "0.0625", "--timeout", "400", "--json"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for label, role in (("r1", "prefill"), ("r2", "decode"))
-    }  # fmt: skip
-    records = {}
-    for label, proc in procs.items():
-        out, err = proc.communicate(timeout=500)
-        assert proc.returncode == 0, f"engine {label} failed to start:\n{err}"
-        records[label] = json.loads(out)
+    common = ["--served-model-name", "tiny", "--max-model-len", "512", "--kv-cache-gb",
+              "0.0625", "--timeout", "400"]  # fmt: skip
+    records = start_engines_at_once(
+        gw_home,
+        tiny_model,
+        {"r1": ["--role", "prefill", *common], "r2": ["--role", "decode", *common]},
+    )
     return {"records": records, "ready_at": time.monotonic()}
 
 

@@ -10,15 +10,11 @@ spread once its engine is over the load bound.
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import os
 import re
-import subprocess
-import sys
 
 import httpx
 import pytest
-from conftest import needs_vllm, stop_all_engines, wait_for
+from conftest import needs_vllm, start_engines_at_once, stop_all_engines, wait_for
 from test_gateway_support import running_gateway
 
 pytestmark = [pytest.mark.engines, needs_vllm]
@@ -55,43 +51,9 @@ def kv_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engines(kv_home, tiny_model):
-    env = {**os.environ, "SAGELLM_HOME": str(kv_home)}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sagellm_cli",
-                "llm",
-                "engine",
-                "start",
-                str(tiny_model),
-                "--served-model-name",
-                "tiny",
-                "--label",
-                label,
-                "--kv-events",
-                "--max-model-len",
-                "1024",
-                "--kv-cache-gb",
-                "0.0625",
-                "--timeout",
-                "400",
-                "--json",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for label in ("k1", "k2")
-    ]
-    records = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=500)
-        assert proc.returncode == 0, f"engine failed to start:\n{err}"
-        records.append(json.loads(out))
-    return records
+    args = ["--served-model-name", "tiny", "--kv-events", "--max-model-len", "1024",
+            "--kv-cache-gb", "0.0625", "--timeout", "400"]  # fmt: skip
+    return list(start_engines_at_once(kv_home, tiny_model, {"k1": args, "k2": args}).values())
 
 
 @pytest.fixture(scope="module")
