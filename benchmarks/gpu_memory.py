@@ -10,7 +10,7 @@ Prints per engine: reserved, NVML used, difference, within max(5 %, 0.5 GiB), th
 sagellm gave vLLM, and vLLM's own "Graph capturing ... took X GiB" / "Model loading took".
 
     python benchmarks/gpu_memory.py [--model DIR] [--sizes 6,10,14] [--embed-gib 4]
-                                    [--modes concurrent,pipeline] [--no-st]
+                                    [--modes concurrent,pipeline] [--no-st] [--alone chat,embed]
 
 Needs NVML and vLLM (see scripts/gpu_device_run.sh); the default model is the tiny Qwen2
 of tests/tinymodel.py, built on the spot.
@@ -128,7 +128,9 @@ def main() -> None:
     parser.add_argument("--embed-gib", type=float, default=4.0)
     parser.add_argument("--no-st", action="store_true", help="leave out the MiniLM server")
     parser.add_argument("--modes", default="concurrent,pipeline")
-    parser.add_argument("--no-alone", action="store_true", help="skip the engines alone")
+    parser.add_argument("--alone", default="chat,embed",
+                        help="which engines also start alone (chat: the largest chat engine; "
+                        "embed: the vLLM pooling one); empty for none")  # fmt: skip
     args = parser.parse_args()
     model = args.model
     if model is None:
@@ -141,11 +143,12 @@ def main() -> None:
     # A first apply fills vLLM's compile cache for every engine config (reported as cold);
     # then each config alone, warm, and the modes, warm: like for like.
     runs: list[tuple[str, str, str]] = [("cold", "concurrent", engines)]
-    if not args.no_alone:
+    alone_runs = set(filter(None, args.alone.split(",")))
+    if "chat" in alone_runs:
         runs.append(("alone chat", "concurrent", engines_yaml(model, [max(sizes)], 0, False)))
-        if args.embed_gib:
-            runs.append(("alone embed", "concurrent", engines_yaml(model, [], args.embed_gib,
-                                                                   False)))  # fmt: skip
+    if "embed" in alone_runs and args.embed_gib:
+        runs.append(("alone embed", "concurrent", engines_yaml(model, [], args.embed_gib,
+                                                               False)))  # fmt: skip
     runs += [(mode, mode, engines) for mode in args.modes.split(",")]
     alone: dict[str, float] = {}
     for name, mode, yaml in runs:

@@ -1,17 +1,22 @@
 """Data-plane throughput and tail latency: `vllm bench serve` direct to real vLLM engines
 and through `sage llm serve`, alternating, on a GPU machine (scripts/gpu_device_run.sh gwbench).
 
-Engines are started with `sage llm engine start` (tiny model t1, then a second replica t2,
-then the 1.2 B model), one at a time (concurrent vLLM starts on one GPU disturb each other's
-memory profiling). Each point is direct then gateway, back to back: random 128 in / 64 out,
+Engines are started with `sage llm engine start` (tiny model t1, a second replica t2, the
+1.2 B model b1), all at once: each gets --kv-cache-memory-bytes from its reservation, so
+their starts on one GPU do not disturb each other (docs/gpu.md). Each point is direct then
+gateway, back to back: random 128 in / 64 out,
 --ignore-eos, streaming, /v1/completions. A single engine behind the gateway is reached by
 its label (t1, b1: the gateway rewrites `model` to the served name); two engines are the
 served name `tiny`, balanced round_robin, against both engines driven directly at once
 (throughputs summed, the worse P99). The gateway's CPU seconds per point are recorded
-(psutil). A failing step is reported and the others go on; a time budget skips the rest.
+(psutil), and, sampled every 0.25 s while each run lasts, how many requests vLLM is running
+and holding waiting (its /metrics: do requests reach the engine as they do direct?) and the
+gateway's event-loop lag (its `sagellm_gateway_event_loop_lag_seconds`: is its one loop
+busy?). A failing step is reported and the others go on; a time budget skips the rest.
 
     python3 benchmarks/gwbench.py --tiny /root/tiny --big /root/m-1b --out $OUT
-        [--prompts 2000] [--conc 64,256] [--pair-conc 256] [--budget-s 330]
+        [--points tiny1,tiny2,big] [--prompts 2000] [--conc 64,256] [--pair-conc 256]
+        [--budget-s 330]
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
-from harness import T0, log, sage
+from harness import T0, log, metric, sage
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,6 +55,68 @@ def start_engine(home: Path, model: str, name: str, label: str, port: int, gb: f
     if not ok:
         print(out.stdout[-1500:], out.stderr[-3000:], sep="\n", flush=True)
     return ok
+
+
+def scrape(url: str) -> str:
+    """A /metrics text, or "" when it can't be read."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
+
+
+class EngineSampler:
+    """vLLM's running and waiting requests on some engines, summed, every 0.25 s while a
+    run lasts: requests held before the engine show as fewer running, more waiting."""
+
+    def __init__(self, ports: list[int]):
+        self.urls = [f"http://127.0.0.1:{p}/metrics" for p in ports]
+        self.running: list[float] = []
+        self.waiting: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            texts = [scrape(u) for u in self.urls]
+            self.running.append(sum(metric(t, "vllm:num_requests_running") for t in texts))
+            self.waiting.append(sum(metric(t, "vllm:num_requests_waiting") for t in texts))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        """Mean and max running, mean waiting, over the samples where anything ran."""
+        busy = [(r, w) for r, w in zip(self.running, self.waiting, strict=True) if r or w]
+        if not busy:
+            return {}
+        return {
+            "running_mean": sum(r for r, _ in busy) / len(busy),
+            "running_max": max(r for r, _ in busy),
+            "waiting_mean": sum(w for _, w in busy) / len(busy),
+        }
+
+
+_LAG = "sagellm_gateway_event_loop_lag_seconds"
+
+
+def loop_lag(before: str, after: str) -> dict:
+    """The gateway's event-loop lag between two scrapes: mean, and the share of probes
+    that came 10 ms or more late."""
+    count = metric(after, f"{_LAG}_count") - metric(before, f"{_LAG}_count")
+    if count <= 0:
+        return {}
+    total = metric(after, f"{_LAG}_sum") - metric(before, f"{_LAG}_sum")
+    on_time = metric(after, f"{_LAG}_bucket", 'le="0.01"') - metric(
+        before, f"{_LAG}_bucket", 'le="0.01"'
+    )
+    return {"lag_mean_ms": 1000 * total / count, "lag_over_10ms": 1 - on_time / count}
 
 
 def wait_http(url: str, timeout: float) -> bool:
@@ -139,6 +208,11 @@ def main() -> int:
     p.add_argument("--tiny", default="/root/tiny")
     p.add_argument("--big", default="/root/m-1b")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gwbench"))
+    p.add_argument(
+        "--points",
+        default="tiny1,tiny2,big",
+        help="tiny1: one tiny engine; tiny2: two behind one name; big: the 1.2 B",
+    )
     p.add_argument("--prompts", type=int, default=2000)
     p.add_argument("--conc", default="64,256")
     p.add_argument("--pair-conc", type=int, default=256, help="per engine, two engines")
@@ -153,29 +227,37 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="gwbench-home-"))
     concs = [int(c) for c in args.conc.split(",")]
     ports = {"t1": 18101, "t2": 18102, "b1": 18103, "gw": 18889}
-    rows: list[tuple[str, int, dict | None, dict | None, float]] = []
+    points = set(args.points.split(","))
+    rows: list[tuple] = []
     gateway = None
+    gw_metrics = f"http://127.0.0.1:{ports['gw']}/metrics"
 
     def point(label: str, name: str, gw_model: str, directs: list[str], conc: int) -> None:
         if time.monotonic() - T0 > args.budget_s:
             log(f"{label} c={conc}: skipped (time budget)")
-            rows.append((label, conc, None, None, float("nan")))
+            rows.append((label, conc, None, None, float("nan"), {}, {}, {}))
             return
         tag = f"{label}-c{conc}".replace(" ", "_")
         n = args.prompts
         cmds = [bench_cmd(args, f"http://127.0.0.1:{ports[d]}", name, conc, n, out,
                           f"{tag}-direct-{d}") for d in directs]  # fmt: skip
-        direct = merge(run_benches(cmds, out, [f"{tag}-direct-{d}" for d in directs], 150))
+        engine_ports = [ports[d] for d in directs]
+        with EngineSampler(engine_ports) as seen_direct:
+            direct = merge(run_benches(cmds, out, [f"{tag}-direct-{d}" for d in directs], 150))
         total = conc * len(directs)
         cmd = bench_cmd(args, f"http://127.0.0.1:{ports['gw']}", gw_model, total,
                         n * len(directs), out, f"{tag}-gateway", model=name)  # fmt: skip
-        before = cpu_s(gateway.pid)
-        (via,) = run_benches([cmd], out, [f"{tag}-gateway"], 150)
+        before, lag_before = cpu_s(gateway.pid), scrape(gw_metrics)
+        with EngineSampler(engine_ports) as seen_via:
+            (via,) = run_benches([cmd], out, [f"{tag}-gateway"], 150)
         cpu = (cpu_s(gateway.pid) - before) / (n * len(directs))
-        rows.append((label, total, direct, via, cpu))
+        lag = loop_lag(lag_before, scrape(gw_metrics))
+        rows.append((label, total, direct, via, cpu, seen_direct.summary(), seen_via.summary(),
+                     lag))  # fmt: skip
         log(f"{label} c={total}: direct {direct and round(direct['output_throughput'])} tok/s, "
             f"gateway {via and round(via['output_throughput'])} tok/s, "
-            f"gateway CPU {cpu * 1e6:.0f} us/request")  # fmt: skip
+            f"gateway CPU {cpu * 1e6:.0f} us/request; vLLM running/waiting direct "
+            f"{seen_direct.summary()}, via gateway {seen_via.summary()}; loop lag {lag}")  # fmt: skip
 
     try:
         gateway = subprocess.Popen(
@@ -188,18 +270,24 @@ def main() -> int:
         if not wait_http(f"http://127.0.0.1:{ports['gw']}/health", 60):
             log("gateway did not start")
             return 1
-        if start_engine(home, args.tiny, "tiny", "t1", ports["t1"], args.gb):
-            wait_http(f"http://127.0.0.1:{ports['gw']}/ready", 30)
+        wanted = [("t1", args.tiny, "tiny")] if points & {"tiny1", "tiny2"} else []
+        wanted += [("t2", args.tiny, "tiny")] if "tiny2" in points else []
+        if "big" in points and Path(args.big).exists():
+            wanted.append(("b1", args.big, "big"))
+        with ThreadPoolExecutor(len(wanted) or 1) as pool:
+            started = dict(zip([w[0] for w in wanted], pool.map(
+                lambda w: start_engine(home, w[1], w[2], w[0], ports[w[0]], args.gb), wanted
+            ), strict=True))  # fmt: skip
+        wait_http(f"http://127.0.0.1:{ports['gw']}/ready", 30)
+        time.sleep(2)  # the gateway picks up new engines within a second
+        if "tiny1" in points and started.get("t1"):
             for c in concs:
                 point("tiny, 1 engine", "tiny", "t1", ["t1"], c)
-            if start_engine(home, args.tiny, "tiny", "t2", ports["t2"], args.gb):
-                time.sleep(2)  # the gateway picks up the new engine within a second
-                point("tiny, 2 engines", "tiny", "tiny", ["t1", "t2"], args.pair_conc)
-            sage(home, "engine", "stop", "--all", timeout=120)
-        if Path(args.big).exists() and start_engine(home, args.big, "big", "b1", ports["b1"],
-                                                    args.gb):  # fmt: skip
+        if started.get("b1"):
             for c in concs:
                 point("1.2B, 1 engine", "big", "b1", ["b1"], c)
+        if started.get("t1") and started.get("t2"):
+            point("tiny, 2 engines", "tiny", "tiny", ["t1", "t2"], args.pair_conc)
     finally:
         with contextlib.suppress(Exception):
             sage(home, "engine", "stop", "--all", timeout=120)
@@ -218,12 +306,14 @@ def main() -> int:
 def render(rows) -> str:
     lines = [
         "| engines | c | output tok/s direct → gateway (ratio) | P99 TTFT ms direct → gateway "
-        "(ratio) | median TPOT ms direct → gateway | failed | gateway CPU/request |",
-        "|---|---|---|---|---|---|---|",
+        "(ratio) | median TPOT ms direct → gateway | failed | gateway CPU/request | "
+        "vLLM running mean (max) direct → gateway | vLLM waiting mean direct → gateway | "
+        "gateway loop lag mean, share ≥ 10 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, conc, d, g, cpu in rows:
+    for label, conc, d, g, cpu, seen_d, seen_g, lag in rows:
         if d is None or g is None:
-            lines.append(f"| {label} | {conc} | - | - | - | - | (failed or skipped) |")
+            lines.append(f"| {label} | {conc} | - | - | - | - | (failed or skipped) | - | - | - |")
             continue
         tok = f"{d['output_throughput']:,.0f} → {g['output_throughput']:,.0f} " \
               f"({g['output_throughput'] / d['output_throughput']:.3f}×)"  # fmt: skip
@@ -231,8 +321,14 @@ def render(rows) -> str:
                f"({g['p99_ttft_ms'] / max(d['p99_ttft_ms'], 1e-9):.2f}×)"  # fmt: skip
         tpot = f"{d['median_tpot_ms']:.2f} → {g['median_tpot_ms']:.2f}"
         failed = f"{d.get('failed', 0) or 0} / {g.get('failed', 0) or 0}"
+        running = " → ".join(
+            f"{x['running_mean']:.0f} ({x['running_max']:.0f})" if x else "-"
+            for x in (seen_d, seen_g)
+        )
+        waiting = " → ".join(f"{x['waiting_mean']:.0f}" if x else "-" for x in (seen_d, seen_g))
+        lagged = f"{lag['lag_mean_ms']:.1f} ms, {lag['lag_over_10ms']:.0%}" if lag else "-"
         lines.append(f"| {label} | {conc} | {tok} | {ttft} | {tpot} | {failed} | "
-                     f"{cpu * 1e6:,.0f} µs |")  # fmt: skip
+                     f"{cpu * 1e6:,.0f} µs | {running} | {waiting} | {lagged} |")  # fmt: skip
     lines.append("\nTargets: output tok/s ≥ 0.98× direct, P99 TTFT ≤ 1.15× direct.")
     return "\n".join(lines) + "\n"
 

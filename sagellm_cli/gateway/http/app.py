@@ -119,6 +119,7 @@ class Gateway:
             asyncio.create_task(self.registry.watch(), name="state-watch"),
             asyncio.create_task(self.health.run(), name="health"),
             asyncio.create_task(self.supervisor.run(), name="supervisor"),
+            asyncio.create_task(self.metrics.probe_loop_lag(), name="loop-lag"),
         ]
         if self.registry.kv_index is not None:
             kv = self.registry.kv_index.run(self.registry.backends.values)

@@ -10,6 +10,7 @@ at scrape time instead of being updated on every request.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,6 +30,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+# How often the event-loop lag probe wakes (docs/gateway.md, "Where the time goes").
+LAG_PROBE_INTERVAL = 0.05
 
 
 class _EngineCollector:
@@ -141,6 +145,13 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self.loop_lag = Histogram(
+            "sagellm_gateway_event_loop_lag_seconds",
+            f"How late a {LAG_PROBE_INTERVAL * 1000:g} ms timer fires on the gateway's event "
+            "loop: time the loop spent busy with other work.",
+            buckets=_LAG_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(registry))
         self._requests: dict[tuple, object] = {}
         self._latency: dict[tuple, object] = {}
@@ -185,6 +196,14 @@ class Metrics:
     def retry(self, model: str) -> None:
         """One retry on another replica."""
         self.retries.labels(model).inc()
+
+    async def probe_loop_lag(self) -> None:
+        """Forever: sleep LAG_PROBE_INTERVAL and record how late the wake-up came."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_PROBE_INTERVAL
+            await asyncio.sleep(LAG_PROBE_INTERVAL)
+            self.loop_lag.observe(max(0.0, loop.time() - due))
 
     def render(self) -> bytes:
         """The text exposition format."""
