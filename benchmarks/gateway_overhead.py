@@ -29,7 +29,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+from harness import free_port, loop_lag, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -57,12 +57,6 @@ PACED = (
 )
 BODIES = {"chat": (CHAT, False), "stream": (STREAM, True), "paced": (PACED, True)}
 SCENARIOS = [("chat", 1), ("chat", 64), ("stream", 1), ("stream", 64), ("paced", 64)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
@@ -209,6 +203,15 @@ class StreamsResult:
     base_rss_mb: float = 0.0
     cpu_s: float | None = None
     first_error: str = ""
+    ttfts: list[float] = field(default_factory=list, repr=False)
+    lag: dict = field(default_factory=dict)
+
+    def ttft_ms(self, q: float) -> float:
+        """The q-quantile of the time to the first chunk, as the client saw it."""
+        if not self.ttfts:
+            return float("nan")
+        data = sorted(self.ttfts)
+        return data[min(len(data) - 1, int(q * len(data)))] * 1000
 
 
 def _rss_mb(pid: int) -> float:
@@ -219,8 +222,11 @@ def _rss_mb(pid: int) -> float:
         return 0.0
 
 
-async def _streams(url: str, pid: int | None, streams: int, waves: int, itl_ms: float):
-    """`streams` paced streams at once, `waves` times over; errors and the proxy's peak RSS."""
+async def _streams(
+    url: str, pid: int | None, streams: int, waves: int, itl_ms: float, metrics: str | None
+):
+    """`streams` paced streams at once, `waves` times over: errors, the proxy's peak RSS,
+    each stream's time to its first chunk and (our gateway, `metrics`) its event-loop lag."""
     body = PACED.replace(b'"fake_itl_ms":2', b'"fake_itl_ms":%g' % itl_ms)
     out = StreamsResult(streams)
     if pid is not None:
@@ -239,8 +245,14 @@ async def _streams(url: str, pid: int | None, streams: int, waves: int, itl_ms: 
 
         async def one() -> None:
             try:
+                sent = time.perf_counter()
                 async with session.post(url, data=body, headers=headers) as resp:
-                    data = b"".join([c async for c in resp.content.iter_any()])
+                    pieces = []
+                    async for piece in resp.content.iter_any():
+                        if not pieces:
+                            out.ttfts.append(time.perf_counter() - sent)
+                        pieces.append(piece)
+                    data = b"".join(pieces)
                     if resp.status != 200 or not data.endswith(b"data: [DONE]\n\n"):
                         raise RuntimeError(f"status {resp.status}, {data[-80:]!r}")
                     out.completed += 1
@@ -249,12 +261,15 @@ async def _streams(url: str, pid: int | None, streams: int, waves: int, itl_ms: 
                 out.first_error = out.first_error or f"{type(exc).__name__}: {exc}"[:200]
 
         sampler = asyncio.ensure_future(sample())
+        lag_before = scrape(metrics) if metrics else ""
         before = _cpu(pid)
         start = time.perf_counter()
         for _ in range(waves):
             await asyncio.gather(*(one() for _ in range(streams)))
         out.seconds = time.perf_counter() - start
         after = _cpu(pid)
+        if metrics:
+            out.lag = loop_lag(lag_before, scrape(metrics))
         done = True
         await sampler
     if before is not None and after is not None:
@@ -280,7 +295,7 @@ def run_streams(args) -> str:
         wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream)
         direct = asyncio.run(
             _streams(f"http://127.0.0.1:{upstream_port}/v1/chat/completions", upstream.pid,
-                     args.streams, args.waves, args.itl_ms)
+                     args.streams, args.waves, args.itl_ms, None)
         )  # fmt: skip
         rows.append(("direct (the fake upstream itself)", direct))
         for system in chosen:
@@ -292,7 +307,7 @@ def run_streams(args) -> str:
             try:
                 res = asyncio.run(
                     _streams(url + "/v1/chat/completions", proc.pid, args.streams, args.waves,
-                             args.itl_ms)
+                             args.itl_ms, url + "/metrics")
                 )  # fmt: skip
             finally:
                 stop(proc)
@@ -302,14 +317,16 @@ def run_streams(args) -> str:
         stop(upstream)
     lines = [
         "| system | streams at once × waves | completed | errors | wall s | "
-        "RSS before → peak | CPU/stream |",
-        "|---|---|---|---|---|---|---|",
+        "RSS before → peak | CPU/stream | first chunk p50 / p99 | loop lag mean, share ≥ 10 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
         cpu = f"{r.cpu_s / max(1, r.completed) * 1e6:,.0f} µs" if r.cpu_s is not None else "-"
         lines.append(
             f"| {name} | {r.streams} × {args.waves} | {r.completed} | {r.errors} | "
-            f"{r.seconds:.1f} | {r.base_rss_mb:.0f} → {r.peak_rss_mb:.0f} MB | {cpu} |"
+            f"{r.seconds:.1f} | {r.base_rss_mb:.0f} → {r.peak_rss_mb:.0f} MB | {cpu} | "
+            f"{r.ttft_ms(0.5):.0f} / {r.ttft_ms(0.99):.0f} ms | "
+            + (f"{r.lag['lag_mean_ms']:.1f} ms, {r.lag['lag_over_10ms']:.0%} |" if r.lag else "- |")
         )
     errors = [f"{n}: {r.first_error}" for n, r in rows if r.first_error]
     notes = [
@@ -408,6 +425,7 @@ def _sagellm(spec: str, root: Path = ROOT) -> Callable:
     server = server or "uvicorn"
 
     def start(upstream_port: int, work: Path) -> tuple[str, subprocess.Popen]:
+        from sagellm_cli.core.lifecycle import Status
         from sagellm_cli.core.records import EngineRecord
         from sagellm_cli.core.state import StateStore
 
@@ -423,7 +441,7 @@ def _sagellm(spec: str, root: Path = ROOT) -> Callable:
                 served_model_name="fake",
                 host="127.0.0.1",
                 port=upstream_port,
-                status="ready",
+                status=Status.READY,
                 pid=fake_pid,
                 pid_create_time=psutil.Process(fake_pid).create_time(),
                 created_at=time.time(),

@@ -33,10 +33,11 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from harness import T0, log, metric, sage
+from harness import T0, free_port, log, loop_lag, metric, sage, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,15 +56,6 @@ def start_engine(home: Path, model: str, name: str, label: str, port: int, gb: f
     if not ok:
         print(out.stdout[-1500:], out.stderr[-3000:], sep="\n", flush=True)
     return ok
-
-
-def scrape(url: str) -> str:
-    """A /metrics text, or "" when it can't be read."""
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.read().decode()
-    except OSError:
-        return ""
 
 
 class EngineSampler:
@@ -101,22 +93,6 @@ class EngineSampler:
             "running_max": max(r for r, _ in busy),
             "waiting_mean": sum(w for _, w in busy) / len(busy),
         }
-
-
-_LAG = "sagellm_gateway_event_loop_lag_seconds"
-
-
-def loop_lag(before: str, after: str) -> dict:
-    """The gateway's event-loop lag between two scrapes: mean, and the share of probes
-    that came 10 ms or more late."""
-    count = metric(after, f"{_LAG}_count") - metric(before, f"{_LAG}_count")
-    if count <= 0:
-        return {}
-    total = metric(after, f"{_LAG}_sum") - metric(before, f"{_LAG}_sum")
-    on_time = metric(after, f"{_LAG}_bucket", 'le="0.01"') - metric(
-        before, f"{_LAG}_bucket", 'le="0.01"'
-    )
-    return {"lag_mean_ms": 1000 * total / count, "lag_over_10ms": 1 - on_time / count}
 
 
 def wait_http(url: str, timeout: float) -> bool:
@@ -183,6 +159,45 @@ def run_benches(cmds: list[list[str]], out: Path, tags: list[str], timeout: floa
     return results
 
 
+@dataclass
+class Point:
+    """One measured point: direct, through the gateway and (if asked) through vllm-router."""
+
+    label: str
+    conc: int
+    direct: dict | None = None
+    gateway: dict | None = None
+    router: dict | None = None
+    gateway_cpu: float = float("nan")  # CPU seconds per request
+    seen_direct: dict = field(default_factory=dict)  # EngineSampler.summary()
+    seen_gateway: dict = field(default_factory=dict)
+    lag: dict = field(default_factory=dict)  # harness.loop_lag()
+
+
+def via_vllm_router(args, engine_ports, name, conc, prompts, out: Path, tag: str):
+    """The same run through vllm-router (Rust, round_robin) in front of the same engines:
+    what a compiled proxy costs on this machine, next to ours. None if it fails."""
+    port = free_port()
+    router = subprocess.Popen(
+        [sys.executable, "-m", "vllm_router.launch_router", "--host", "127.0.0.1",
+         "--port", str(port), "--policy", "round_robin", "--prometheus-port", str(free_port()),
+         "--worker-urls", *[f"http://127.0.0.1:{p}" for p in engine_ports]],
+        stdout=open(out / f"{tag}.router.log", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        if not wait_http(f"http://127.0.0.1:{port}/health", 60):
+            log(f"{tag}: vllm-router did not start (see {tag}.router.log)")
+            return None
+        cmd = bench_cmd(args, f"http://127.0.0.1:{port}", name, conc, prompts, out, tag)
+        (result,) = run_benches([cmd], out, [tag], 150)
+        return result
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(router.pid, signal.SIGKILL)
+        router.wait()
+
+
 def merge(results: list[dict | None]) -> dict | None:
     if not results or any(r is None for r in results):
         return None
@@ -218,6 +233,11 @@ def main() -> int:
     p.add_argument("--pair-conc", type=int, default=256, help="per engine, two engines")
     p.add_argument("--budget-s", type=float, default=330)
     p.add_argument("--gb", type=float, default=20, help="--gpu-memory-gb per engine")
+    p.add_argument(
+        "--vllm-router",
+        action="store_true",
+        help="also run each point through vllm-router (needs `import vllm_router`)",
+    )
     args = p.parse_args()
     # A SIGTERM (the step's `timeout`) unwinds through the finally below: nothing is left.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -228,36 +248,37 @@ def main() -> int:
     concs = [int(c) for c in args.conc.split(",")]
     ports = {"t1": 18101, "t2": 18102, "b1": 18103, "gw": 18889}
     points = set(args.points.split(","))
-    rows: list[tuple] = []
+    rows: list[Point] = []
     gateway = None
     gw_metrics = f"http://127.0.0.1:{ports['gw']}/metrics"
 
     def point(label: str, name: str, gw_model: str, directs: list[str], conc: int) -> None:
+        total = conc * len(directs)
+        row = Point(label, total)
+        rows.append(row)
         if time.monotonic() - T0 > args.budget_s:
-            log(f"{label} c={conc}: skipped (time budget)")
-            rows.append((label, conc, None, None, float("nan"), {}, {}, {}))
+            log(f"{label} c={total}: skipped (time budget)")
             return
         tag = f"{label}-c{conc}".replace(" ", "_")
         n = args.prompts
         cmds = [bench_cmd(args, f"http://127.0.0.1:{ports[d]}", name, conc, n, out,
                           f"{tag}-direct-{d}") for d in directs]  # fmt: skip
         engine_ports = [ports[d] for d in directs]
-        with EngineSampler(engine_ports) as seen_direct:
-            direct = merge(run_benches(cmds, out, [f"{tag}-direct-{d}" for d in directs], 150))
-        total = conc * len(directs)
+        with EngineSampler(engine_ports) as seen:
+            row.direct = merge(run_benches(cmds, out, [f"{tag}-direct-{d}" for d in directs], 150))
+        row.seen_direct = seen.summary()
         cmd = bench_cmd(args, f"http://127.0.0.1:{ports['gw']}", gw_model, total,
                         n * len(directs), out, f"{tag}-gateway", model=name)  # fmt: skip
         before, lag_before = cpu_s(gateway.pid), scrape(gw_metrics)
-        with EngineSampler(engine_ports) as seen_via:
-            (via,) = run_benches([cmd], out, [f"{tag}-gateway"], 150)
-        cpu = (cpu_s(gateway.pid) - before) / (n * len(directs))
-        lag = loop_lag(lag_before, scrape(gw_metrics))
-        rows.append((label, total, direct, via, cpu, seen_direct.summary(), seen_via.summary(),
-                     lag))  # fmt: skip
-        log(f"{label} c={total}: direct {direct and round(direct['output_throughput'])} tok/s, "
-            f"gateway {via and round(via['output_throughput'])} tok/s, "
-            f"gateway CPU {cpu * 1e6:.0f} us/request; vLLM running/waiting direct "
-            f"{seen_direct.summary()}, via gateway {seen_via.summary()}; loop lag {lag}")  # fmt: skip
+        with EngineSampler(engine_ports) as seen:
+            (row.gateway,) = run_benches([cmd], out, [f"{tag}-gateway"], 150)
+        row.seen_gateway = seen.summary()
+        row.gateway_cpu = (cpu_s(gateway.pid) - before) / (n * len(directs))
+        row.lag = loop_lag(lag_before, scrape(gw_metrics))
+        if args.vllm_router:
+            row.router = via_vllm_router(args, engine_ports, name, total, n * len(directs), out,
+                                         f"{tag}-vllm-router")  # fmt: skip
+        log(f"{label} c={total}: {row}")
 
     try:
         gateway = subprocess.Popen(
@@ -303,32 +324,44 @@ def main() -> int:
     return 0
 
 
-def render(rows) -> str:
+def _ratios(d: dict, g: dict) -> tuple[str, str]:
+    tok = f"{d['output_throughput']:,.0f} → {g['output_throughput']:,.0f} " \
+          f"({g['output_throughput'] / d['output_throughput']:.3f}×)"  # fmt: skip
+    ttft = f"{d['p99_ttft_ms']:,.0f} → {g['p99_ttft_ms']:,.0f} " \
+           f"({g['p99_ttft_ms'] / max(d['p99_ttft_ms'], 1e-9):.2f}×)"  # fmt: skip
+    return tok, ttft
+
+
+def render(rows: list[Point]) -> str:
     lines = [
         "| engines | c | output tok/s direct → gateway (ratio) | P99 TTFT ms direct → gateway "
         "(ratio) | median TPOT ms direct → gateway | failed | gateway CPU/request | "
         "vLLM running mean (max) direct → gateway | vLLM waiting mean direct → gateway | "
-        "gateway loop lag mean, share ≥ 10 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "gateway loop lag mean, share ≥ 10 ms | vllm-router: tok/s, P99 TTFT vs direct |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, conc, d, g, cpu, seen_d, seen_g, lag in rows:
+    for r in rows:
+        d, g = r.direct, r.gateway
         if d is None or g is None:
-            lines.append(f"| {label} | {conc} | - | - | - | - | (failed or skipped) | - | - | - |")
+            lines.append(f"| {r.label} | {r.conc} | - | - | - | - | (failed or skipped) |"
+                         " - | - | - | - |")  # fmt: skip
             continue
-        tok = f"{d['output_throughput']:,.0f} → {g['output_throughput']:,.0f} " \
-              f"({g['output_throughput'] / d['output_throughput']:.3f}×)"  # fmt: skip
-        ttft = f"{d['p99_ttft_ms']:,.0f} → {g['p99_ttft_ms']:,.0f} " \
-               f"({g['p99_ttft_ms'] / max(d['p99_ttft_ms'], 1e-9):.2f}×)"  # fmt: skip
+        tok, ttft = _ratios(d, g)
         tpot = f"{d['median_tpot_ms']:.2f} → {g['median_tpot_ms']:.2f}"
         failed = f"{d.get('failed', 0) or 0} / {g.get('failed', 0) or 0}"
         running = " → ".join(
             f"{x['running_mean']:.0f} ({x['running_max']:.0f})" if x else "-"
-            for x in (seen_d, seen_g)
+            for x in (r.seen_direct, r.seen_gateway)
         )
-        waiting = " → ".join(f"{x['waiting_mean']:.0f}" if x else "-" for x in (seen_d, seen_g))
+        waiting = " → ".join(
+            f"{x['waiting_mean']:.0f}" if x else "-" for x in (r.seen_direct, r.seen_gateway)
+        )
+        lag = r.lag
         lagged = f"{lag['lag_mean_ms']:.1f} ms, {lag['lag_over_10ms']:.0%}" if lag else "-"
-        lines.append(f"| {label} | {conc} | {tok} | {ttft} | {tpot} | {failed} | "
-                     f"{cpu * 1e6:,.0f} µs | {running} | {waiting} | {lagged} |")  # fmt: skip
+        router = "; ".join(_ratios(d, r.router)) if r.router else "-"
+        lines.append(f"| {r.label} | {r.conc} | {tok} | {ttft} | {tpot} | {failed} | "
+                     f"{r.gateway_cpu * 1e6:,.0f} µs | {running} | {waiting} | {lagged} | "
+                     f"{router} |")  # fmt: skip
     lines.append("\nTargets: output tok/s ≥ 0.98× direct, P99 TTFT ≤ 1.15× direct.")
     return "\n".join(lines) + "\n"
 

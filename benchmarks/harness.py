@@ -1,5 +1,5 @@
-"""What the GPU-machine benchmarks share (gwbench, kv_routing, pd_bench, multi_model):
-timestamped progress lines, `sage llm` against a home, a free port, a /metrics sum.
+"""What the benchmarks share (gwbench, kv_routing, pd_bench, multi_model, gateway_overhead):
+timestamped progress lines, `sage llm` against a home, a free port, /metrics reading.
 
 Imported as `harness` (the benchmarks run as scripts, so this folder is on sys.path).
 """
@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 # When the benchmark started (its progress lines and time budgets count from here).
@@ -49,3 +50,27 @@ def metric(text: str, name: str, label: str = "") -> float:
         ):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def scrape(url: str) -> str:
+    """A /metrics text, or "" when it can't be read."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
+
+
+_LAG = "sagellm_gateway_event_loop_lag_seconds"
+
+
+def loop_lag(before: str, after: str) -> dict:
+    """The gateway's event-loop lag between two /metrics scrapes: the mean, in ms, and the
+    share of probes that came 10 ms or more late ({} if the gateway has no probe)."""
+    count = metric(after, f"{_LAG}_count") - metric(before, f"{_LAG}_count")
+    if count <= 0:
+        return {}
+    total = metric(after, f"{_LAG}_sum") - metric(before, f"{_LAG}_sum")
+    bucket = f"{_LAG}_bucket"
+    on_time = metric(after, bucket, 'le="0.01"') - metric(before, bucket, 'le="0.01"')
+    return {"lag_mean_ms": 1000 * total / count, "lag_over_10ms": 1 - on_time / count}

