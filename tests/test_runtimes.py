@@ -142,6 +142,22 @@ def test_cpu_cores_become_the_vllm_thread_binding(tmp_path):
     assert launch.env["OMP_NUM_THREADS"] == "2"
 
 
+@pytest.mark.parametrize("launcher", ["local", "ray"])
+def test_kv_events_endpoint_follows_the_launcher(tmp_path, launcher):
+    """A local engine's publisher connects to the gateway on loopback; a Ray node's binds:
+    the launcher's own `on_this_machine` decides, the same property the gateway reads."""
+    from sagellm_cli.core.launchers.base import launcher_for
+
+    on_here = launcher_for("local" if launcher == "local" else "ray:10.0.0.2").on_this_machine
+    launch = build_launch(EngineSpec(model="org/model"), runtime="vllm", port=1,
+                          served_model_name="m", placement=None, scratch_dir=tmp_path,
+                          cache_dir=tmp_path, kv_events_port=5599,
+                          on_this_machine=on_here)  # fmt: skip
+    config = json.loads(_flag(launch.argv, "--kv-events-config"))
+    assert config["endpoint"] == ("tcp://127.0.0.1:5599" if on_here else "tcp://*:5599")
+    assert on_here is (launcher == "local")
+
+
 # --------------------------------------------------------------------------- CPU dtype
 
 

@@ -340,6 +340,7 @@ class EngineManager:
                 cpu_cores=record.cpu_cores,
                 kv_events_port=record.kv_events_port,
                 nixl_port=record.nixl_port,
+                on_this_machine=launcher.on_this_machine,
                 scratch_dir=launcher.scratch_dir(record.id),
                 cache_dir=paths.ensure_private_dir(paths.private_cache_dir(record.id))
                 if spec.cache == "private"

@@ -61,14 +61,17 @@ def build_launch(
     cpu_cores: list[int] | None = None,
     kv_events_port: int | None = None,
     nixl_port: int | None = None,
+    on_this_machine: bool = True,
 ) -> LaunchSpec:
     """The argv and env for one engine, given its port, GPU placement and CPU cores (and,
-    vLLM only, the port of its KV-event publisher and NixlConnector's side-channel port)."""
+    vLLM only, the port of its KV-event publisher and NixlConnector's side-channel port).
+    `on_this_machine` is the launcher's (`Launcher.on_this_machine`)."""
     if runtime == SENTENCE_TRANSFORMERS:
         return _sentence_transformers(spec, port, served_model_name, placement)
     launch = _vllm(
-        spec, port, served_model_name, placement, scratch_dir, cache_dir, kv_events_port, nixl_port
-    )
+        spec, port, served_model_name, placement, scratch_dir, cache_dir, kv_events_port,
+        nixl_port, on_this_machine,
+    )  # fmt: skip
     if placement is None and cpu_cores:
         launch.env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpu_cores))
         launch.env["OMP_NUM_THREADS"] = str(len(cpu_cores))
@@ -116,6 +119,7 @@ def _vllm(
     cache_dir: Path | None,
     kv_events_port: int | None = None,
     nixl_port: int | None = None,
+    on_this_machine: bool = True,
 ) -> LaunchSpec:
     model = model_argument(spec.model)
     argv = _server_argv("vllm.entrypoints.openai.api_server", model, served, spec, port)
@@ -178,9 +182,7 @@ def _vllm(
         # `engine lora add|remove` load and unload adapters while the engine runs.
         env[LORA_RUNTIME_ENV] = "True"
     if kv_events_port is not None:
-        from sagellm_cli.core.launchers.ray import cluster_address  # an env lookup, no ray
-
-        argv += kv_events_argv(kv_events_port, on_this_machine=not cluster_address(spec))
+        argv += kv_events_argv(kv_events_port, on_this_machine)
     if spec.kv_connector:
         kv_argv, kv_env = kv_transfer_args(spec, placement is not None, nixl_port)
         argv += kv_argv

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sagellm_cli.core.launchers.base import LOCAL
+from sagellm_cli.core.launchers.base import launcher_for
 from sagellm_cli.core.launchers.runtimes import KV_EVENTS_TOPIC, kv_events_endpoint
 
 if TYPE_CHECKING:
@@ -216,8 +216,9 @@ class KVEventIndex:
             record = backend.record
             if record.kv_events_port and not record.is_external:
                 # The engine's publisher connects to us on loopback when it runs on this
-                # machine, else it binds on its node (core/launchers/runtimes.py).
-                local = record.node == LOCAL
+                # machine, else it binds on its node (core/launchers/runtimes.py): the
+                # same launcher property decided its argv.
+                local = launcher_for(record.node).on_this_machine
                 url = (
                     kv_events_endpoint(record.kv_events_port, on_this_machine=True)
                     if local
