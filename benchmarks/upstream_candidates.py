@@ -14,11 +14,31 @@ from collections.abc import AsyncIterator
 
 from sagellm_cli.gateway.http.upstream import UpstreamConnectError
 
+
+class _RelayByChunks:
+    """`relay` and `abort` of the Upstream interface on top of `chunks()`: a task switch
+    per piece, which is what these clients cost anyway (the gateway's own client relays
+    from its protocol callback)."""
+
+    __slots__ = ()
+
+    async def relay(self, write, drain) -> None:
+        async for chunk in self.chunks():
+            if not write(chunk):
+                await drain()
+            aborted = getattr(self, "_aborted", None)
+            if aborted is not None:
+                raise aborted
+
+    def abort(self, exc: Exception) -> None:
+        self._aborted = exc
+
+
 # -- aiohttp on its fast paths -----------------------------------------------------------
 
 
-class _AiohttpResponse:
-    __slots__ = ("_resp", "status", "content_type")
+class _AiohttpResponse(_RelayByChunks):
+    __slots__ = ("_aborted", "_resp", "status", "content_type")
 
     def __init__(self, resp):
         self._resp = resp
@@ -141,8 +161,8 @@ class AiohttpUpstream:
 # -- aiohttp as the gateway used it before ------------------------------------------
 
 
-class _AiohttpPlainResponse:
-    __slots__ = ("_resp", "status", "content_type")
+class _AiohttpPlainResponse(_RelayByChunks):
+    __slots__ = ("_aborted", "_resp", "status", "content_type")
 
     def __init__(self, resp):
         self._resp = resp
@@ -209,8 +229,8 @@ class AiohttpPlainUpstream:
 # -- aiosonic --------------------------------------------------------------------------
 
 
-class _AiosonicResponse:
-    __slots__ = ("_resp", "status", "content_type")
+class _AiosonicResponse(_RelayByChunks):
+    __slots__ = ("_aborted", "_resp", "status", "content_type")
 
     def __init__(self, resp):
         self._resp = resp
@@ -271,8 +291,8 @@ class AiosonicUpstream:
 # -- pyreqwest (reqwest/hyper on a Tokio runtime) ----------------------------------------
 
 
-class _PyreqwestResponse:
-    __slots__ = ("_req", "_resp", "_reader", "status", "content_type")
+class _PyreqwestResponse(_RelayByChunks):
+    __slots__ = ("_aborted", "_req", "_resp", "_reader", "status", "content_type")
 
     def __init__(self, req, resp):
         self._req = req

@@ -121,3 +121,48 @@ def test_a_slow_reader_gets_every_byte_while_the_engine_waits(home):
         assert raw.count(b"data: {") == chunks
         assert raw.rstrip().endswith(b"0")  # the chunked terminator: the response completed
         assert b"data: [DONE]" in raw
+
+
+def test_a_client_that_leaves_while_the_relay_is_paused_ends_it(home):
+    """A client that reads nothing, so that the relay pauses on its full buffers, then
+    disconnects: the paused relay ends at once (no task waits for the disconnect), the
+    request leaves the in-flight count and the engine's connection is dropped."""
+    with (
+        fake_upstream("--chunks", "200000") as (port, proc),
+        running_gateway(home) as gw,
+    ):
+        add_engine_record(home, "lft00001", port, proc.pid)
+        assert _wait(lambda: httpx.get(gw.url + "/ready").status_code == 200)
+        payload = httpx.Request("POST", gw.v1 + "/chat/completions", json=CHAT)
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload.content)}\r\n\r\n"
+        ).encode()
+        metric = "sagellm_gateway_requests_in_flight"
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.connect(("127.0.0.1", gw.port))
+            sock.sendall(head + payload.content)
+            assert _wait(
+                lambda: _sample(httpx.get(gw.url + "/metrics").text, metric, engine="lft00001") == 1
+            )
+            time.sleep(1.0)  # not reading: the gateway pauses reading from the engine
+        # The socket is closed: the relay must end now, not after 200,000 events.
+        assert _wait(
+            lambda: _sample(httpx.get(gw.url + "/metrics").text, metric, engine="lft00001") == 0,
+            5,
+        )
+        import psutil
+
+        assert _wait(
+            lambda: (
+                not [
+                    c
+                    for c in psutil.Process(proc.pid).net_connections()
+                    if c.status == "ESTABLISHED"
+                ]
+            ),
+            5,
+        )
+        # The gateway goes on serving.
+        assert httpx.get(gw.url + "/health").status_code == 200

@@ -240,6 +240,11 @@ class _Connection(asyncio.Protocol):
             self._sink = None
             self._data_waiter = None
 
+    def abort(self, exc: Exception) -> None:
+        """End a `relay` in progress: it raises `exc` (the client went away)."""
+        if not self.complete and self.error is None:
+            self._fail(exc)
+
     def release(self) -> None:
         """Back to the pool if the exchange finished cleanly, else drop the connection."""
         self.busy = False
@@ -278,6 +283,10 @@ class _NativeResponse:
     async def relay(self, write, drain) -> None:
         """Pass the body to `write` from the protocol callback: see `_Connection.relay`."""
         await self._conn.relay(write, drain)
+
+    def abort(self, exc: Exception) -> None:
+        """Make a running `relay` raise `exc`; the connection is then dropped at `close`."""
+        self._conn.abort(exc)
 
     async def close(self) -> None:
         # An unfinished response closes the connection, so the engine aborts the generation.

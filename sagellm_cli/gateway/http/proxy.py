@@ -486,6 +486,35 @@ class Proxy:
             return status
         self.registry.mark_success(backend)
         # From here on bytes reach the client: no retry, errors become an SSE error event.
+        try:
+            await self._start_stream(req.send, resp, backend)
+            writer = direct_writer(req.scope) if req.scope is not None else None
+            if writer is not None:
+                return await self._relay(req, resp, backend, model, writer)
+            return await self._pump_watched(req, resp, backend, model)
+        finally:
+            await resp.close()
+
+    async def _relay(self, req: ProxyRequest, resp, backend: Backend, model: str, writer) -> int:
+        """Our own server: chunks go from the engine's connection callback to the client's
+        transport, in this task: no task wake-up, no ASGI message per chunk, and no task
+        waiting for a disconnect (the client's connection_lost aborts the relay)."""
+        tap = _StreamTap(self, model, backend.id, req.endpoint.name, req.started, writer)
+        if not writer.on_client_lost(lambda: resp.abort(_ClientGone())):
+            return 499
+        try:
+            await resp.relay(tap, writer.drain)
+        except _ClientGone:
+            return 499  # closing the unfinished upstream exchange aborts the generation
+        except Exception as exc:  # noqa: BLE001 - the stream broke after bytes were sent
+            return await self._stream_broke(req.send, backend, exc)
+        finally:
+            writer.on_client_lost(None)
+        return await self._stream_done(req.send, tap, model, backend)
+
+    async def _pump_watched(self, req: ProxyRequest, resp, backend: Backend, model: str) -> int:
+        """Another server (the in-process test transport): one ASGI message per chunk, and a
+        second task that notices the client going away."""
         pump = asyncio.ensure_future(self._pump(req, resp, backend, model))
         watcher = asyncio.ensure_future(_wait_disconnect(req.receive))
         try:
@@ -502,10 +531,22 @@ class Proxy:
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
-            await resp.close()
 
     async def _pump(self, req: ProxyRequest, resp: UpstreamResponse, backend, model) -> int:
         send = req.send
+        tap = _StreamTap(self, model, backend.id, req.endpoint.name, req.started, None)
+        try:
+            async for chunk in resp.chunks():
+                tap(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the stream broke after bytes were sent
+            return await self._stream_broke(send, backend, exc)
+        return await self._stream_done(send, tap, model, backend)
+
+    @staticmethod
+    async def _start_stream(send, resp: UpstreamResponse, backend: Backend) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -518,31 +559,22 @@ class Proxy:
                 ],
             }
         )
-        writer = direct_writer(req.scope) if req.scope is not None else None
-        tap = _StreamTap(self, model, backend.id, req.endpoint.name, req.started, writer)
-        try:
-            if writer is not None:
-                # Chunks go from the engine's connection callback to the client's transport:
-                # no task wake-up and no ASGI message per chunk (docs/gateway.md).
-                await resp.relay(tap, writer.drain)
-            else:  # another server: ASGI messages, one per chunk
-                async for chunk in resp.chunks():
-                    tap(chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the stream broke after bytes were sent
-            self.registry.mark_failure(backend, f"stream broke: {type(exc).__name__}")
-            backend.errors += 1
-            event = error_body(502, f"engine {backend.id} failed mid-stream: {type(exc).__name__}")
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": b"data: " + event + b"\n\ndata: [DONE]\n\n",
-                    "more_body": False,
-                }
-            )
-            return 502
+
+    async def _stream_broke(self, send, backend: Backend, exc: Exception) -> int:
+        """The engine's stream failed after bytes reached the client: an SSE error event."""
+        self.registry.mark_failure(backend, f"stream broke: {type(exc).__name__}")
+        backend.errors += 1
+        event = error_body(502, f"engine {backend.id} failed mid-stream: {type(exc).__name__}")
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b"data: " + event + b"\n\ndata: [DONE]\n\n",
+                "more_body": False,
+            }
+        )
+        return 502
+
+    async def _stream_done(self, send, tap: _StreamTap, model: str, backend: Backend) -> int:
         if tap.prompt or tap.completion:
             self.metrics.usage(model, tap.prompt, tap.completion)
             self.stats.tokens(model, backend.id, tap.completion)

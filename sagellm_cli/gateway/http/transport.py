@@ -72,17 +72,26 @@ class DirectWriter:
     own state (keep-alive, completion) stays right.
     """
 
-    __slots__ = ("_cycle", "_write", "_flow")
+    __slots__ = ("_cycle", "_protocol", "_write", "_flow")
 
-    def __init__(self, cycle):
+    def __init__(self, cycle, protocol: GuardedHttpToolsProtocol):
         self._cycle = cycle
+        self._protocol = protocol
         self._write = cycle.transport.write
         self._flow = cycle.flow
+
+    def on_client_lost(self, callback) -> bool:
+        """Call `callback()` from the connection's `connection_lost` if the client goes away
+        (None: no longer); False if it already has, and the callback is not kept."""
+        if callback is not None and self._cycle.disconnected:
+            return False
+        self._protocol.on_lost = callback
+        return True
 
     def write(self, chunk: bytes) -> bool:
         """Send one body piece; False when the client reads slower than we write (pause)."""
         if self._cycle.disconnected:
-            return True  # the disconnect watcher ends the request; drop the bytes
+            return True  # the request is ending (on_client_lost); drop the bytes
         self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         return not self._flow.write_paused
 
@@ -94,7 +103,7 @@ class DirectWriter:
 def direct_writer(scope) -> DirectWriter | None:
     """The direct writer of a request whose chunked response has started, else None
     (another server, HTTP/1.0, a HEAD, a response with a Content-Length)."""
-    cycle = scope.get("extensions", {}).get(DIRECT_WRITE)
+    cycle, protocol = scope.get("extensions", {}).get(DIRECT_WRITE, (None, None))
     if (
         cycle is None
         or not cycle.response_started
@@ -102,7 +111,7 @@ def direct_writer(scope) -> DirectWriter | None:
         or not cycle.chunked_encoding
     ):
         return None
-    return DirectWriter(cycle)
+    return DirectWriter(cycle, protocol)
 
 
 class ConnectionGuard:
@@ -225,6 +234,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     _body_cycle: object = None
     _body_since = 0.0
     opened = 0.0
+    # Called once when the connection is lost (DirectWriter.on_client_lost): a relayed
+    # stream ends at once, with no task per stream waiting for the disconnect.
+    on_lost = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         _base.connection_made(self, transport)
@@ -241,6 +253,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         _base.connection_lost(self, exc)
         self.guard.connections.discard(self)
+        hook, self.on_lost = self.on_lost, None
+        if hook is not None:
+            hook()
 
     def client_wait(self, now: float) -> tuple[float, bool] | None:
         """(since when, for a body) this connection has waited on its client, first seen at
@@ -312,7 +327,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         _base.on_headers_complete(self)
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # a new request (not an upgrade)
-            self.scope.setdefault("extensions", {})[DIRECT_WRITE] = cycle
+            self.scope.setdefault("extensions", {})[DIRECT_WRITE] = (cycle, self)
 
     def on_message_complete(self) -> None:
         self._head_after = self.cycle

@@ -31,6 +31,10 @@ class UpstreamResponse(Protocol):
         when it returns False, stop reading until `await drain()` returns."""
         ...
 
+    def abort(self, exc: Exception) -> None:
+        """Make a running `relay` raise `exc` now (called from a protocol callback)."""
+        ...
+
     async def close(self) -> None: ...
 
 
