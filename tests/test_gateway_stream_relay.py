@@ -9,6 +9,7 @@ paused (not buffered without bound) while a client reads slowly.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -36,6 +37,23 @@ def _sample(text: str, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+@contextlib.contextmanager
+def _slow_client(gw):
+    """A raw connection that has sent one streamed chat request and reads nothing yet: its
+    modest receive window (set before connecting) lets the gateway's buffers fill."""
+    payload = httpx.Request("POST", gw.v1 + "/chat/completions", json=CHAT).content
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.connect(("127.0.0.1", gw.port))
+        sock.sendall(head + payload)
+        yield sock
 
 
 def _events(resp: httpx.Response) -> list[str]:
@@ -101,17 +119,7 @@ def test_a_slow_reader_gets_every_byte_while_the_engine_waits(home):
     ):
         add_engine_record(home, "slw00001", port, proc.pid)
         assert _wait(lambda: httpx.get(gw.url + "/ready").status_code == 200)
-        payload = httpx.Request("POST", gw.v1 + "/chat/completions", json=CHAT)
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload.content)}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode()
-        with socket.socket() as sock:
-            # A modest receive window (set before connecting), so the gateway's buffers fill.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            sock.connect(("127.0.0.1", gw.port))
-            sock.sendall(head + payload.content)
+        with _slow_client(gw) as sock:
             time.sleep(1.5)  # not reading: the gateway's buffers fill and it pauses
             data = bytearray()
             while block := sock.recv(65536):
@@ -133,16 +141,8 @@ def test_a_client_that_leaves_while_the_relay_is_paused_ends_it(home):
     ):
         add_engine_record(home, "lft00001", port, proc.pid)
         assert _wait(lambda: httpx.get(gw.url + "/ready").status_code == 200)
-        payload = httpx.Request("POST", gw.v1 + "/chat/completions", json=CHAT)
-        head = (
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(payload.content)}\r\n\r\n"
-        ).encode()
         metric = "sagellm_gateway_requests_in_flight"
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-            sock.connect(("127.0.0.1", gw.port))
-            sock.sendall(head + payload.content)
+        with _slow_client(gw):
             assert _wait(
                 lambda: _sample(httpx.get(gw.url + "/metrics").text, metric, engine="lft00001") == 1
             )
