@@ -32,6 +32,7 @@ def _time(cmd: list[str], env: dict[str, str]) -> float:
 def _seed_state(home: Path, count: int) -> list[subprocess.Popen]:
     import psutil
 
+    from sagellm_cli.core.lifecycle import Status
     from sagellm_cli.core.records import EngineRecord
 
     sleepers, engines = [], {}
@@ -49,7 +50,7 @@ def _seed_state(home: Path, count: int) -> list[subprocess.Popen]:
             served_model_name=f"model-{i}",
             host="127.0.0.1",
             port=20000 + i,
-            status="ready" if live else "stopped",
+            status=Status.READY if live else Status.STOPPED,
             pid=proc.pid if proc else None,
             pgid=proc.pid if proc else None,
             pid_create_time=psutil.Process(proc.pid).create_time() if proc else None,

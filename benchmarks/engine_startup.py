@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 _TOOK = re.compile(r"\] (.*?took [0-9.]+ ?(?:s|seconds))")
@@ -40,12 +41,6 @@ def sage(home: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPro
     full = {**os.environ, **env, "SAGELLM_HOME": str(home)}
     return subprocess.run([sys.executable, "-m", "sagellm_cli", *args], env=full,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 ENGINE_ARGS = ["--max-model-len", "512", "--kv-cache-gb", "0.0625"]

@@ -32,7 +32,6 @@ import os
 import random
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,12 +53,6 @@ PY = [sys.executable, "-m", "sagellm_cli"]
 
 def log(msg: str) -> None:
     print(msg, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def show(argv: list[str], home: Path) -> None:
@@ -472,6 +467,7 @@ def exp4_fake(rounds: int, seconds: float) -> str:
     import psutil
     from gateway_overhead import measure, spawn, wait_http
 
+    from sagellm_cli.core.lifecycle import Status
     from sagellm_cli.core.records import EngineRecord
     from sagellm_cli.core.state import StateStore
 
@@ -486,7 +482,7 @@ def exp4_fake(rounds: int, seconds: float) -> str:
         with StateStore(home / "state.json").transaction() as state:
             state.engines["fake0001"] = EngineRecord(
                 id="fake0001", kind="llm", runtime="vllm", model="fake",
-                served_model_name="fake", host="127.0.0.1", port=up_port, status="ready",
+                served_model_name="fake", host="127.0.0.1", port=up_port, status=Status.READY,
                 pid=upstream.pid, pid_create_time=psutil.Process(upstream.pid).create_time(),
                 created_at=time.time(),
             )  # fmt: skip

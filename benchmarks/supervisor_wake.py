@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,12 +67,6 @@ def request(url: str, model: str, kind: str) -> float:
         resp.read()
         assert resp.status == 200, resp.status
     return time.perf_counter() - began
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def engine(home: Path, label: str) -> dict:
