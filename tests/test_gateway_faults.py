@@ -313,6 +313,35 @@ def test_refuses_a_busy_port(home):
     assert r.returncode == 2
 
 
+def test_stop_ends_a_gateway_running_in_the_foreground(home):
+    """A gateway started in the foreground shares its caller's process group (here this
+    test's), so it is recorded without a group: `--stop` must end that process itself,
+    and nothing else in the group, before it says "stopped"."""
+    import subprocess
+    import sys
+
+    from conftest import _sage_env
+
+    port = free_port()
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "sagellm_cli", "llm", "serve", "--port", str(port)],
+        env=_sage_env(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert _wait(lambda: sage_json("llm", "serve", "--status", home=home)["running"], 60)
+        record = sage_json("llm", "serve", "--status", home=home)
+        assert record["pid"] == gateway.pid and record["pgid"] is None
+        out = sage_json("llm", "serve", "--stop", home=home)
+        assert out["stopped"] and out["gateway"]["pid"] == gateway.pid
+        assert gateway.wait(15) is not None  # it exited: it did not just lose its record
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()
+
+
 def test_background_start_status_stop_and_reconcile(home):
     port = free_port()
     try:

@@ -181,10 +181,14 @@ def engine_processes(handle_pid: int | None, pgid: int | None, not_before: float
     import psutil
 
     procs = {p.pid: p for p in group_members(pgid, not_before)}
-    roots = list(procs.values())
     if handle_pid and handle_pid not in procs:
+        # Outside its group, or no group of its own (a gateway run in the foreground shares
+        # its shell's): the process itself, not only its children; not a recycled pid.
         with contextlib.suppress(psutil.Error):
-            roots.append(psutil.Process(handle_pid))
+            handle = psutil.Process(handle_pid)
+            if not_before is None or handle.create_time() >= not_before - 1.0:
+                procs[handle_pid] = handle
+    roots = list(procs.values())
     for root in roots:
         with contextlib.suppress(psutil.Error):
             for child in root.children(recursive=True):
