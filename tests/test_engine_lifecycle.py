@@ -173,13 +173,16 @@ def test_restart_keeps_id_and_port_and_appends_log(embedding_engine, engine_home
     assert httpx.get(again["url"] + "/health").status_code == 200
 
 
-def test_concurrent_starts_get_distinct_ports(engine_home):
+def test_concurrent_starts_get_distinct_ports(engine_home, tmp_path):
+    not_a_model = tmp_path / "not-a-model"  # exists, so the start is not refused up front
+    not_a_model.mkdir()
+
     def start(i: int):
         return sage_json(
             "llm",
             "engine",
             "start",
-            f"/nonexistent/model-{i}",
+            str(not_a_model),
             "--no-wait",
             "--label",
             f"race-{i}",
@@ -201,12 +204,27 @@ def test_concurrent_starts_get_distinct_ports(engine_home):
         assert not _group_alive(r)
 
 
+def test_a_missing_model_path_is_refused_before_anything_starts(home):
+    proc = sage("llm", "engine", "start", "/nonexistent/tiny-model", "--json", home=home)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: model '/nonexistent/tiny-model' is a path that does not exist (give an existing"
+        " model directory, a cached name or a hub id such as Qwen/Qwen2.5-0.5B-Instruct)"
+    ]
+    assert sage_json("llm", "engine", "list", "--all", home=home) == []
+
+
 @needs_vllm
-def test_missing_model_fails_with_log_tail(home):
-    proc = sage("llm", "engine", "start", "/nonexistent/tiny-model", "--timeout", "240", home=home)
+def test_a_model_that_fails_to_load_says_why_in_one_line(home, tmp_path):
+    """An engine that dies loading: the error names vLLM's own exception, with no
+    traceback (that stays in `sage llm engine logs`), and nothing is left running."""
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    proc = sage("llm", "engine", "start", str(not_a_model), "--timeout", "240", home=home)
     assert proc.returncode == 1, proc.stderr
-    assert "exited during load" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) > 3  # the log tail precedes the error line
+    [error] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "exited during load" in error and "Invalid repository ID or local directory" in error
+    assert "Traceback" not in proc.stderr and 'File "' not in proc.stderr
     records = sage_json("llm", "engine", "list", "--all", home=home)
     assert len(records) == 1 and records[0]["status"] == "failed"
     assert records[0]["exit_code"] not in (None, 0)

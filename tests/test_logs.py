@@ -36,3 +36,36 @@ def test_last_line_drops_the_prefix_and_cuts_on_the_right(tmp_path):
     assert line.startswith("xxx") and len(line) == 50 and line.endswith("…")
     path.write_text(LOG)
     assert logs.loading_view(path)[1] == "Initializing model took 0.57 seconds"
+
+
+def test_failure_cause_is_the_root_exception_in_one_line():
+    """What `engine start` says when an engine dies loading: the exception, not the
+    traceback; past a wrapper's "see root cause above"; pydantic's detail line joined."""
+    engine_core = [
+        "(EngineCore_DP0 pid=7) ERROR 12-04 22:38:20 [core.py:700] EngineCore failed to start.",
+        "Traceback (most recent call last):",
+        '  File "/x/vllm/v1/engine/core.py", line 691, in run_engine_core',
+        "    raise ValueError(msg)",
+        "ValueError: No available memory for the cache blocks. Try increasing "
+        "`gpu_memory_utilization` when initializing the engine.",
+        "Traceback (most recent call last):",
+        '  File "/x/vllm/entrypoints/openai/api_server.py", line 1, in <module>',
+        "\x1b[1;31mRuntimeError: Engine core initialization failed. See root cause above. "
+        "Failed core proc(s): {}\x1b[0m",
+        "[sagellm] engine process exited with code 1",
+    ]
+    assert logs.failure_cause(engine_core) == (
+        "ValueError: No available memory for the cache blocks. Try increasing "
+        "`gpu_memory_utilization` when initializing the engine."
+    )
+    pydantic = [
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
+        "  Value error, Invalid repository ID or local directory specified: '/tmp/x'.",
+        "Please verify the following requirements:",
+    ]
+    assert logs.failure_cause(pydantic) == (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: "
+        "Value error, Invalid repository ID or local directory specified: '/tmp/x'."
+    )
+    assert logs.failure_cause(["INFO loading weights", "[sagellm] exited with code -9"]) is None
+    assert len(logs.failure_cause(["OSError: " + "x" * 500], width=80)) == 80

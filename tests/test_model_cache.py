@@ -327,3 +327,18 @@ def test_cli_process_never_imports_torch(home):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(
+    "name", ["/no/such/model", "./model", "../model", "~/no-such-model", "a/b/c"]
+)
+def test_a_missing_path_is_refused_not_sent_to_the_hub(name, home, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(BadInput, match="is a path that does not exist"):
+        model_cache.resolve_model(name)
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2", "org/model.v1"])
+def test_hub_ids_that_are_not_here_stay_remote(name, home, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert model_cache.resolve_model(name).source == "remote"

@@ -39,6 +39,37 @@ def tail_lines(path: str | Path, n: int) -> list[str]:
     return [_ANSI.sub("", line) for line in lines[-n:]]
 
 
+# The last line of a Python traceback: `OSError: ...`, `torch.OutOfMemoryError: ...`.
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit)(?::.*)?$")
+# A wrapper's summary that points back at the real cause (vLLM's EngineCore start-up).
+_SEE_ABOVE = re.compile(r"see (?:the )?root cause above", re.IGNORECASE)
+
+
+# pydantic's `ValidationError: 1 validation error for ModelConfig` says what failed on
+# the next line.
+_CONTINUED = re.compile(r"validation errors? for \w+$")
+
+
+def failure_cause(lines: list[str], width: int = 240) -> str | None:
+    """The exception that ended a process, from its log's last lines: the last traceback's
+    final line, or the one before it when that only says to look above; None if none."""
+    clean = [_VLLM_PREFIX.sub("", _ANSI.sub("", raw)).strip() for raw in lines]
+    found: list[str] = []
+    for i, line in enumerate(clean):
+        if not _EXCEPTION.match(line):
+            continue
+        if _CONTINUED.search(line) and i + 1 < len(clean) and clean[i + 1]:
+            line = f"{line}: {clean[i + 1]}"
+        if not found or found[-1] != line:
+            found.append(line)
+    while len(found) > 1 and _SEE_ABOVE.search(found[-1]):
+        found.pop()
+    if not found:
+        return None
+    cause = found[-1]
+    return cause if len(cause) <= width else cause[: width - 3] + "..."
+
+
 def tail_summary(path: str | Path, n: int) -> str:
     """The last `n` non-blank lines on one line, ` | `-joined (`-` when there are none):
     what a failed record's `error` quotes."""

@@ -613,11 +613,14 @@ class EngineManager:
         return record
 
     def _load_failure(self, engine_id: str, message: str) -> OperationFailed:
-        tail = "\n".join(self.log_tail(engine_id))
+        """The error for an engine that did not come up: its own exception in one line when
+        the log has one (the traceback stays in the log), else the log's tail."""
+        tail = self.log_tail(engine_id)
+        cause = logs.failure_cause(tail)
         return OperationFailed(
-            message,
+            f"{message}: {cause}" if cause else message,
             hint=f"see `sage llm engine logs {engine_id}`",
-            details=tail,
+            details=None if cause else "\n".join(tail),
         )
 
     # -- stopping ------------------------------------------------------------

@@ -140,13 +140,18 @@ def resolve_model(name: str) -> ResolvedModel:
             return ResolvedModel(name, str(expanded.resolve()), "local-path", True)
         cached = _cached_path(name)
     except OSError as exc:  # a component over NAME_MAX (255 bytes), a loop, ...
-        shown = name if len(name) <= 60 else name[:57] + "..."
         raise BadInput(
-            f"model {shown!r} is not a usable path: {exc.strerror}",
+            f"model {_shown(name)!r} is not a usable path: {exc.strerror}",
             hint="give an existing path, a cached name or a hub id",
         ) from None
     if cached is not None:
         return ResolvedModel(name, str(cached), "cache", True)
+    if _is_path(name):  # no hub id looks like this: don't hand the runtime a missing path
+        raise BadInput(
+            f"model {_shown(name)!r} is a path that does not exist",
+            hint="give an existing model directory, a cached name or a hub id such as "
+            "Qwen/Qwen2.5-0.5B-Instruct",
+        )
     packaged = resolve_embedding_model(name)
     if packaged != name and packaged_minilm_path() is not None:
         return ResolvedModel(name, packaged, "packaged", True)
@@ -154,6 +159,21 @@ def resolve_model(name: str) -> ResolvedModel:
     if snapshot is not None:
         return ResolvedModel(name, str(snapshot), "hf-cache", True)
     return ResolvedModel(name, None, "remote", False)
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= 60 else name[:57] + "..."
+
+
+def _is_path(name: str) -> bool:
+    """True for a name no Hugging Face repo id can be: absolute, relative with ./ or ../,
+    under ~, or with more than one slash (a hub id is `name` or `namespace/name`)."""
+    text = name.strip()
+    return (
+        text.startswith(("/", "./", "../", "~", ".\\"))
+        or text in (".", "..")
+        or (text.count("/") > 1)
+    )
 
 
 def model_argument(name: str) -> str:
