@@ -158,6 +158,18 @@ def test_kv_events_endpoint_follows_the_launcher(tmp_path, launcher):
     assert on_here is (launcher == "local")
 
 
+def test_a_model_path_is_checked_only_where_the_engine_runs(tmp_path):
+    """A missing path is refused for an engine on this machine; one on a Ray node gets the
+    name as written (the path is the node's, not ours)."""
+    spec = EngineSpec(model="/models-on-the-node/qwen")
+    common = {"runtime": "vllm", "port": 1, "served_model_name": "m", "placement": None,
+              "scratch_dir": tmp_path, "cache_dir": tmp_path}  # fmt: skip
+    with pytest.raises(BadInput, match="is a path that does not exist"):
+        build_launch(spec, **common)
+    launch = build_launch(spec, **common, on_this_machine=False)
+    assert _flag(launch.argv, "--model") == "/models-on-the-node/qwen"
+
+
 # --------------------------------------------------------------------------- CPU dtype
 
 

@@ -66,10 +66,12 @@ def build_launch(
     """The argv and env for one engine, given its port, GPU placement and CPU cores (and,
     vLLM only, the port of its KV-event publisher and NixlConnector's side-channel port).
     `on_this_machine` is the launcher's (`Launcher.on_this_machine`)."""
+    # A path or cache entry is this machine's; an engine elsewhere resolves its own name.
+    model = model_argument(spec.model) if on_this_machine else spec.model
     if runtime == SENTENCE_TRANSFORMERS:
-        return _sentence_transformers(spec, port, served_model_name, placement)
+        return _sentence_transformers(spec, model, port, served_model_name, placement)
     launch = _vllm(
-        spec, port, served_model_name, placement, scratch_dir, cache_dir, kv_events_port,
+        spec, model, port, served_model_name, placement, scratch_dir, cache_dir, kv_events_port,
         nixl_port, on_this_machine,
     )  # fmt: skip
     if placement is None and cpu_cores:
@@ -96,11 +98,9 @@ def _server_argv(module: str, model: str, served: str, spec: EngineSpec, port: i
 
 
 def _sentence_transformers(
-    spec: EngineSpec, port: int, served: str, placement: Placement | None
+    spec: EngineSpec, model: str, port: int, served: str, placement: Placement | None
 ) -> LaunchSpec:
-    argv = _server_argv(
-        "sagellm_cli.servers.embedding", model_argument(spec.model), served, spec, port
-    )
+    argv = _server_argv("sagellm_cli.servers.embedding", model, served, spec, port)
     argv += ["--device", "cuda" if placement else "cpu"]
     if placement:
         argv += ["--gpu-memory-fraction", f"{placement.gpu_memory_utilization:.3f}"]
@@ -112,6 +112,7 @@ def _sentence_transformers(
 
 def _vllm(
     spec: EngineSpec,
+    model: str,
     port: int,
     served: str,
     placement: Placement | None,
@@ -121,7 +122,6 @@ def _vllm(
     nixl_port: int | None = None,
     on_this_machine: bool = True,
 ) -> LaunchSpec:
-    model = model_argument(spec.model)
     argv = _server_argv("vllm.entrypoints.openai.api_server", model, served, spec, port)
     if spec.kind == "embedding":
         argv += ["--runner", "pooling"]

@@ -146,7 +146,7 @@ def resolve_model(name: str) -> ResolvedModel:
         ) from None
     if cached is not None:
         return ResolvedModel(name, str(cached), "cache", True)
-    if _is_path(name):  # no hub id looks like this: don't hand the runtime a missing path
+    if is_path(name):  # no hub id looks like this: don't hand the runtime a missing path
         raise BadInput(
             f"model {_shown(name)!r} is a path that does not exist",
             hint="give an existing model directory, a cached name or a hub id such as "
@@ -165,7 +165,7 @@ def _shown(name: str) -> str:
     return name if len(name) <= 60 else name[:57] + "..."
 
 
-def _is_path(name: str) -> bool:
+def is_path(name: str) -> bool:
     """True for a name no Hugging Face repo id can be: absolute, relative with ./ or ../,
     under ~, or with more than one slash (a hub id is `name` or `namespace/name`)."""
     text = name.strip()

@@ -51,46 +51,22 @@ class ModelInfo:
         return dict(self.__dict__)
 
 
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or os.path.isabs(model)
+def resolve_model(model: str) -> ModelInfo:
+    """Where `model` loads from (sagellm's model cache, a path, packaged MiniLM, the HF cache,
+    else the hub). A path is shown as given even when missing: the plan marks it."""
+    from sagellm_cli.core.models import cache as model_cache
 
-
-def resolve_model(model: str, kind: str) -> ModelInfo:
-    """Resolve `model` for `kind`: sagellm's model cache, a path, packaged MiniLM, the HF cache.
-
-    Uses `sagellm_cli.core.models.cache` when present; otherwise a built-in fallback that
-    knows the same places.
-    """
-    from sagellm_cli.core.gpu.estimate import find_model_dir
-    from sagellm_cli.core.models.embedding import resolve_embedding_model
-
-    if _looks_like_path(model):
+    if model_cache.is_path(model):
         path = Path(model).expanduser()
         return ModelInfo(model, model, str(path), "local-path", path.exists())
-    try:
-        from sagellm_cli.core.models import cache as model_cache  # `sage llm model`'s cache
-    except ImportError:  # pragma: no cover - older trees without the model cache
-        model_cache = None
-    if model_cache is not None:
-        resolved = model_cache.resolve_model(model)
-        return ModelInfo(
-            model,
-            model_cache.model_argument(model),
-            resolved.path,
-            resolved.source,
-            resolved.exists_locally,
-        )
-    if kind == "embedding":
-        resolved = resolve_embedding_model(model)
-        if resolved != model:
-            return ModelInfo(model, model, resolved, "packaged", True)
-    found = find_model_dir(model, kind)
-    if found is None:
-        return ModelInfo(model, model, None, "hub", False)
-    models_dir = paths.models_dir()
-    if kind == "llm" and models_dir in found.parents:
-        return ModelInfo(model, str(found), str(found), "model-cache", True)
-    return ModelInfo(model, model, str(found), "hf-cache", True)
+    resolved = model_cache.resolve_model(model)
+    return ModelInfo(
+        model,
+        model_cache.model_argument(model),
+        resolved.path,
+        resolved.source,
+        resolved.exists_locally,
+    )
 
 
 def _offline() -> bool:
@@ -311,14 +287,13 @@ def _decide_actions(
     others = {
         r.label: r for r in state.engines.values() if r.is_live and r.label and r.preset != name
     }
-    models: dict[tuple[str, str], ModelInfo] = {}
+    models: dict[str, ModelInfo] = {}
     planned: list[PlannedEngine] = []
     for cfg in config.engines:
         if cfg.url is not None:
             planned.append(_plan_external(cfg, name, live, dead, others))
             continue
-        key = (cfg.model, cfg.kind)
-        model = models.get(key) or models.setdefault(key, resolve_model(cfg.model, cfg.kind))
+        model = models.get(cfg.model) or models.setdefault(cfg.model, resolve_model(cfg.model))
         for replica in range(1, cfg.replicas + 1):
             label = cfg.engine_label(name, replica)
             if label in others:
