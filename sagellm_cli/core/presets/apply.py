@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sagellm_cli.core.engines import logs
 from sagellm_cli.core.engines.manager import Reuse
 from sagellm_cli.core.errors import BadInput, ExitCode, OperationFailed, SageError
 from sagellm_cli.core.lifecycle import Status
@@ -285,7 +286,10 @@ class _Apply:
         else:
             failure = EngineFailure(label, engine_id, f"{type(exc).__name__}: {exc}")
         if engine_id and not failure.log_tail:
-            failure.log_tail = "\n".join(self.manager.log_tail(engine_id)) or None
+            tail = self.manager.log_tail(engine_id)
+            cause = logs.failure_cause(tail)
+            if cause is None or cause not in failure.message:  # else the message says it
+                failure.log_tail = "\n".join(tail) or None
         self.result.failures.append(failure)
         self.emit(label, Status.FAILED, failure.message, engine_id)
         if self.rollback:
