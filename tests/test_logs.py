@@ -69,3 +69,20 @@ def test_failure_cause_is_the_root_exception_in_one_line():
     )
     assert logs.failure_cause(["INFO loading weights", "[sagellm] exited with code -9"]) is None
     assert len(logs.failure_cause(["OSError: " + "x" * 500], width=80)) == 80
+
+
+def test_crash_note_quotes_the_exception_or_else_the_last_lines(tmp_path):
+    """A failed record's `error`: the exception that ended the engine; after a kill, which
+    leaves none, its last lines."""
+    crashed = tmp_path / "crashed.log"
+    crashed.write_text(
+        'INFO starting\nTraceback (most recent call last):\n  File "x.py", line 1\n'
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+        "[sagellm] engine process exited with code 1\n"
+    )
+    assert logs.crash_note(crashed, 3) == (
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    )
+    killed = tmp_path / "killed.log"
+    killed.write_text("INFO loading\n\nINFO serving\n")
+    assert logs.crash_note(killed, 3) == "last log lines: INFO loading | INFO serving"

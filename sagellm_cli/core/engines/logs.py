@@ -70,11 +70,21 @@ def failure_cause(lines: list[str], width: int = 240) -> str | None:
     return cause if len(cause) <= width else cause[: width - 3] + "..."
 
 
-def tail_summary(path: str | Path, n: int) -> str:
-    """The last `n` non-blank lines on one line, ` | `-joined (`-` when there are none):
-    what a failed record's `error` quotes."""
+def _tail_summary(path: str | Path, n: int) -> str:
+    """The last `n` non-blank lines on one line, ` | `-joined (`-` when there are none)."""
     lines = [line.strip() for line in tail_lines(path, n) if line.strip()]
     return " | ".join(lines) or "-"
+
+
+# How far back a crashed engine's log is searched for the exception that ended it.
+_CAUSE_LINES = 40
+
+
+def crash_note(path: str | Path, n: int) -> str:
+    """What a failed record's `error` quotes from its log: the exception that ended it, or
+    else its last `n` non-blank lines (a kill leaves no exception)."""
+    cause = failure_cause(tail_lines(path, _CAUSE_LINES))
+    return cause if cause else f"last log lines: {_tail_summary(path, n)}"
 
 
 def _messages(path: str | Path, n: int) -> list[str]:

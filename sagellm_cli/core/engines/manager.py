@@ -280,8 +280,8 @@ class EngineManager:
         elif not (
             supervision.supervised(state) and supervision.schedule_restart(record, now, reason)
         ) and transition(record, Status.FAILED, reason=reason):
-            tail = logs.tail_summary(record.log_path, supervision.CRASH_LOG_LINES)
-            record.error = f"{reason}; last log lines: {tail}"
+            note = logs.crash_note(record.log_path, supervision.CRASH_LOG_LINES)
+            record.error = f"{reason}; {note}"
         record.stopped_at = now if record.status == Status.RESTARTING else record.stopped_at or now
         if launcher.has_leftovers(record):
             record.orphans = True  # reap() stops them and then releases the reservation

@@ -70,11 +70,11 @@ def schedule_restart(record: EngineRecord, now: float, reason: str) -> bool:
     record.last_exit = record.exit_code
     record.restart_times = recent
     if crash_loop:
-        tail = logs.tail_summary(record.log_path, CRASH_LOG_LINES)
+        note = logs.crash_note(record.log_path, CRASH_LOG_LINES)
         record.next_restart_at = None
         record.error = (
             f"crash loop: {len(recent)} restarts within {CRASH_WINDOW_S / 60:.0f} min "
-            f"({reason}); last log lines: {tail}"
+            f"({reason}); {note}"
         )
         return True
     record.error = reason
