@@ -39,31 +39,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from harness import T0, free_port, log, loop_lag, metric, sage, scrape
+from harness import T0, free_port, log, loop_lag, metric, sage, scrape, start_engines, wait_http
+from harness import gateway as harness_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def start_engine(home: Path, model: str, name: str, label: str, port: int, gb: float) -> bool:
-    t = time.monotonic()
-    try:
-        memory = ["--gpu-memory-gb", str(gb)] if gb else []  # 0: on the CPU (a dry run here)
-        out = sage(home, "engine", "start", model, "--served-model-name", name, "--label", label,
-                   "--port", str(port), *memory, "--timeout", "240", timeout=280)  # fmt: skip
-    except subprocess.TimeoutExpired:
-        log(f"engine {label}: start timed out")
-        return False
-    ok = out.returncode == 0
-    log(f"engine {label} ({model}) start rc={out.returncode} in {time.monotonic() - t:.0f}s")
-    if not ok:
-        print(out.stdout[-1500:], out.stderr[-3000:], sep="\n", flush=True)
-    return ok
 
 
 class EngineSampler:
@@ -101,16 +84,6 @@ class EngineSampler:
             "running_max": max(r for r, _ in busy),
             "waiting_mean": sum(w for _, w in busy) / len(busy),
         }
-
-
-def wait_http(url: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
-            if r.status == 200:
-                return True
-        time.sleep(0.5)
-    return False
 
 
 def bench_cmd(
@@ -262,7 +235,7 @@ def main() -> int:
     ports = {"t1": 18101, "t2": 18102, "b1": 18103, "gw": 18889}
     points = set(args.points.split(","))
     rows: list[Point] = []
-    gateway = None
+    gateway = None  # the running gateway (harness.Gateway), once the engines are up
     gw_metrics = f"http://127.0.0.1:{ports['gw']}/metrics"
 
     def point(label: str, name: str, gw_model: str, directs: list[str], conc: int) -> None:
@@ -293,44 +266,36 @@ def main() -> int:
                                          f"{tag}-vllm-router")  # fmt: skip
         log(f"{label} c={total}: {render([row]).splitlines()[2]}")
 
+    wanted = {"t1": (args.tiny, "tiny")} if points & {"tiny1", "tiny2"} else {}
+    wanted |= {"t2": (args.tiny, "tiny")} if "tiny2" in points else {}
+    if "big" in points and Path(args.big).exists():
+        wanted["b1"] = (args.big, "big")
+    memory = ["--gpu-memory-gb", str(args.gb)] if args.gb else []  # 0: CPU (a dry run here)
+    plans = {label: [model, "--served-model-name", name, "--port", str(ports[label]), *memory,
+                     "--timeout", "240"] for label, (model, name) in wanted.items()}  # fmt: skip
     try:
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "sagellm_cli", "llm", "serve", "--port", str(ports["gw"])],
-            env={**os.environ, "SAGELLM_HOME": str(home)},
-            stdout=open(out / "gateway.log", "w"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        if not wait_http(f"http://127.0.0.1:{ports['gw']}/health", 60):
-            log("gateway did not start")
-            return 1
-        wanted = [("t1", args.tiny, "tiny")] if points & {"tiny1", "tiny2"} else []
-        wanted += [("t2", args.tiny, "tiny")] if "tiny2" in points else []
-        if "big" in points and Path(args.big).exists():
-            wanted.append(("b1", args.big, "big"))
-        with ThreadPoolExecutor(len(wanted) or 1) as pool:
-            started = dict(zip([w[0] for w in wanted], pool.map(
-                lambda w: start_engine(home, w[1], w[2], w[0], ports[w[0]], args.gb), wanted
-            ), strict=True))  # fmt: skip
-        wait_http(f"http://127.0.0.1:{ports['gw']}/ready", 30)
-        time.sleep(2)  # the gateway picks up new engines within a second
-        if "tiny1" in points and started.get("t1"):
-            for c in concs:
-                point("tiny, 1 engine", "tiny", "t1", ["t1"], c)
-        if started.get("b1"):
-            for c in concs:
-                point("1.2B, 1 engine", "big", "b1", ["b1"], c)
-        if started.get("t1") and started.get("t2"):
-            point("tiny, 2 engines", "tiny", "tiny", ["t1", "t2"], args.pair_conc)
+        t = time.monotonic()
+        started = start_engines(home, plans, timeout=280)
+        for label, value in started.items():
+            log(f"engine {label}: " + (f"ready in {time.monotonic() - t:.0f}s"
+                                       if isinstance(value, dict) else f"FAILED {value}"))  # fmt: skip
+        up = {label for label, value in started.items() if isinstance(value, dict)}
+        with harness_gateway(home, log_path=out / "gateway.log", port=ports["gw"],
+                             ready="/ready" if up else "/health") as gateway:  # fmt: skip
+            if "tiny1" in points and "t1" in up:
+                for c in concs:
+                    point("tiny, 1 engine", "tiny", "t1", ["t1"], c)
+            if "b1" in up:
+                for c in concs:
+                    point("1.2B, 1 engine", "big", "b1", ["b1"], c)
+            if {"t1", "t2"} <= up:
+                point("tiny, 2 engines", "tiny", "tiny", ["t1", "t2"], args.pair_conc)
+    except RuntimeError as exc:  # the gateway did not come up
+        log(f"FAILED: {exc}")
+        return 1
     finally:
         with contextlib.suppress(Exception):
             sage(home, "engine", "stop", "--all", timeout=120)
-        if gateway is not None and gateway.poll() is None:
-            os.killpg(gateway.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                gateway.wait(15)
-            if gateway.poll() is None:
-                os.killpg(gateway.pid, signal.SIGKILL)
     table = render(rows)
     print("\n" + table, flush=True)
     (out / "summary.md").write_text(table)

@@ -25,11 +25,9 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,8 @@ import urllib.request
 from pathlib import Path
 
 import httpx
-from harness import T0, free_port, log, sage
+from harness import T0, all_up, gateway, log, sage
+from harness import start_engines as harness_start
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "m"
@@ -46,42 +45,14 @@ ROUTINGS = ("round_robin", "prefix", "kv")
 
 def start_engines(home: Path, args) -> list[dict]:
     """Two engines of `args.model`, with KV events, started in parallel."""
-    common = ["--served-model-name", NAME, "--kv-events", "--timeout", "400", "--json"]
+    common = [args.model, "--served-model-name", NAME, "--kv-events", "--timeout", "400"]
     if args.gpu:
         common += ["--gpu-memory-gb", str(args.gpu_memory_gb)]
         if args.blocks:
             common += [f"--extra-arg=--num-gpu-blocks-override={args.blocks}"]
     else:
         common += ["--max-model-len", str(args.max_model_len), "--kv-cache-gb", str(args.kv_gb)]
-    env = {**os.environ, "SAGELLM_HOME": str(home)}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sagellm_cli",
-                "llm",
-                "engine",
-                "start",
-                args.model,
-                "--label",
-                f"r{i}",
-                *common,
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for i in (1, 2)
-    ]
-    records = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=450)
-        if proc.returncode != 0:
-            raise SystemExit(f"engine start failed (rc {proc.returncode}): {err[-2000:]}")
-        records.append(json.loads(out))
-    return records
+    return list(all_up(harness_start(home, {f"r{i}": common for i in (1, 2)})).values())
 
 
 def prefix_cache(url: str) -> tuple[float, float]:
@@ -166,21 +137,11 @@ def one_run(home: Path, engines: list[dict], name: str, prompts: list[str], args
     `kv@F` is `kv` with `--kv-sticky-load-factor F`."""
     routing, _, sticky = name.partition("@")
     extra = ["--kv-sticky-load-factor", sticky] if sticky else []
-    port = free_port()
-    env = {**os.environ, "SAGELLM_HOME": str(home)}
-    logf = open(home.parent / f"gateway-{routing}-{port}.log", "wb")  # noqa: SIM115
-    gw = subprocess.Popen(
-        [sys.executable, "-m", "sagellm_cli", "llm", "serve", "--port", str(port),
-         "--routing", routing, *extra, *args.gateway_args.split()],
-        env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    try:
+    logs = home.parent / f"gateway-{routing}-{time.time_ns()}.log"  # one per run
+    with gateway(home, "--routing", routing, *extra, *args.gateway_args.split(),
+                 log_path=logs) as gw:  # fmt: skip
+        base = gw.url
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), urllib.request.urlopen(base + "/ready", timeout=2):
-                break
-            time.sleep(0.3)
         if routing == "kv":  # the subscribers connect, the tokenizer loads (in a thread)
             while time.monotonic() < deadline:
                 with contextlib.suppress(OSError):
@@ -210,13 +171,6 @@ def one_run(home: Path, engines: list[dict], name: str, prompts: list[str], args
                         r'sagellm_gateway_kv_cached_blocks\{engine="([^"]+)"[^}]*\} (\S+)', text
                     )
                 }
-    finally:
-        os.killpg(gw.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            gw.wait(20)
-        if gw.poll() is None:
-            os.killpg(gw.pid, signal.SIGKILL)
-        logf.close()
     hits = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
     queries = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
     result["hit_rate"] = round(hits / queries, 3) if queries else None
@@ -295,6 +249,9 @@ def main() -> int:
             row = {"trace": trace, **one_run(home, engines, routing, prompts, args)}
             log(json.dumps(row))
             results.append(row)
+    except RuntimeError as exc:  # an engine or a gateway did not come up: said, then stopped
+        log(f"FAILED: {exc}")
+        return 1
     finally:
         sage(home, "engine", "stop", "--all", timeout=120)
     print("\n| trace | routing | hit rate | req/s | TTFT p50 ms | TTFT p99 ms | per engine |")

@@ -29,19 +29,17 @@ path runs; the CPU is shared by both engines and says nothing about a GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from harness import T0, free_port, log, metric, sage
+from harness import T0, all_up, gateway, log, metric, sage
+from harness import start_engines as harness_start
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,66 +56,15 @@ def start_engines(home: Path, args, setup: str) -> dict[str, dict]:
     memory = ["--gpu-memory-gb"] if args.gpu else ["--no-gpu", "--kv-cache-gb"]
     total = args.gpu_memory_gb if args.gpu else args.kv_cache_gb
     common = ["--served-model-name", SERVED, "--max-model-len", str(args.max_model_len),
-              "--env", "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1", "--timeout", "400", "--json"]  # fmt: skip
+              "--env", "VLLM_ALLOW_LONG_MAX_MODEL_LEN=1", "--timeout", "400"]  # fmt: skip
     if setup == "single":
         plans = {"single": ["--role", "general", *memory, f"{total:g}"]}
     else:
         half = f"{total / 2:g}"
         plans = {role: ["--role", role, "--kv-connector", args.connector, *memory, half]
                  for role in ("prefill", "decode")}  # fmt: skip
-    env = {**os.environ, "SAGELLM_HOME": str(home)}
-    procs = {
-        label: subprocess.Popen(
-            [sys.executable, "-m", "sagellm_cli", "llm", "engine", "start", args.model,
-             "--label", label, *common, *extra], env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for label, extra in plans.items()
-    }  # fmt: skip
-    records = {}
-    try:
-        for label, proc in procs.items():
-            out, err = proc.communicate(timeout=450)
-            if proc.returncode != 0:
-                raise RuntimeError(f"engine {label} failed to start: {err.strip()[-800:]}")
-            records[label] = json.loads(out)
-    finally:  # a deadline or an error: no `engine start` may go on after `stop --all`
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(30)
-    return records
-
-
-@contextlib.contextmanager
-def gateway(home: Path):
-    port = free_port()
-    env = {**os.environ, "SAGELLM_HOME": str(home)}
-    logf = open(home / "gateway.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sagellm_cli", "llm", "serve", "--port", str(port),
-         "--routing", "least_loaded"], env=env, stdout=logf, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                get(url + "/ready", 2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"gateway did not start: {home / 'gateway.log'}") from None
-                time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        logf.close()
+    return all_up(harness_start(home, {label: [args.model, *common, *extra]
+                                       for label, extra in plans.items()}))  # fmt: skip
 
 
 def dataset(counter, n: int, frac_long: float, args, seed: int):
@@ -241,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             records = start_engines(home, args, setup)
             out["startup_s"] = round(time.monotonic() - t, 1)
             log(f"{setup}: engines {', '.join(records)} ready in {out['startup_s']}s")
-            with gateway(home) as url:
+            with gateway(home, "--routing", "least_loaded",
+                         log_path=home / "gateway.log") as gw:  # fmt: skip
+                url = gw.url
                 # Warm-up outside the figures: the first requests compile and allocate.
                 run_workload(url, counter, dataset(counter, 2, 0.5, args, seed=9), 100, 2)
                 for name, entries, rate in (("long", long_set, args.long_rate),
