@@ -41,6 +41,7 @@ import urllib.request
 from pathlib import Path
 
 from harness import free_port
+from harness import gateway as harness_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -131,42 +132,10 @@ def stop_engines(home: Path) -> None:
 
 @contextlib.contextmanager
 def gateway(home: Path, *args: str):
-    """`sage llm serve` in the foreground on a free port; always stopped."""
-    port = free_port()
-    argv = [*PY, "llm", "serve", "--port", str(port), *args]
-    show(argv, home)
-    logfile = home / f"gateway-{port}.log"
-    with open(logfile, "wb") as fh:
-        proc = subprocess.Popen(
-            argv,
-            env={**os.environ, "SAGELLM_HOME": str(home)},
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=ROOT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {logfile.read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                if json.loads(http_get(url + "/ready", 1)).get("status") == "ready":
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("gateway not ready")
-            time.sleep(0.2)
-        yield url
-    finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+    """`sage llm serve ARGS` in the foreground on a free port, until ready; its URL."""
+    show([*PY, "llm", "serve", *args], home)
+    with harness_gateway(home, *args, log_path=home / f"gateway-{time.time_ns()}.log") as gw:
+        yield gw.url
 
 
 def bench(home: Path, url: str, out: Path, *args: str, model: str = "tiny") -> dict:
