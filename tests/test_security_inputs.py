@@ -7,6 +7,7 @@ the state file is byte-for-byte unchanged afterwards.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -279,3 +280,15 @@ def test_the_alias_bomb_preset_fails_fast_with_little_memory(home, tmp_path, siz
     )  # fmt: skip
     line = _one_error_line(proc, 2)
     assert says in line and len(proc.stdout) < 1000
+
+
+@pytest.mark.parametrize("option", ["--api-key", "--admin-token"])
+def test_an_empty_key_is_refused_not_taken_for_none(home, option):
+    """`--api-key "$KEY"` with KEY unset must not start a gateway without auth (or, for
+    the admin token, with the token file instead of the token the script meant)."""
+    proc = sage("llm", "serve", option, "", "--port", "1", home=home, timeout=60)
+    assert proc.returncode == 2
+    assert f"error: {option} (or $SAGELLM_" in proc.stderr and "is empty" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    status = sage("llm", "serve", "--status", "--json", home=home, timeout=60)
+    assert json.loads(status.stdout) == {"running": False}

@@ -41,7 +41,9 @@ def _config(values: dict[str, Any]):
 
     trusted_state_dir()  # exit 2 before anything starts if others can write to it
     config = GatewayConfig(**to_fields(GatewayConfig, values))
-    config.api_key = config.api_key or None
+    # Once, here (neither the app nor the server validates again), and before the default
+    # below: an empty --api-key or --admin-token is refused, not taken for "none given".
+    config.validate()
     # The management API always takes a token: the given one, else the token file's.
     config.admin_token = config.admin_token or ensure_admin_token()
     return config
@@ -86,7 +88,6 @@ def _serve(ctx: typer.Context, values: dict[str, Any]) -> None:
             info(f"gateway (pid {record.pid}) at {record.url} stopped")
         return
     config = _config(values)
-    config.validate()  # once, here: neither the app nor the server validates again
     if background:
         record = daemon.start_background(config, timeout=timeout)
         if json_out:

@@ -216,6 +216,16 @@ class GatewayConfig:
                 )
         if not 1 <= self.port <= 65535:
             raise BadInput(f"port {self.port} is out of range", hint="use 1-65535")
+        for value, flag, env, empty_means in (
+            (self.api_key, "--api-key", "SAGELLM_API_KEY", "for no key on inference"),
+            (self.admin_token, "--admin-token", "SAGELLM_ADMIN_TOKEN", "for the token file"),
+        ):
+            if value is not None and not value.strip():
+                # An empty key would look set and protect nothing (or lock everyone out).
+                raise BadInput(
+                    f"{flag} (or ${env}) is empty",
+                    hint=f"give a key, or leave both unset {empty_means}",
+                )
         if self.failure_threshold < 1:
             raise BadInput("--failure-threshold must be at least 1")
         if self.length_threshold_tokens < 0:
