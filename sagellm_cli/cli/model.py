@@ -95,7 +95,7 @@ def resolve(
 
     resolved = model_cache.resolve_model(name)
     data = resolved.to_dict()
-    data["argument"] = model_cache.model_argument(name)
+    data["argument"] = resolved.argument
     if json_out:
         emit_json(data)
         return

@@ -70,21 +70,25 @@ def failure_cause(lines: list[str], width: int = 240) -> str | None:
     return cause if len(cause) <= width else cause[: width - 3] + "..."
 
 
-def _tail_summary(path: str | Path, n: int) -> str:
-    """The last `n` non-blank lines on one line, ` | `-joined (`-` when there are none)."""
-    lines = [line.strip() for line in tail_lines(path, n) if line.strip()]
-    return " | ".join(lines) or "-"
+# How far back a log is searched for the exception that ended its process (a chained
+# vLLM start-up failure puts its root cause a few dozen lines above the end).
+CAUSE_LINES = 40
 
 
-# How far back a crashed engine's log is searched for the exception that ended it.
-_CAUSE_LINES = 40
+def cause_and_tail(path: str | Path, n: int) -> tuple[str | None, list[str]]:
+    """From one read of a log: the exception that ended its process (None if there is none,
+    as after a kill) and its last `n` lines."""
+    lines = tail_lines(path, max(CAUSE_LINES, n))
+    return failure_cause(lines), lines[-n:] if n > 0 else []
 
 
 def crash_note(path: str | Path, n: int) -> str:
     """What a failed record's `error` quotes from its log: the exception that ended it, or
-    else its last `n` non-blank lines (a kill leaves no exception)."""
-    cause = failure_cause(tail_lines(path, _CAUSE_LINES))
-    return cause if cause else f"last log lines: {_tail_summary(path, n)}"
+    else its last `n` non-blank lines, ` | `-joined."""
+    cause, tail = cause_and_tail(path, n)
+    if cause:
+        return cause
+    return "last log lines: " + (" | ".join(line.strip() for line in tail if line.strip()) or "-")
 
 
 def _messages(path: str | Path, n: int) -> list[str]:

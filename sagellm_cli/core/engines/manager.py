@@ -310,9 +310,10 @@ class EngineManager:
         """One engine by id, unique id prefix or label (exit 3 if unknown)."""
         return resolve_ref(self.refresh(probe_health=probe_health), ref)
 
-    def log_tail(self, engine_id: str, n: int = LOG_TAIL_ON_FAILURE) -> list[str]:
-        """The last `n` lines of an engine's log."""
-        return logs.tail_lines(paths.logs_dir() / f"{engine_id}.log", n)
+    def failure_report(self, engine_id: str) -> tuple[str | None, list[str]]:
+        """The exception that ended an engine's last run (None when its log has none) and
+        the last LOG_TAIL_ON_FAILURE lines of its log."""
+        return logs.cause_and_tail(paths.logs_dir() / f"{engine_id}.log", LOG_TAIL_ON_FAILURE)
 
     # -- starting ------------------------------------------------------------
 
@@ -615,8 +616,7 @@ class EngineManager:
     def _load_failure(self, engine_id: str, message: str) -> OperationFailed:
         """The error for an engine that did not come up: its own exception in one line when
         the log has one (the traceback stays in the log), else the log's tail."""
-        tail = self.log_tail(engine_id)
-        cause = logs.failure_cause(tail)
+        cause, tail = self.failure_report(engine_id)
         return OperationFailed(
             f"{message}: {cause}" if cause else message,
             hint=f"see `sage llm engine logs {engine_id}`",

@@ -61,6 +61,15 @@ class ResolvedModel:
         """A plain dict for JSON."""
         return asdict(self)
 
+    @property
+    def argument(self) -> str:
+        """What to hand a runtime: the cache folder (or the packaged MiniLM folder) when the
+        name resolves to one; otherwise the name unchanged, so local paths stay as typed and
+        hub ids are found by the runtime."""
+        if self.source in ("cache", "packaged") and self.path:
+            return self.path
+        return self.name
+
 
 @dataclass
 class CachedModel:
@@ -172,20 +181,13 @@ def is_path(name: str) -> bool:
     return (
         text.startswith(("/", "./", "../", "~", ".\\"))
         or text in (".", "..")
-        or (text.count("/") > 1)
+        or text.count("/") > 1
     )
 
 
 def model_argument(name: str) -> str:
-    """The string to hand to a runtime for `name`.
-
-    The cache folder (or the packaged MiniLM folder) when the name resolves to one; otherwise
-    `name` unchanged, so local paths stay as typed and hub ids are found by the runtime.
-    """
-    resolved = resolve_model(name)
-    if resolved.source in ("cache", "packaged") and resolved.path:
-        return resolved.path
-    return name
+    """The string to hand to a runtime for `name` (`ResolvedModel.argument`)."""
+    return resolve_model(name).argument
 
 
 # ---------------------------------------------------------------- listing and removal

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sagellm_cli.core.engines import logs
 from sagellm_cli.core.engines.manager import Reuse
 from sagellm_cli.core.errors import BadInput, ExitCode, OperationFailed, SageError
 from sagellm_cli.core.lifecycle import Status
@@ -286,8 +285,7 @@ class _Apply:
         else:
             failure = EngineFailure(label, engine_id, f"{type(exc).__name__}: {exc}")
         if engine_id and not failure.log_tail:
-            tail = self.manager.log_tail(engine_id)
-            cause = logs.failure_cause(tail)
+            cause, tail = self.manager.failure_report(engine_id)
             if cause is None or cause not in failure.message:  # else the message says it
                 failure.log_tail = "\n".join(tail) or None
         self.result.failures.append(failure)

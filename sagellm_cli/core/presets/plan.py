@@ -62,7 +62,7 @@ def resolve_model(model: str) -> ModelInfo:
     resolved = model_cache.resolve_model(model)
     return ModelInfo(
         model,
-        model_cache.model_argument(model),
+        resolved.argument,
         resolved.path,
         resolved.source,
         resolved.exists_locally,
