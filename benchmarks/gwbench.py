@@ -274,10 +274,9 @@ def main() -> int:
     plans = {label: [model, "--served-model-name", name, "--port", str(ports[label]), *memory,
                      "--timeout", "240"] for label, (model, name) in wanted.items()}  # fmt: skip
     try:
-        t = time.monotonic()
         started = start_engines(home, plans, timeout=280)
-        for label, value in started.items():
-            log(f"engine {label}: " + (f"ready in {time.monotonic() - t:.0f}s"
+        for label, value in started.items():  # each engine's own start time, from its record
+            log(f"engine {label}: " + (f"ready in {value['ready_at'] - value['created_at']:.0f}s"
                                        if isinstance(value, dict) else f"FAILED {value}"))  # fmt: skip
         up = {label for label, value in started.items() if isinstance(value, dict)}
         with harness_gateway(home, log_path=out / "gateway.log", port=ports["gw"],
